@@ -1,0 +1,405 @@
+"""The catalog: the node's source of truth (SQLite in WAL mode by default, any SQLAlchemy URL works).
+
+Tables: studies, series, instances, jobs, results, deliveries. Every stage reads and writes here;
+queue messages carry only a job id. Transactions are short so many association threads and worker
+processes can share one SQLite file without "database is locked" reaching a C-STORE status.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_SECONDS = 60
+"""How long a writer waits for the SQLite lock before giving up."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    """receiving -> ready -> routed | unrouted; back to receiving when late instances arrive."""
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    """Incremented when instances arrive after routing; jobs of the new generation supersede."""
+    first_received_at: Mapped[float] = mapped_column(Float)
+    last_received_at: Mapped[float] = mapped_column(Float)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    note: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    attributes: Mapped[str] = mapped_column(Text, default="{}")
+    """JSON of the routing attributes (config.MATCHABLE_ATTRIBUTES) taken from the first instance."""
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    """Relative to the spool root."""
+    size: Mapped[int] = mapped_column(Integer)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("series_id", "model", "generation"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    generation: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(128))
+    rule: Mapped[str] = mapped_column(String(128))
+    destinations: Mapped[str] = mapped_column(Text, default="[]")
+    """JSON list of destination names the results go to."""
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    """queued -> running -> done | skipped | failed."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    enqueued_at: Mapped[float | None] = mapped_column(Float, default=None)
+    """When a queue message was last sent for it; None = not yet (the node loop sends it)."""
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Result(Base):
+    __tablename__ = "results"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("result_id", "destination"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    """pending -> sent; stays pending (with backoff) while the destination fails."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    sent_at: Mapped[float | None] = mapped_column(Float, default=None)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # we issue BEGIN IMMEDIATE ourselves (see make_engine)
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")  # Success on C-STORE means the row is durable
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn: Any) -> None:
+            # Take the write lock at BEGIN: no deadlocking read->write upgrades between threads.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def catalog_url(storage_dir: Path) -> str:
+    return f"sqlite:///{storage_dir / 'catalog.sqlite3'}"
+
+
+class Catalog:
+    """Thin, typed access to the catalog database. Safe to share between threads."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def for_storage(cls, storage_dir: Path) -> Catalog:
+        storage_dir.mkdir(parents=True, exist_ok=True)
+        return cls(catalog_url(storage_dir))
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One short transaction: commit on success, roll back on error."""
+        with self._sessions() as s, s.begin():
+            yield s
+
+    # ---- receive ---------------------------------------------------------------------------
+    def record_instance(
+        self,
+        *,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        transfer_syntax_uid: str,
+        path: str,
+        size: int,
+        series_attributes: dict[str, Any],
+        now: float,
+    ) -> bool:
+        """Record a spooled instance. Returns False if this SOP Instance was already recorded.
+
+        A new instance for a study that was already routed re-opens it (late arrival -> rerun).
+        """
+        try:
+            with self.session() as s:
+                if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)):
+                    return False
+                study = s.scalar(select(Study).where(Study.study_uid == study_uid))
+                if study is None:
+                    study = Study(study_uid=study_uid, first_received_at=now, last_received_at=now)
+                    s.add(study)
+                    s.flush()
+                elif study.state != "receiving":
+                    study.state = "receiving"
+                    study.generation += 1
+                study.last_received_at = now
+                study.instance_count += 1
+                series = s.scalar(select(Series).where(Series.series_uid == series_uid))
+                if series is None:
+                    series = Series(
+                        series_uid=series_uid, study_id=study.id, attributes=json.dumps(series_attributes)
+                    )
+                    s.add(series)
+                    s.flush()
+                series.instance_count += 1
+                s.add(
+                    Instance(
+                        sop_instance_uid=sop_instance_uid,
+                        sop_class_uid=sop_class_uid,
+                        series_id=series.id,
+                        path=path,
+                        size=size,
+                        transfer_syntax_uid=transfer_syntax_uid,
+                        received_at=now,
+                    )
+                )
+            return True
+        except IntegrityError:
+            # A concurrent association recorded the same SOP Instance first.
+            return False
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        with self.session() as s:
+            return s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)) is not None
+
+    # ---- assemble --------------------------------------------------------------------------
+    def mark_quiet_studies_ready(self, quiet_before: float) -> list[int]:
+        """Studies still receiving whose last instance came before ``quiet_before`` become ready."""
+        with self.session() as s:
+            ids = list(
+                s.scalars(
+                    select(Study.id).where(Study.state == "receiving", Study.last_received_at <= quiet_before)
+                )
+            )
+            if ids:
+                s.execute(update(Study).where(Study.id.in_(ids)).values(state="ready"))
+            return ids
+
+    def studies_in_state(self, state: str) -> list[Study]:
+        with self.session() as s:
+            return list(s.scalars(select(Study).where(Study.state == state).order_by(Study.id)))
+
+    def series_of_study(self, study_id: int) -> list[Series]:
+        with self.session() as s:
+            return list(s.scalars(select(Series).where(Series.study_id == study_id).order_by(Series.id)))
+
+    # ---- route / jobs ----------------------------------------------------------------------
+    def create_jobs(self, study_id: int, generation: int, specs: list[tuple[int, str, str, list[str]]],
+                    now: float) -> list[int]:
+        """Create jobs (series_id, model, rule, destinations) and mark the study routed/unrouted."""
+        with self.session() as s:
+            study = s.get_one(Study, study_id)
+            if study.generation != generation or study.state != "ready":
+                return []  # late instances re-opened the study meanwhile; the next pass routes it
+            ids: list[int] = []
+            for series_id, model, rule, dests in specs:
+                existing = s.scalar(
+                    select(Job.id).where(
+                        Job.series_id == series_id, Job.model == model, Job.generation == generation
+                    )
+                )
+                if existing is not None:
+                    continue
+                job = Job(
+                    study_id=study_id, series_id=series_id, generation=generation, model=model, rule=rule,
+                    destinations=json.dumps(dests), created_at=now, updated_at=now,
+                )
+                s.add(job)
+                s.flush()
+                ids.append(job.id)
+            study.state = "routed" if specs else "unrouted"
+            study.note = None if specs else "no rule matched"
+            return ids
+
+    def get_job(self, job_id: int) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    def jobs_in_state(self, *states: str) -> list[Job]:
+        with self.session() as s:
+            return list(s.scalars(select(Job).where(Job.state.in_(states)).order_by(Job.id)))
+
+    def jobs_to_enqueue(self) -> list[int]:
+        with self.session() as s:
+            return list(s.scalars(select(Job.id).where(Job.state == "queued", Job.enqueued_at.is_(None))))
+
+    def forget_enqueued(self) -> int:
+        """Mark queued jobs as not yet sent, so the node sends them again (after a restart)."""
+        with self.session() as s:
+            res = s.execute(update(Job).where(Job.state == "queued").values(enqueued_at=None))
+            return int(res.rowcount)  # type: ignore[attr-defined]
+
+    def mark_enqueued(self, job_id: int, now: float) -> None:
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=now))
+
+    def claim_job(self, job_id: int, now: float, lease_seconds: float) -> Job | None:
+        """queued -> running; None if it is done, or running elsewhere within its lease.
+
+        A job left running longer than ``lease_seconds`` (its worker died) can be claimed again.
+        """
+        with self.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    (Job.state == "queued") | ((Job.state == "running") & (Job.updated_at < now - lease_seconds)),
+                )
+                .values(state="running", attempts=Job.attempts + 1, updated_at=now)
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            return s.get(Job, job_id)
+
+    def finish_job(self, job_id: int, state: str, now: float, error: str | None = None) -> None:
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(state=state, error=error, updated_at=now))
+
+    def requeue_job(self, job_id: int, now: float, error: str | None = None) -> None:
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(state="queued", error=error, updated_at=now))
+
+    def instances_of_series(self, series_id: int) -> list[Instance]:
+        with self.session() as s:
+            return list(s.scalars(select(Instance).where(Instance.series_id == series_id).order_by(Instance.id)))
+
+    def get_series(self, series_id: int) -> Series:
+        with self.session() as s:
+            return s.get_one(Series, series_id)
+
+    # ---- results / deliveries --------------------------------------------------------------
+    def record_results(self, job_id: int, results: list[tuple[str, str, str, str]], destinations: list[str],
+                       now: float) -> None:
+        """Record result objects (kind, sop_instance_uid, sop_class_uid, path) and their deliveries,
+        and mark the job done, in one transaction. A rerun with the same UIDs replaces the files but
+        keeps one result row; its deliveries go back to pending so the PACS gets the new version."""
+        with self.session() as s:
+            for kind, sop_uid, sop_class, path in results:
+                row = s.scalar(select(Result).where(Result.sop_instance_uid == sop_uid))
+                if row is None:
+                    row = Result(job_id=job_id, kind=kind, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+                                 path=path)
+                    s.add(row)
+                    s.flush()
+                rerun = row.job_id != job_id
+                row.job_id, row.path = job_id, path
+                for dest in destinations:
+                    d = s.scalar(select(Delivery).where(Delivery.result_id == row.id, Delivery.destination == dest))
+                    if d is None:
+                        s.add(Delivery(result_id=row.id, destination=dest, next_attempt_at=now))
+                    elif rerun and d.state == "sent":
+                        d.state, d.next_attempt_at = "pending", now
+            s.execute(update(Job).where(Job.id == job_id).values(state="done", error=None, updated_at=now))
+
+    def due_deliveries(self, now: float, limit: int = 100) -> list[tuple[Delivery, Result]]:
+        with self.session() as s:
+            rows = s.execute(
+                select(Delivery, Result)
+                .join(Result, Result.id == Delivery.result_id)
+                .where(Delivery.state == "pending", Delivery.next_attempt_at <= now)
+                .order_by(Delivery.id)
+                .limit(limit)
+            )
+            return [(d, r) for d, r in rows]
+
+    def delivery_sent(self, delivery_id: int, now: float) -> None:
+        with self.session() as s:
+            s.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery_id)
+                .values(state="sent", sent_at=now, attempts=Delivery.attempts + 1, last_error=None)
+            )
+
+    def delivery_failed(self, delivery_id: int, error: str, next_attempt_at: float) -> int:
+        """Record a failed attempt; returns the number of attempts so far."""
+        with self.session() as s:
+            d = s.get_one(Delivery, delivery_id)
+            d.attempts += 1
+            d.last_error = error[:500]
+            d.next_attempt_at = next_attempt_at
+            return d.attempts
+
+    # ---- status ----------------------------------------------------------------------------
+    def counts(self) -> dict[str, dict[str, int]]:
+        """State counts per table, for ``dicom-node status`` and tests."""
+        out: dict[str, dict[str, int]] = {}
+        with self.session() as s:
+            for name, model in (("studies", Study), ("jobs", Job), ("deliveries", Delivery)):
+                rows = s.execute(select(model.state, func.count()).group_by(model.state))
+                out[name] = {state: n for state, n in rows}
+            out["instances"] = {"total": s.scalar(select(func.count()).select_from(Instance)) or 0}
+            out["results"] = {"total": s.scalar(select(func.count()).select_from(Result)) or 0}
+        return out
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,201 @@
+"""``dicom-node``: run the node, run workers, check configuration, show status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import FrameType
+
+from node.config import ConfigError, Settings, load_settings
+from node.logutil import setup_logging
+
+log = logging.getLogger("node.cli")
+
+WORKER_RESTART_DELAY_SECONDS = 5.0
+"""How long ``run`` waits before restarting an embedded worker that exited."""
+
+
+def _version() -> str:
+    try:
+        return version("dicom-ai-node")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    from models import registry  # the registry is light: models import their code lazily
+
+    registry.validate_names([m for rule in settings.rules for m in rule.models])
+    return settings
+
+
+class _WorkerSupervisor:
+    """Starts ``dicom-node worker`` as a child process and restarts it if it dies."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "node.cli", "worker", "--config", str(self.config)]
+        return subprocess.Popen(cmd, start_new_session=False)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.proc = self._spawn()
+            log.info("embedded worker started (pid %d)", self.proc.pid)
+            rc = self.proc.wait()
+            if self._stop.is_set():
+                return
+            log.error("embedded worker exited with %s; restarting in %.0f s", rc, WORKER_RESTART_DELAY_SECONDS)
+            self._stop.wait(WORKER_RESTART_DELAY_SECONDS)
+
+    def stop(self) -> None:
+        self._stop.set()
+        p = self.proc
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)  # Celery warm shutdown: the running job finishes or is redelivered
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self._thread.join(timeout=5)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.logging.level, "node")
+    from node.service import NodeService
+
+    service = NodeService(settings)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    supervisor = None
+    if settings.queue.embedded_workers:
+        supervisor = _WorkerSupervisor(Path(args.config).resolve())
+        supervisor.start()
+    service.start()
+    broker = "embedded file-system broker" if settings.embedded_broker else "external broker"
+    log.info("dicom-node %s running (%s, storage %s)", _version(), broker, settings.node.storage_dir)
+    while not stop.wait(1.0):
+        pass
+    service.stop()
+    if supervisor is not None:
+        supervisor.stop()
+    log.info("stopped")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.logging.level, "worker")
+    from workers.celery_app import DEFAULT_QUEUE, create_app
+    from workers.tasks import register
+
+    app = create_app(settings)
+    register(app, settings)
+    concurrency = args.concurrency or settings.queue.worker_concurrency
+    argv = [
+        "worker",
+        "--pool=prefork",
+        f"--concurrency={concurrency}",
+        f"--queues={args.queues or DEFAULT_QUEUE}",
+        f"--loglevel={settings.logging.level}",
+        f"--hostname=dicom-node-worker-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    app.worker_main(argv=argv)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(f"configuration OK: {len(settings.rules)} rule(s), {len(settings.destinations)} destination(s), "
+          f"broker: {'embedded' if settings.embedded_broker else 'external'}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    from node.catalog import Catalog
+
+    print(json.dumps(Catalog.for_storage(settings.node.storage_dir).counts(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models import registry
+
+    for name in registry.available():
+        m = registry.manifest(name)
+        print(f"{m.name}  {m.version}  {m.family:<14} {','.join(m.modalities):<6} {m.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dicom-node",
+        description="DICOM AI analysis node: receives studies (C-STORE), runs AI models on them and "
+        "sends the results (DICOM SEG + SR) back to the PACS.",
+        epilog="Start with `dicom-node check-config --config deploy/config.example.yaml`, then "
+        "`dicom-node run --config ...`. Logs never contain patient data above DEBUG.",
+    )
+    p.add_argument("--version", action="version", version=f"dicom-node {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", "-c", required=True, type=Path, help="YAML configuration file")
+        return sp
+
+    r = with_config(sub.add_parser("run", help="run the whole node (receiver, router, sender, workers)"))
+    r.set_defaults(func=cmd_run)
+    w = with_config(sub.add_parser("worker", help="run a Celery worker (for queue.broker_url = redis://...)"))
+    w.add_argument("--concurrency", type=int, default=0, help="worker processes (default: from config)")
+    w.add_argument("--queues", default="", help="comma-separated queues to consume (default: cpu)")
+    w.set_defaults(func=cmd_worker)
+    c = with_config(sub.add_parser("check-config", help="validate the configuration and exit"))
+    c.set_defaults(func=cmd_check_config)
+    s = with_config(sub.add_parser("status", help="print study/job/delivery counts from the catalog"))
+    s.set_defaults(func=cmd_status)
+    m = sub.add_parser("models", help="list the models this node knows")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:  # unknown model name from the registry
+        print(f"dicom-node: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

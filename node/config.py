@@ -1,0 +1,240 @@
+"""Settings: one YAML file, validated once by pydantic, frozen, passed to every stage.
+
+There is no module-level mutable configuration. ``load_settings(path)`` returns a frozen
+:class:`Settings`; secrets (a broker password, say) come from the environment as
+``DICOM_NODE__<SECTION>__<KEY>`` (double underscores separate levels), e.g.
+``DICOM_NODE__QUEUE__BROKER_URL=redis://:secret@10.0.0.5:6379/0``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "DICOM_NODE__"
+"""Environment variables with this prefix override YAML keys (``__`` separates levels)."""
+
+AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
+"""DICOM AE titles: 1-16 printable characters, no backslash."""
+
+MATCHABLE_ATTRIBUTES: tuple[str, ...] = (
+    "Modality",
+    "BodyPartExamined",
+    "SeriesDescription",
+    "StudyDescription",
+    "ProtocolName",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "ImageType",
+    "SliceThickness",
+    "SOPClassUID",
+    "CallingAETitle",
+    "NumberOfInstances",
+)
+"""Series attributes a rule may match on (recorded per series at receive time)."""
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid; the message names the bad key."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Frozen):
+    ae_title: str = Field("AI-NODE", pattern=AE_TITLE_PATTERN)
+    """Our AE title; scanners and PACS send to it."""
+    host: str = "0.0.0.0"
+    """Address the Storage SCP binds to (``127.0.0.1`` for loopback only)."""
+    port: int = Field(11112, ge=1, le=65535)
+    storage_dir: Path
+    """Spool, catalog and embedded queue live here; must be one local filesystem (atomic rename)."""
+    max_associations: int = Field(10, ge=1, le=200)
+    acse_timeout_seconds: float = Field(30, gt=0)
+    dimse_timeout_seconds: float = Field(30, gt=0)
+    network_timeout_seconds: float = Field(60, gt=0)
+    maximum_pdu_size: int = Field(0, ge=0)
+    """0 = unlimited, the fastest for large images on a LAN."""
+    require_called_ae_title: bool = False
+    """Reject associations whose Called AE Title is not ``ae_title``."""
+    min_free_mb: int = Field(256, ge=0)
+    """Below this much free space in storage_dir, C-STORE answers 0xA700 (Out of Resources)."""
+
+
+class AssemblySettings(_Frozen):
+    study_quiet_seconds: float = Field(30, ge=0)
+    """A study is ready this long after its last instance arrived."""
+    poll_seconds: float = Field(1.0, gt=0)
+
+
+class QueueSettings(_Frozen):
+    broker_url: str = ""
+    """Empty: embedded file-system broker under storage_dir (no server). ``redis://...`` for Redis."""
+    worker_concurrency: int = Field(1, ge=1, le=64)
+    """Worker processes started by ``dicom-node run`` / ``dicom-node worker``."""
+    embedded_workers: bool = True
+    """``dicom-node run`` starts its own worker processes (set false when workers run elsewhere)."""
+    job_time_limit_seconds: int = Field(1800, ge=10)
+    poll_seconds: float = Field(0.2, gt=0)
+    """Polling interval of the embedded broker."""
+
+
+class SendSettings(_Frozen):
+    retry_initial_seconds: float = Field(10, gt=0)
+    retry_max_seconds: float = Field(600, gt=0)
+    """Backoff doubles from initial up to this cap; deliveries are retried, never dropped."""
+    poll_seconds: float = Field(1.0, gt=0)
+    association_timeout_seconds: float = Field(30, gt=0)
+
+
+class DimseDestination(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    type: Literal["dimse"]
+    ae_title: str = Field(pattern=AE_TITLE_PATTERN)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(None, pattern=AE_TITLE_PATTERN)
+    """Defaults to ``node.ae_title``."""
+
+
+Destination = Annotated[DimseDestination, Field(discriminator="type")]
+
+
+class RegexMatch(_Frozen):
+    regex: str
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression: {exc}") from exc
+        return v
+
+
+class RangeMatch(_Frozen):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> RangeMatch:
+        if self.min is None and self.max is None:
+            raise ValueError("a range needs min and/or max")
+        return self
+
+
+MatchValue = str | int | float | list[str | int | float] | RegexMatch | RangeMatch
+
+
+class Rule(_Frozen):
+    name: str
+    match: dict[str, MatchValue] = Field(default_factory=dict)
+    """Attribute -> value (equal, case-insensitive), list (any of), {regex}, or {min, max}."""
+    models: list[str] = Field(min_length=1)
+    send_to: list[str] = Field(default_factory=list)
+
+    @field_validator("match")
+    @classmethod
+    def _known_attributes(cls, v: dict[str, MatchValue]) -> dict[str, MatchValue]:
+        unknown = sorted(set(v) - set(MATCHABLE_ATTRIBUTES))
+        if unknown:
+            raise ValueError(f"cannot match on {unknown}; known: {', '.join(MATCHABLE_ATTRIBUTES)}")
+        return v
+
+
+class LoggingSettings(_Frozen):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Frozen):
+    node: NodeSettings
+    assembly: AssemblySettings = AssemblySettings()
+    queue: QueueSettings = QueueSettings()
+    send: SendSettings = SendSettings()
+    destinations: list[Destination] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=list)
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destinations: duplicate names {dupes}")
+        for rule in self.rules:
+            missing = [n for n in rule.send_to if n not in names]
+            if missing:
+                raise ValueError(f"rules[{rule.name}].send_to: unknown destinations {missing}")
+        return self
+
+    def destination(self, name: str) -> DimseDestination:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.queue.broker_url
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {'.'.join(path[:-1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_settings(data: Mapping[str, Any], source: str = "<settings>") -> Settings:
+    """Validate a mapping (already merged with the environment) into ``Settings``."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge with ``DICOM_NODE__*`` environment overrides, and validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    data = _apply_env(raw, os.environ if environ is None else environ)
+    settings = parse_settings(data, str(path))
+    if not settings.node.storage_dir.is_absolute():
+        storage = (path.parent / settings.node.storage_dir).resolve()
+        settings = settings.model_copy(
+            update={"node": settings.node.model_copy(update={"storage_dir": storage})}
+        )
+    return settings

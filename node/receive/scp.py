@@ -1,0 +1,258 @@
+"""Storage SCP: validate -> spool -> catalog -> status. Nothing else happens here.
+
+Success (0x0000) is answered only after the file is fsynced and renamed into the spool and its
+catalog row committed. Failures get the DICOM status a sending modality understands:
+
+    0xA700  Out of Resources    the spool or catalog could not store it (disk full, below floor)
+    0xA900  Data Set does not match SOP Class   UIDs in the data set differ from the request
+    0xC210  Cannot understand   the data set could not be parsed
+    0xC211  Cannot understand   required identifiers missing/invalid, or Pixel Data truncated
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom import sop_class as sc
+from pynetdicom.transport import ThreadedAssociationServer
+from pydicom import uid as tsuid
+
+from node.catalog import Catalog
+from node.config import Settings
+from node.logutil import ref
+from node.spool import Spool, SpoolError, is_valid_uid
+
+log = logging.getLogger("node.receive")
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_SOP_MISMATCH = 0xA900
+STATUS_CANNOT_PARSE = 0xC210
+STATUS_INVALID = 0xC211
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = (
+    sc.CTImageStorage,
+    sc.EnhancedCTImageStorage,
+    sc.LegacyConvertedEnhancedCTImageStorage,
+    sc.MRImageStorage,
+    sc.EnhancedMRImageStorage,
+    sc.PositronEmissionTomographyImageStorage,
+    sc.EnhancedPETImageStorage,
+    sc.ComputedRadiographyImageStorage,
+    sc.DigitalXRayImageStorageForPresentation,
+    sc.DigitalXRayImageStorageForProcessing,
+    sc.SecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    sc.MultiFrameSingleBitSecondaryCaptureImageStorage,
+)
+"""Image storage classes we accept (the node analyses images, it is not a general archive)."""
+
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    tsuid.ExplicitVRLittleEndian,
+    tsuid.ImplicitVRLittleEndian,
+    tsuid.DeflatedExplicitVRLittleEndian,
+    tsuid.ExplicitVRBigEndian,
+    tsuid.JPEGBaseline8Bit,
+    tsuid.JPEGExtended12Bit,
+    tsuid.JPEGLossless,
+    tsuid.JPEGLosslessSV1,
+    tsuid.JPEGLSLossless,
+    tsuid.JPEGLSNearLossless,
+    tsuid.JPEG2000Lossless,
+    tsuid.JPEG2000,
+    tsuid.RLELossless,
+)
+"""Accepted as sent (stored without transcoding); the workers decode them."""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """Passed to ``on_stored`` hooks after an instance is durable (typed event, like pynetdicom's)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    new: bool
+
+
+def _series_attributes(ds: Dataset, calling_ae: str) -> dict[str, Any]:
+    """The routing attributes of config.MATCHABLE_ATTRIBUTES that live on the instance."""
+    out: dict[str, Any] = {"CallingAETitle": calling_ae.strip()}
+    for kw in ("Modality", "BodyPartExamined", "SeriesDescription", "StudyDescription", "ProtocolName",
+               "Manufacturer", "ManufacturerModelName", "SOPClassUID"):
+        v = ds.get(kw)
+        if v not in (None, ""):
+            out[kw] = str(v)
+    if "ImageType" in ds:
+        out["ImageType"] = [str(x) for x in ds.ImageType] if ds["ImageType"].VM > 1 else [str(ds.ImageType)]
+    if ds.get("SliceThickness") not in (None, ""):
+        try:
+            out["SliceThickness"] = float(ds.SliceThickness)
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
+def pixel_data_problem(ds: Dataset, transfer_syntax: str) -> str | None:
+    """A reason if Pixel Data is missing or its length does not fit the image attributes."""
+    if "PixelData" not in ds:
+        return "no Pixel Data"
+    if pydicom.uid.UID(transfer_syntax).is_compressed:
+        value = ds["PixelData"].value
+        return None if value else "empty encapsulated Pixel Data"
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return "image pixel attributes missing or invalid"
+    pixels = rows * cols * samples * frames
+    expected = (pixels + 7) // 8 if bits == 1 else pixels * ((bits + 7) // 8)
+    actual = len(ds.PixelData)
+    if actual < expected:
+        return f"Pixel Data has {actual} bytes, {expected} expected"
+    return None
+
+
+class Receiver:
+    """The Storage SCP. ``start()`` returns once the port is listening."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        spool: Spool,
+        clock: Callable[[], float],
+        on_stored: Callable[[StoredInstance], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.spool = spool
+        self.clock = clock
+        self.on_stored = on_stored
+        self._server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+        self._assoc_stats: dict[int, Counter[str]] = {}
+
+    # ---- the part that decides the status (testable without a network) ---------------------
+    def store(self, encoded: bytes, request_sop_class: str, request_sop_uid: str, calling_ae: str) -> int:
+        """Validate and durably store one encoded instance (File Meta included); return the status."""
+        min_free = self.settings.node.min_free_mb * 1024 * 1024
+        if min_free and self.spool.free_bytes() < min_free + len(encoded):
+            log.warning("refusing instance: free space below node.min_free_mb")
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            ds = pydicom.dcmread(io.BytesIO(encoded), force=False)
+            transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+            study_uid, series_uid = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
+            sop_uid, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
+            problem = pixel_data_problem(ds, transfer_syntax)
+            attributes = _series_attributes(ds, calling_ae)
+        except (Exception, RecursionError) as exc:  # anything the parser throws is the sender's fault
+            log.warning("cannot parse instance: %s", type(exc).__name__)
+            return STATUS_CANNOT_PARSE
+        if sop_uid != request_sop_uid or sop_class != request_sop_class:
+            log.warning("SOP Class/Instance UID in the data set differ from the C-STORE request")
+            return STATUS_SOP_MISMATCH
+        if not all(is_valid_uid(u) for u in (study_uid, series_uid, sop_uid)):
+            log.warning("instance with missing or invalid Study/Series/SOP Instance UID")
+            return STATUS_INVALID
+        if problem:
+            log.warning("instance refused: %s", problem)
+            return STATUS_INVALID
+        assert isinstance(study_uid, str) and isinstance(series_uid, str) and isinstance(sop_uid, str)
+        try:
+            if self.catalog.has_instance(sop_uid):
+                stored_new = False
+            else:
+                rel = self.spool.instance_relpath(study_uid, series_uid, sop_uid)
+                stored = self.spool.write(rel, encoded)
+                stored_new = self.catalog.record_instance(
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    sop_instance_uid=sop_uid,
+                    sop_class_uid=str(sop_class),
+                    transfer_syntax_uid=transfer_syntax,
+                    path=rel,
+                    size=stored.size,
+                    series_attributes=attributes,
+                    now=self.clock(),
+                )
+        except SpoolError as exc:
+            log.error("spool error: %s", exc)
+            return STATUS_OUT_OF_RESOURCES
+        except Exception:
+            log.exception("catalog error while storing an instance")
+            return STATUS_OUT_OF_RESOURCES
+        log.debug("stored study=%s new=%s", ref(study_uid), stored_new)
+        if self.on_stored is not None:
+            self.on_stored(StoredInstance(study_uid, series_uid, sop_uid, stored_new))
+        return STATUS_SUCCESS
+
+    # ---- pynetdicom glue --------------------------------------------------------------------
+    def _handle_store(self, event: evt.Event) -> int:
+        status = STATUS_CANNOT_PARSE
+        try:
+            calling = event.assoc.requestor.ae_title
+            status = self.store(
+                event.encoded_dataset(include_meta=True),
+                str(event.request.AffectedSOPClassUID),
+                str(event.request.AffectedSOPInstanceUID),
+                calling,
+            )
+            return status
+        finally:
+            with self._lock:
+                stats = self._assoc_stats.setdefault(id(event.assoc), Counter())
+                stats["ok" if status == STATUS_SUCCESS else f"0x{status:04X}"] += 1
+
+    def _handle_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _handle_released(self, event: evt.Event) -> None:
+        with self._lock:
+            stats = self._assoc_stats.pop(id(event.assoc), None)
+        if stats:
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(stats.items()))
+            log.info("association from %s closed: %s", event.assoc.requestor.ae_title.strip(), detail)
+
+    def build_ae(self) -> AE:
+        n = self.settings.node
+        ae = AE(ae_title=n.ae_title)
+        ae.maximum_associations = n.max_associations
+        ae.acse_timeout = n.acse_timeout_seconds
+        ae.dimse_timeout = n.dimse_timeout_seconds
+        ae.network_timeout = n.network_timeout_seconds
+        ae.maximum_pdu_size = n.maximum_pdu_size
+        ae.require_called_aet = n.require_called_ae_title
+        ae.add_supported_context(sc.Verification)
+        for cls in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(cls, list(TRANSFER_SYNTAXES))
+        return ae
+
+    def start(self) -> None:
+        n = self.settings.node
+        handlers = [
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_RELEASED, self._handle_released),
+            (evt.EVT_ABORTED, self._handle_released),
+        ]
+        self._server = self.build_ae().start_server((n.host, n.port), block=False, evt_handlers=handlers)
+        log.info("storage SCP %s listening on %s:%d", n.ae_title, n.host, n.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

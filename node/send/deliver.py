@@ -1,0 +1,78 @@
+"""Delivery loop: pending delivery rows -> sender -> sent, or back off and retry. Never dropped.
+
+Backoff doubles from ``send.retry_initial_seconds`` up to ``send.retry_max_seconds``; a delivery
+stays pending (with its last error visible in ``dicom-node status``) until the destination takes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from node.catalog import Catalog
+from node.config import Settings
+from node.send.base import SendError, Sender
+from node.send.dimse import DimseSender
+from node.spool import Spool
+
+log = logging.getLogger("node.send")
+
+SenderFactory = Callable[[str], Sender]
+
+
+def default_sender_factory(settings: Settings) -> SenderFactory:
+    def make(name: str) -> Sender:
+        return DimseSender(settings.destination(name), settings.node.ae_title,
+                           settings.send.association_timeout_seconds)
+
+    return make
+
+
+class Deliverer:
+    def __init__(self, settings: Settings, catalog: Catalog, spool: Spool, clock: Callable[[], float],
+                 sender_factory: SenderFactory | None = None) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.spool = spool
+        self.clock = clock
+        self.sender_factory = sender_factory or default_sender_factory(settings)
+
+    def backoff(self, attempts: int) -> float:
+        s = self.settings.send
+        return float(min(s.retry_max_seconds, s.retry_initial_seconds * 2 ** max(0, attempts - 1)))
+
+    def tick(self) -> int:
+        """Attempt every due delivery once; returns the number sent."""
+        due = self.catalog.due_deliveries(self.clock())
+        by_dest: dict[str, list[tuple[int, Path, int]]] = defaultdict(list)
+        for d, r in due:
+            by_dest[d.destination].append((d.id, self.spool.path(r.path), d.attempts))
+        sent_total = 0
+        for dest, items in by_dest.items():
+            try:
+                report = self.sender_factory(dest).send([p for _, p, _ in items])
+                failures = report.failed
+                sent = set(report.sent)
+            except SendError as exc:
+                failures = {p: str(exc) for _, p, _ in items}
+                sent = set()
+            except Exception as exc:  # a sender bug must not stop the loop or lose the delivery
+                log.exception("sender for %s crashed", dest)
+                failures = {p: type(exc).__name__ for _, p, _ in items}
+                sent = set()
+            for delivery_id, path, attempts in items:
+                if path in sent:
+                    self.catalog.delivery_sent(delivery_id, self.clock())
+                    sent_total += 1
+                else:
+                    reason = failures.get(path, "not sent")
+                    delay = self.backoff(attempts + 1)
+                    self.catalog.delivery_failed(delivery_id, reason, self.clock() + delay)
+            if sent:
+                log.info("delivered %d object(s) to %s", len(sent), dest)
+            if failures:
+                log.warning("%d object(s) not delivered to %s (%s); retrying with backoff",
+                            len(failures), dest, next(iter(failures.values())))
+        return sent_total

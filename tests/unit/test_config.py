@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from node.config import ConfigError, load_settings
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config.example.yaml"
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _minimal(tmp_path: Path) -> dict:
+    return {
+        "node": {"storage_dir": str(tmp_path / "s")},
+        "destinations": [{"name": "pacs", "type": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+        "rules": [{"name": "ct", "match": {"Modality": "CT"}, "models": ["m"], "send_to": ["pacs"]}],
+    }
+
+
+def test_example_config_is_valid_and_complete() -> None:
+    s = load_settings(EXAMPLE, environ={})
+    assert s.node.ae_title == "AI-NODE" and s.node.port == 11112
+    assert s.assembly.study_quiet_seconds == 30
+    assert s.queue.broker_url == "" and s.embedded_broker
+    assert s.destinations[0].type == "dimse" and s.rules[0].send_to == ["pacs"]
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    data = _minimal(tmp_path)
+    data["node"]["prot"] = 1
+    with pytest.raises(ConfigError, match=r"node\.prot"):
+        load_settings(_write(tmp_path, data), environ={})
+
+
+def test_bad_destination_reference(tmp_path: Path) -> None:
+    data = _minimal(tmp_path)
+    data["rules"][0]["send_to"] = ["nowhere"]
+    with pytest.raises(ConfigError, match="nowhere"):
+        load_settings(_write(tmp_path, data), environ={})
+
+
+def test_unknown_match_attribute_and_bad_regex(tmp_path: Path) -> None:
+    data = _minimal(tmp_path)
+    data["rules"][0]["match"] = {"PatientName": "x"}
+    with pytest.raises(ConfigError, match="PatientName"):
+        load_settings(_write(tmp_path, data), environ={})
+    data["rules"][0]["match"] = {"SeriesDescription": {"regex": "("}}
+    with pytest.raises(ConfigError, match="regular expression"):
+        load_settings(_write(tmp_path, data), environ={})
+
+
+def test_env_overrides_secret(tmp_path: Path) -> None:
+    env = {"DICOM_NODE__QUEUE__BROKER_URL": "redis://:pw@127.0.0.1:6379/0", "DICOM_NODE__NODE__PORT": "2000"}
+    s = load_settings(_write(tmp_path, _minimal(tmp_path)), environ=env)
+    assert s.queue.broker_url.startswith("redis://") and not s.embedded_broker
+    assert s.node.port == 2000
+
+
+def test_settings_are_frozen(tmp_path: Path) -> None:
+    s = load_settings(_write(tmp_path, _minimal(tmp_path)), environ={})
+    with pytest.raises(Exception, match="frozen"):
+        s.node.port = 1  # type: ignore[misc]
+
+
+def test_relative_storage_dir_is_relative_to_config(tmp_path: Path) -> None:
+    data = _minimal(tmp_path)
+    data["node"]["storage_dir"] = "spool"
+    s = load_settings(_write(tmp_path, data), environ={})
+    assert s.node.storage_dir == (tmp_path / "spool").resolve()

@@ -1,0 +1,72 @@
+"""Receiver.store: the status decision, without a network."""
+
+from pathlib import Path
+
+import pytest
+
+from node.catalog import Catalog
+from node.config import Settings
+from node.receive.scp import (
+    STATUS_CANNOT_PARSE,
+    STATUS_INVALID,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SOP_MISMATCH,
+    STATUS_SUCCESS,
+    Receiver,
+)
+from node.spool import Spool
+from tests.dsfactory import ct_slice, encode
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Receiver:
+    settings = Settings.model_validate({"node": {"storage_dir": str(tmp_path), "min_free_mb": 0}})
+    return Receiver(settings, Catalog.for_storage(tmp_path), Spool(tmp_path), clock=lambda: 5.0)
+
+
+def test_success_is_durable_and_deduplicated(receiver: Receiver) -> None:
+    ds = ct_slice("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    data = encode(ds)
+    assert receiver.store(data, CT, "1.2.3.4.5", "SCANNER") == STATUS_SUCCESS
+    assert receiver.store(data, CT, "1.2.3.4.5", "SCANNER") == STATUS_SUCCESS
+    stored = list((receiver.spool.root / "instances").rglob("*.dcm"))
+    assert [p.name for p in stored] == ["1.2.3.4.5.dcm"] and stored[0].read_bytes() == data
+    assert receiver.catalog.counts()["instances"]["total"] == 1
+    series = receiver.catalog.series_of_study(receiver.catalog.studies_in_state("receiving")[0].id)
+    assert '"CallingAETitle": "SCANNER"' in series[0].attributes
+
+
+def test_uid_mismatch_is_a900(receiver: Receiver) -> None:
+    data = encode(ct_slice("1.2.3", "1.2.3.4", "1.2.3.4.5"))
+    assert receiver.store(data, CT, "1.2.3.4.6", "S") == STATUS_SOP_MISMATCH
+    assert receiver.store(data, "1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.5", "S") == STATUS_SOP_MISMATCH
+    assert receiver.catalog.counts()["instances"]["total"] == 0
+
+
+def test_garbage_is_c210(receiver: Receiver) -> None:
+    assert receiver.store(b"\x00" * 128 + b"DICM" + b"\xff" * 50, CT, "1.2", "S") == STATUS_CANNOT_PARSE
+    assert receiver.store(b"not dicom at all", CT, "1.2", "S") == STATUS_CANNOT_PARSE
+
+
+def test_truncated_pixel_data_is_refused(receiver: Receiver) -> None:
+    ds = ct_slice("1.2.3", "1.2.3.4", "1.2.3.4.7")
+    ds.PixelData = ds.PixelData[:-10]
+    assert receiver.store(encode(ds), CT, "1.2.3.4.7", "S") == STATUS_INVALID
+    assert not list((receiver.spool.root / "instances").rglob("*.dcm"))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")  # the point of the test
+def test_invalid_study_uid_is_refused(receiver: Receiver) -> None:
+    ds = ct_slice("1.2.03", "1.2.3.4", "1.2.3.4.8")
+    assert receiver.store(encode(ds), CT, "1.2.3.4.8", "S") == STATUS_INVALID
+
+
+def test_below_free_space_floor_is_a700(tmp_path: Path) -> None:
+    huge = 10**9  # MB: more than any test machine has free
+    settings = Settings.model_validate({"node": {"storage_dir": str(tmp_path), "min_free_mb": huge}})
+    r = Receiver(settings, Catalog.for_storage(tmp_path), Spool(tmp_path), clock=lambda: 0.0)
+    data = encode(ct_slice("1.2.3", "1.2.3.4", "1.2.3.4.9"))
+    assert r.store(data, CT, "1.2.3.4.9", "S") == STATUS_OUT_OF_RESOURCES
+    assert not list((tmp_path / "instances").rglob("*.dcm"))
