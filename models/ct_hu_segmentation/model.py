@@ -1,0 +1,326 @@
+"""Classical CT segmentation: body, right/left lung and bone from Hounsfield units + morphology.
+
+No trained weights. Outline of :meth:`CtHuSegmentation.run` (all thresholds in :class:`HuSegParams`):
+
+Body
+    ``HU > body_hu``; an in-plane opening of radius ``table_opening_mm`` (on a ~1.5 mm grid)
+    cuts thin dense structures such as the CT table and cables; the largest 3-D component is
+    kept together with components at least ``body_keep_fraction`` of its size (arms); the
+    kept components are grown by one grid step inside the full-resolution threshold mask (to
+    restore the skin line) and holes are filled slice by slice. A table separated from the
+    skin by a few mm of air is excluded entirely; one lying against the skin loses all but
+    the layer next to the skin.
+Lungs
+    ``HU < lung_hu`` inside the body eroded by ``lung_margin_mm`` (so outside air and the skin's
+    partial-volume rim never count). 3-D components under ``min_lung_component_ml`` are dropped,
+    and so are gas pockets: components whose eroded core has a median below ``gas_core_hu``
+    (nearly pure air, unlike lung parenchyma) and whose volume is under ``gas_max_ml``. Sides
+    come from patient coordinates (``Volume.affine``; LPS +x is patient left) relative to the
+    trunk's centre: a component that lies on both sides (lungs joined by airways or at the
+    anterior junction) is eroded on a ~4 mm grid until it falls apart into pieces on both
+    sides; every voxel goes to the nearest piece. If it never falls apart it is cut at the
+    midline plane. Airways are not separated: trachea and main bronchi end up in the lungs.
+Bone
+    ``HU > bone_hu`` inside the body, a light in-plane closing, in-plane holes up to
+    ``max_bone_hole_cm2`` filled (marrow), components under ``min_bone_component_ml`` dropped.
+    Dense contrast and calcifications can be included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage as ndi
+
+from models.base import Manifest, ModelResult, Segment, UnsuitableInput, Volume
+from models.manifest import MANIFEST_FILENAME, ManifestFile, load_manifest_file
+
+MANIFEST_PATH = Path(__file__).with_name(MANIFEST_FILENAME)
+
+BoolArray = npt.NDArray[np.bool_]
+FloatArray = npt.NDArray[np.float32]
+
+_CROSS_2D = np.zeros((3, 3, 3), dtype=bool)
+_CROSS_2D[1] = ndi.generate_binary_structure(2, 1)
+
+
+@dataclass(frozen=True)
+class HuSegParams:
+    """Thresholds of the classical pipeline (HU, mm, ml)."""
+
+    body_hu: float = -500.0
+    table_opening_mm: float = 4.0
+    body_keep_fraction: float = 0.05
+    work_mm: float = 1.5
+    lung_hu: float = -400.0
+    lung_margin_mm: float = 2.0
+    min_lung_component_ml: float = 20.0
+    gas_core_hu: float = -940.0
+    gas_max_ml: float = 500.0
+    split_grid_mm: float = 4.0
+    split_max_erosions: int = 8
+    split_min_fraction: float = 0.05
+    bone_hu: float = 200.0
+    min_bone_component_ml: float = 0.3
+    max_bone_hole_cm2: float = 20.0
+
+
+class CtHuSegmentation:
+    """The ``ct-hu-segmentation`` model (stateless between calls; safe to reuse)."""
+
+    def __init__(self, params: HuSegParams | None = None, manifest_path: Path = MANIFEST_PATH) -> None:
+        spec: ManifestFile = load_manifest_file(manifest_path)
+        self.manifest: Manifest = spec.to_manifest()
+        self.params = params or HuSegParams()
+        self._labels = {o.name: o for o in self.manifest.outputs}
+        self._laterality = {o.name: spec.laterality(o.name) for o in self.manifest.outputs}
+        expected = {"Body", "Right Lung", "Left Lung", "Bone"}
+        if set(self._labels) != expected:
+            raise ValueError(f"{manifest_path}: outputs must be {sorted(expected)}, got {sorted(self._labels)}")
+
+    def check(self, volume: Volume) -> None:
+        """Raise :class:`UnsuitableInput` unless ``volume`` is a CT with enough slices."""
+        m = self.manifest
+        if volume.modality not in m.modalities:
+            raise UnsuitableInput(f"{m.name} needs modality {'/'.join(m.modalities)}, got {volume.modality!r}")
+        n = volume.voxels.shape[0]
+        if n < m.min_slices:
+            raise UnsuitableInput(f"{m.name} needs at least {m.min_slices} slices, got {n}")
+        if not np.isfinite(volume.affine).all() or abs(np.linalg.det(volume.affine[:3, :3])) < 1e-9:
+            raise UnsuitableInput(f"{m.name}: degenerate voxel geometry (affine)")
+
+    def run(self, volume: Volume) -> ModelResult:
+        """Segment ``volume``; every declared segment is returned (empty ones are noted)."""
+        self.check(volume)
+        masks, notes = segment_ct(volume, self.params)
+        segments = []
+        for name in ("Body", "Right Lung", "Left Lung", "Bone"):
+            label = self._labels[name]
+            mask = masks[name]
+            if not mask.any():
+                notes.append(f"{name}: empty")
+            segments.append(Segment(name, label.category, label.type, mask, self._laterality[name]))
+        return ModelResult(
+            model_name=self.manifest.name,
+            model_version=self.manifest.version,
+            segments=tuple(segments),
+            notes=tuple(notes),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline (pure functions of the voxels and the affine).
+
+
+def segment_ct(volume: Volume, params: HuSegParams) -> tuple[dict[str, BoolArray], list[str]]:
+    """Masks by name ("Body", "Right Lung", "Left Lung", "Bone") and human-readable notes."""
+    hu = volume.voxels
+    notes: list[str] = []
+    body, trunk_center_ijk = _body(hu, volume, params)
+    if trunk_center_ijk is None:
+        empty = np.zeros(hu.shape, dtype=bool)
+        return {"Body": empty, "Right Lung": empty.copy(), "Left Lung": empty.copy(), "Bone": empty.copy()}, [
+            "no body found (nothing above the body threshold)"
+        ]
+    x_mid = float(volume.to_patient(trunk_center_ijk)[0])
+    right, left = _lungs(hu, body, volume, x_mid, params, notes)
+    bone = _bone(hu, body, volume, params)
+    return {"Body": body, "Right Lung": right, "Left Lung": left, "Bone": bone}, notes
+
+
+def _inplane_disk(radius_mm: float, step_j_mm: float, step_i_mm: float) -> BoolArray:
+    """A (1, n, m) elliptical disk of ``radius_mm`` for a grid with the given steps (at least a cross)."""
+    rj = max(1, int(radius_mm / step_j_mm))
+    ri = max(1, int(radius_mm / step_i_mm))
+    jj, ii = np.mgrid[-rj : rj + 1, -ri : ri + 1]
+    disk = (jj * step_j_mm) ** 2 + (ii * step_i_mm) ** 2 <= max(radius_mm, step_j_mm, step_i_mm) ** 2 + 1e-6
+    return disk[None]
+
+
+def _body(hu: FloatArray, volume: Volume, p: HuSegParams) -> tuple[BoolArray, npt.NDArray[np.float64] | None]:
+    """Body mask and the (i, j, k) centre of the trunk (largest component); None if no body."""
+    _, sj, si = volume.spacing
+    fj = max(1, round(p.work_mm / sj))
+    fi = max(1, round(p.work_mm / si))
+    thr = hu > p.body_hu
+    low = thr[:, ::fj, ::fi]
+    disk = _inplane_disk(p.table_opening_mm, sj * fj, si * fi)
+    opened = ndi.binary_opening(low, structure=disk)
+    lab, n = ndi.label(opened)
+    if n == 0:
+        return np.zeros(hu.shape, dtype=bool), None
+    counts = np.bincount(lab.ravel(), minlength=n + 1)
+    counts[0] = 0
+    largest = int(np.argmax(counts))
+    keep = counts >= p.body_keep_fraction * counts[largest]
+    keep[0] = False
+    selected = keep[lab]
+    k_c, j_c, i_c = ndi.center_of_mass(lab == largest)
+    center_ijk = np.array([i_c * fi, j_c * fj, k_c], dtype=np.float64)
+    # One grid step of margin restores the skin line at full resolution (via ``& thr``) without
+    # reaching across the air gap to a table the opening cut off.
+    grown = ndi.binary_dilation(selected, structure=_CROSS_2D)
+    up = grown.repeat(fj, axis=1).repeat(fi, axis=2)[:, : hu.shape[1], : hu.shape[2]]
+    body = up & thr
+    return _fill_holes_per_slice(body), center_ijk
+
+
+def _fill_holes_per_slice(mask: BoolArray, max_hole_voxels: int | None = None) -> BoolArray:
+    """Fill in-plane holes of every slice (background not connected to the slice border).
+
+    With ``max_hole_voxels``, only holes of at most that many pixels are filled.
+    """
+    box = _bbox(mask, pad=1)
+    if box is None:
+        return mask.copy()
+    out = mask.copy()
+    out[box] = _fill_holes_cropped(mask[box], max_hole_voxels)
+    return out
+
+
+def _bbox(mask: BoolArray, pad: int) -> tuple[slice, slice, slice] | None:
+    """Bounding box of ``mask`` grown in-plane by ``pad`` (clipped to the array); None if empty."""
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    if ks.size == 0:
+        return None
+    js = np.flatnonzero(mask.any(axis=(0, 2)))
+    is_ = np.flatnonzero(mask.any(axis=(0, 1)))
+    _, rows, cols = mask.shape
+    return (
+        slice(int(ks[0]), int(ks[-1]) + 1),
+        slice(max(0, int(js[0]) - pad), min(rows, int(js[-1]) + 1 + pad)),
+        slice(max(0, int(is_[0]) - pad), min(cols, int(is_[-1]) + 1 + pad)),
+    )
+
+
+def _fill_holes_cropped(mask: BoolArray, max_hole_voxels: int | None) -> BoolArray:
+    lab, n = ndi.label(~mask, structure=_CROSS_2D)
+    keep_bg = np.zeros(n + 1, dtype=bool)
+    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
+        keep_bg[np.unique(edge)] = True
+    if max_hole_voxels is not None:
+        keep_bg |= np.bincount(lab.ravel(), minlength=n + 1) > max_hole_voxels
+    keep_bg[0] = False
+    return ~keep_bg[lab]
+
+
+def _x_coords(volume: Volume, box: tuple[slice, ...]) -> npt.NDArray[np.float32]:
+    """LPS x (mm) of every voxel in ``box`` (slices over k, j, i), as a float32 array of the box shape."""
+    a = volume.affine
+    k = a[0, 2] * np.arange(box[0].start, box[0].stop) + a[0, 3]
+    j = a[0, 1] * np.arange(box[1].start, box[1].stop)
+    i = a[0, 0] * np.arange(box[2].start, box[2].stop)
+    x = k.astype(np.float32)[:, None, None] + j.astype(np.float32)[None, :, None]
+    return x + i.astype(np.float32)[None, None, :]
+
+
+def _lungs(
+    hu: FloatArray, body: BoolArray, volume: Volume, x_mid: float, p: HuSegParams, notes: list[str]
+) -> tuple[BoolArray, BoolArray]:
+    """Right and left lung masks (see the module docstring)."""
+    _, sj, si = volume.spacing
+    right = np.zeros(hu.shape, dtype=bool)
+    left = np.zeros(hu.shape, dtype=bool)
+    margin = max(1, round(p.lung_margin_mm / min(sj, si)))
+    inner = ndi.binary_erosion(body, structure=_CROSS_2D, iterations=margin)
+    cand = (hu < p.lung_hu) & inner
+    del inner
+    lab, n = ndi.label(cand)
+    del cand
+    if n == 0:
+        return right, left
+    counts = np.bincount(lab.ravel(), minlength=n + 1)
+    vml = volume.voxel_volume_ml
+    boxes = ndi.find_objects(lab)
+    for label in np.nonzero(counts * vml >= p.min_lung_component_ml)[0]:
+        if label == 0:
+            continue
+        box = boxes[label - 1]
+        if box is None:
+            continue
+        comp = lab[box] == label
+        vol_ml = float(counts[label] * vml)
+        core = ndi.binary_erosion(comp, structure=_CROSS_2D, iterations=2)
+        core_median = float(np.median(hu[box][core if core.any() else comp]))
+        if core_median < p.gas_core_hu and vol_ml < p.gas_max_ml:
+            notes.append(f"rejected a {vol_ml:.0f} ml air pocket (core median {core_median:.0f} HU) as gas")
+            continue
+        x = _x_coords(volume, box)
+        on_right = x < x_mid
+        frac_right = float(on_right[comp].mean())
+        if frac_right >= 0.9:
+            right[box] |= comp
+        elif frac_right <= 0.1:
+            left[box] |= comp
+        else:
+            side = _split_sides(comp, box, volume, x_mid, p)
+            if side is None:
+                notes.append(f"lungs split at the midline plane (x = {x_mid:.1f} mm)")
+                side = on_right
+            right[box] |= comp & side
+            left[box] |= comp & ~side
+    return right, left
+
+
+def _split_sides(
+    comp: BoolArray, box: tuple[slice, ...], volume: Volume, x_mid: float, p: HuSegParams
+) -> BoolArray | None:
+    """True where a voxel of ``comp`` belongs to the right lung; None if erosion never splits it."""
+    sk, sj, si = volume.spacing
+    f = tuple(max(1, round(p.split_grid_mm / s)) for s in (sk, sj, si))
+    coarse = comp[:: f[0], :: f[1], :: f[2]]
+    total = int(coarse.sum())
+    if total == 0:
+        return None
+    eroded = coarse
+    seeds: npt.NDArray[np.int8] | None = None
+    for _ in range(p.split_max_erosions + 1):
+        lab, n = ndi.label(eroded)
+        if n == 0:
+            break
+        counts = np.bincount(lab.ravel(), minlength=n + 1)
+        big = [lb for lb in range(1, n + 1) if counts[lb] >= p.split_min_fraction * total]
+        if len(big) >= 2:
+            centers = ndi.center_of_mass(eroded, lab, big)
+            ijk = np.array(
+                [[c[2] * f[2] + box[2].start, c[1] * f[1] + box[1].start, c[0] * f[0] + box[0].start] for c in centers]
+            )
+            is_right = volume.to_patient(ijk)[:, 0] < x_mid
+            if is_right.any() and not is_right.all():
+                seeds = np.zeros(coarse.shape, dtype=np.int8)
+                for lb, r in zip(big, is_right, strict=True):
+                    seeds[lab == lb] = 1 if r else 2
+                break
+        eroded = ndi.binary_erosion(eroded)
+    if seeds is None:
+        return None
+    # Nearest seed for every coarse voxel, then back to full resolution by index.
+    _, (ik, ij, ii) = ndi.distance_transform_edt(
+        seeds == 0, sampling=(sk * f[0], sj * f[1], si * f[2]), return_indices=True
+    )
+    side_coarse = seeds[ik, ij, ii] == 1
+    shape = comp.shape
+    return side_coarse[
+        (np.arange(shape[0]) // f[0])[:, None, None],
+        (np.arange(shape[1]) // f[1])[None, :, None],
+        (np.arange(shape[2]) // f[2])[None, None, :],
+    ]
+
+
+def _bone(hu: FloatArray, body: BoolArray, volume: Volume, p: HuSegParams) -> BoolArray:
+    """Dense voxels inside the body, lightly closed, small components removed."""
+    bone = (hu > p.bone_hu) & body
+    bone = ndi.binary_closing(bone, structure=_CROSS_2D) & body
+    # Marrow enclosed by cortex (vertebral bodies, long bones), but never a whole rib cage.
+    _, sj, si = volume.spacing
+    bone = _fill_holes_per_slice(bone, max_hole_voxels=int(p.max_bone_hole_cm2 * 100.0 / (sj * si)))
+    lab, n = ndi.label(bone)
+    if n == 0:
+        return bone
+    counts = np.bincount(lab.ravel(), minlength=n + 1)
+    keep = counts * volume.voxel_volume_ml >= p.min_bone_component_ml
+    keep[0] = False
+    return keep[lab]

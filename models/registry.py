@@ -1,0 +1,78 @@
+"""The explicit list of models this node can run.
+
+``REGISTRY`` maps a model name to a factory that imports the model lazily and builds an
+instance. Each model ships ``models/<package>/manifest.yaml`` (the package is the name with
+``-`` replaced by ``_``); :func:`manifest` reads it without importing the model code. Nothing
+is cached here: the worker keeps the instances it builds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+from models.base import Manifest, Model
+from models.manifest import MANIFEST_FILENAME, load_manifest
+
+MODELS_DIR = Path(__file__).resolve().parent
+
+
+class UnknownModelError(KeyError, ValueError):
+    """A model name that is not in :data:`REGISTRY`; the message lists the known models."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "unknown model"
+
+
+def _ct_hu_segmentation() -> Model:
+    from models.ct_hu_segmentation import CtHuSegmentation
+
+    return CtHuSegmentation()
+
+
+REGISTRY: Mapping[str, Callable[[], Model]] = MappingProxyType(
+    {
+        "ct-hu-segmentation": _ct_hu_segmentation,
+    }
+)
+
+
+def available() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(REGISTRY)
+
+
+def _unknown(names: Iterable[str]) -> UnknownModelError:
+    listed = ", ".join(repr(n) for n in names)
+    return UnknownModelError(f"unknown model(s) {listed}; known models: {', '.join(available()) or '(none)'}")
+
+
+def validate_names(names: Iterable[str]) -> None:
+    """Raise :class:`UnknownModelError` if any of ``names`` is not registered."""
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise _unknown(unknown)
+
+
+def manifest_path(name: str) -> Path:
+    """Where the manifest of model ``name`` lives."""
+    validate_names([name])
+    return MODELS_DIR / name.replace("-", "_") / MANIFEST_FILENAME
+
+
+def manifest(name: str) -> Manifest:
+    """The manifest of model ``name``, read from its YAML without importing the model."""
+    m = load_manifest(manifest_path(name))
+    if m.name != name:
+        raise ValueError(f"{manifest_path(name)}: manifest name {m.name!r} differs from registry name {name!r}")
+    return m
+
+
+def load(name: str) -> Model:
+    """Build a new instance of model ``name`` (the caller keeps it; nothing is cached)."""
+    validate_names([name])
+    model = REGISTRY[name]()
+    if model.manifest.name != name:
+        raise ValueError(f"model registered as {name!r} reports manifest name {model.manifest.name!r}")
+    return model
