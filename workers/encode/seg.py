@@ -1,0 +1,188 @@
+"""DICOM Segmentation (SEG) encoder for :class:`models.base.ModelResult` segments."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code as PydicomCode
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+
+from models.base import Code, ModelResult, Segment
+from workers.encode.uids import device_uid, result_uids, segment_tracking_uid
+
+SEG_KIND = "SEG"
+DEFAULT_MANUFACTURER = "dicom-ai-node"
+
+#: Transfer syntaxes highdicom accepts for a BINARY segmentation (RLE is rejected for 1-bit data).
+BINARY_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
+    {ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless}
+)
+
+#: Recommended display colours (sRGB), cycled over the segments in order.
+PALETTE_RGB: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),  # red
+    (60, 180, 75),  # green
+    (0, 130, 200),  # blue
+    (255, 225, 25),  # yellow
+    (245, 130, 48),  # orange
+    (145, 30, 180),  # purple
+    (70, 240, 240),  # cyan
+    (240, 50, 230),  # magenta
+    (210, 245, 60),  # lime
+    (250, 190, 212),  # pink
+    (0, 128, 128),  # teal
+    (170, 110, 40),  # brown
+)
+
+_LO_MAX = 64  # SegmentLabel, TrackingID, AlgorithmName... are LO
+
+
+class EmptyResultError(ValueError):
+    """Every segment of the result is empty: there is no SEG (or SR group) to encode."""
+
+
+def to_pydicom_code(code: Code) -> PydicomCode:
+    """Convert a project :class:`models.base.Code` to a pydicom/highdicom ``Code``."""
+    return PydicomCode(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def display_color(index: int) -> hd.color.CIELabColor:
+    """Recommended CIELab colour of the segment at 0-based ``index``."""
+    return hd.color.CIELabColor.from_rgb(*PALETTE_RGB[index % len(PALETTE_RGB)])
+
+
+def expected_mask_shape(sources: Sequence[pydicom.Dataset]) -> tuple[int, int, int]:
+    """(frames, Rows, Columns) a mask must have to match ``sources``."""
+    if len(sources) == 0:
+        raise ValueError("at least one source dataset is required")
+    rows, cols = int(sources[0].Rows), int(sources[0].Columns)
+    for ds in sources[1:]:
+        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+            raise ValueError(
+                f"source {ds.SOPInstanceUID} is {ds.Rows}x{ds.Columns}, the first source is {rows}x{cols}"
+            )
+    frames = [int(ds.get("NumberOfFrames", 1) or 1) for ds in sources]
+    if len(sources) > 1 and any(f != 1 for f in frames):
+        raise ValueError("sources must be single-frame images or exactly one multi-frame image")
+    return (frames[0] if len(sources) == 1 else len(sources)), rows, cols
+
+
+def _check_segments(segments: Sequence[Segment], shape: tuple[int, int, int]) -> None:
+    if not segments:
+        raise ValueError("the result has no segments")
+    seen: set[str] = set()
+    for segment in segments:
+        mask = segment.mask
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+            raise ValueError(f"segment {segment.name!r}: mask must be a boolean numpy array")
+        if mask.shape != shape:
+            raise ValueError(
+                f"segment {segment.name!r}: mask shape {mask.shape} does not match the sources "
+                f"(frames, Rows, Columns) = {shape}"
+            )
+        if not segment.name or len(segment.name) > _LO_MAX:
+            raise ValueError(f"segment name must be 1..{_LO_MAX} characters: {segment.name!r}")
+        if segment.name in seen:
+            raise ValueError(f"duplicate segment name {segment.name!r}")
+        seen.add(segment.name)
+
+
+def build_seg(
+    sources: Sequence[pydicom.Dataset],
+    result: ModelResult,
+    *,
+    series_number: int = 900,
+    manufacturer: str = DEFAULT_MANUFACTURER,
+    software_version: str,
+    transfer_syntax_uid: str = ExplicitVRLittleEndian,
+    workers: int = 0,
+) -> pydicom.Dataset:
+    """Encode ``result.segments`` as a BINARY DICOM Segmentation of ``sources``.
+
+    Args:
+        sources: the source images in the volume's k order: ``mask[k]`` belongs to ``sources[k]``.
+            Only attributes are read; compressed or absent Pixel Data is fine.
+        result: the model result; segment ``i`` (0-based) becomes segment number ``i + 1``.
+        series_number: Series Number of the SEG series.
+        manufacturer: Manufacturer of the creating device (this node).
+        software_version: Software Versions of the creating device (this node).
+        transfer_syntax_uid: one of :data:`BINARY_TRANSFER_SYNTAXES`.
+        workers: passed to highdicom (processes for frame compression; 0 = in-process).
+
+    Every segment keeps its number, even an empty one: it is described in the Segment Sequence
+    but has no frames, so segment numbers always equal ``SegmentMeasurement.segment_number``.
+    Frames that are empty for a segment are omitted.
+
+    Raises:
+        EmptyResultError: every segment is empty (a ValueError; the caller may skip SEG and SR).
+        ValueError: no sources or segments, masks not boolean or not shaped
+            (frames, Rows, Columns) of the sources, duplicate/invalid names, or an unsupported
+            transfer syntax.
+    """
+    shape = expected_mask_shape(sources)
+    _check_segments(result.segments, shape)
+    if transfer_syntax_uid not in BINARY_TRANSFER_SYNTAXES:
+        raise ValueError(
+            f"transfer syntax {UID(transfer_syntax_uid).name} is not allowed for a BINARY SEG; "
+            f"use one of {sorted(UID(t).name for t in BINARY_TRANSFER_SYNTAXES)}"
+        )
+    if not any(segment.mask.any() for segment in result.segments):
+        # highdicom would then encode every (empty) frame; there is nothing to send.
+        raise EmptyResultError("every segment is empty: nothing to encode")
+
+    source_series_uid = str(sources[0].SeriesInstanceUID)
+    uids = result_uids(source_series_uid, result.model_name, result.model_version, SEG_KIND)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=result.model_name,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=result.model_version,
+        source=manufacturer,
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=segment.name,
+            segmented_property_category=to_pydicom_code(segment.category),
+            segmented_property_type=to_pydicom_code(segment.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=segment_tracking_uid(source_series_uid, result.model_name, segment.name),
+            tracking_id=segment.name,
+            display_color=display_color(number - 1),
+        )
+        for number, segment in enumerate(result.segments, start=1)
+    ]
+    for description, segment in zip(descriptions, result.segments, strict=True):
+        if segment.laterality is not None:
+            # Segmented Property Type Modifier Code Sequence: laterality qualifies the type.
+            type_item = description.SegmentedPropertyTypeCodeSequence[0]
+            type_item.SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept.from_code(to_pydicom_code(segment.laterality))
+            ]
+
+    # (frames, rows, columns, segments): segment s+1 in [..., s].
+    pixel_array = np.stack([segment.mask for segment in result.segments], axis=-1)
+    seg = hd.seg.Segmentation(
+        source_images=list(sources),
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=uids.series_uid,
+        series_number=series_number,
+        sop_instance_uid=uids.sop_instance_uid,
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name=result.model_name,
+        software_versions=software_version,
+        device_serial_number=device_uid(manufacturer, result.model_name, result.model_version),
+        content_description=f"{result.model_name} {result.model_version}"[:_LO_MAX],
+        series_description=f"AI SEG {result.model_name}"[:_LO_MAX],
+        transfer_syntax_uid=transfer_syntax_uid,
+        omit_empty_frames=True,
+        workers=workers,
+    )
+    return seg
