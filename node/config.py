@@ -156,12 +156,12 @@ class LoggingSettings(_Frozen):
 
 class Settings(_Frozen):
     node: NodeSettings
-    assembly: AssemblySettings = AssemblySettings()
-    queue: QueueSettings = QueueSettings()
-    send: SendSettings = SendSettings()
+    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    send: SendSettings = Field(default_factory=SendSettings)
     destinations: list[Destination] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=list)
-    logging: LoggingSettings = LoggingSettings()
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
     def _references(self) -> Settings:

@@ -7,6 +7,7 @@ fsynced, so a crash at any moment leaves either the whole file or nothing (plus 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -96,10 +97,8 @@ class Spool:
             _fsync_dir(final.parent)
             _fsync_dir(self.tmp)
         except OSError as exc:
-            try:
+            with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             raise SpoolError(f"cannot store file: {exc.strerror or exc}") from exc
         return Stored(final, relative, final.stat().st_size, new=new)
 

@@ -45,12 +45,14 @@ def create_app(settings: Settings) -> Celery:
     }
     if settings.embedded_broker:
         q = queue_dir(settings)
-        (q / "messages").mkdir(parents=True, exist_ok=True)
+        for sub in ("messages", "control"):
+            (q / sub).mkdir(parents=True, exist_ok=True)
         conf.update(
             broker_url="filesystem://",
             broker_transport_options={
                 "data_folder_in": str(q / "messages"),
                 "data_folder_out": str(q / "messages"),
+                "control_folder": str(q / "control"),  # exchange bindings; default is ./control
                 "store_processed": False,
                 "polling_interval": settings.queue.poll_seconds,
             },

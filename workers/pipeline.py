@@ -7,12 +7,12 @@ deliverer picks up the delivery rows this writes, so a PACS outage never fails a
 from __future__ import annotations
 
 import json
-from io import BytesIO
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from io import BytesIO
 
 from pydicom.dataset import Dataset
 
@@ -22,7 +22,7 @@ from node.catalog import Catalog
 from node.config import Settings
 from node.spool import Spool
 from workers.encode.measure import measure_segments
-from workers.encode.seg import build_seg
+from workers.encode.seg import EmptyResultError, build_seg
 from workers.encode.sr import build_sr
 from workers.load import load_series
 
@@ -56,16 +56,23 @@ class WorkerContext:
         return self.models[name]
 
 
-def encode_results(model: Model, sources: list[Dataset], volume: Volume, result: ModelResult) -> list[Dataset]:
+def encode_results(
+    model: Model, sources: list[Dataset], volume: Volume, result: ModelResult
+) -> list[Dataset]:
     """The DICOM objects the model's manifest promises, for this result."""
     objects = model.manifest.objects
     out: list[Dataset] = []
     sw = software_version()
     if "SEG" in objects and result.segments:
-        seg = build_seg(sources, result, software_version=sw)
+        try:
+            seg = build_seg(sources, result, software_version=sw)
+        except EmptyResultError:
+            log.info("model %s found nothing to segment; no SEG/SR written", model.manifest.name)
+            return out
         out.append(seg)
         if "SR" in objects:
-            out.append(build_sr(sources, seg, result, measure_segments(volume, result.segments), software_version=sw))
+            measurements = measure_segments(volume, result.segments)
+            out.append(build_sr(sources, seg, result, measurements, software_version=sw))
     return out
 
 

@@ -26,6 +26,6 @@ def register(app: Celery, settings: Settings) -> None:
             contexts[pid] = WorkerContext.from_settings(settings)
         return contexts[pid]
 
-    @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+    @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
     def run_job_task(job_id: int) -> str:
         return run_job(context(), int(job_id))

@@ -11,20 +11,22 @@ catalog row committed. Failures get the DICOM status a sending modality understa
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pydicom
+from pydicom import uid as sc
+from pydicom import uid as tsuid
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom import sop_class as sc
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
-from pydicom import uid as tsuid
 
 from node.catalog import Catalog
 from node.config import Settings
@@ -38,6 +40,8 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_MISMATCH = 0xA900
 STATUS_CANNOT_PARSE = 0xC210
 STATUS_INVALID = 0xC211
+
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
 STORAGE_SOP_CLASSES: tuple[str, ...] = (
     sc.CTImageStorage,
@@ -97,10 +101,8 @@ def _series_attributes(ds: Dataset, calling_ae: str) -> dict[str, Any]:
     if "ImageType" in ds:
         out["ImageType"] = [str(x) for x in ds.ImageType] if ds["ImageType"].VM > 1 else [str(ds.ImageType)]
     if ds.get("SliceThickness") not in (None, ""):
-        try:
+        with contextlib.suppress(TypeError, ValueError):
             out["SliceThickness"] = float(ds.SliceThickness)
-        except (TypeError, ValueError):
-            pass
     return out
 
 
@@ -204,12 +206,12 @@ class Receiver:
     def _handle_store(self, event: evt.Event) -> int:
         status = STATUS_CANNOT_PARSE
         try:
-            calling = event.assoc.requestor.ae_title
+            request = cast(C_STORE, event.request)
             status = self.store(
                 event.encoded_dataset(include_meta=True),
-                str(event.request.AffectedSOPClassUID),
-                str(event.request.AffectedSOPInstanceUID),
-                calling,
+                str(request.AffectedSOPClassUID),
+                str(request.AffectedSOPInstanceUID),
+                event.assoc.requestor.ae_title,
             )
             return status
         finally:
@@ -236,14 +238,14 @@ class Receiver:
         ae.network_timeout = n.network_timeout_seconds
         ae.maximum_pdu_size = n.maximum_pdu_size
         ae.require_called_aet = n.require_called_ae_title
-        ae.add_supported_context(sc.Verification)
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
         for cls in STORAGE_SOP_CLASSES:
             ae.add_supported_context(cls, list(TRANSFER_SYNTAXES))
         return ae
 
     def start(self) -> None:
         n = self.settings.node
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_RELEASED, self._handle_released),

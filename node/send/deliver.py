@@ -13,7 +13,7 @@ from pathlib import Path
 
 from node.catalog import Catalog
 from node.config import Settings
-from node.send.base import SendError, Sender
+from node.send.base import Sender, SendError
 from node.send.dimse import DimseSender
 from node.spool import Spool
 

@@ -1,5 +1,6 @@
 """Deliverer with a fake sender (the transport seam): backoff, retry, never dropped."""
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_retries_with_capped_backoff_until_sent(tmp_path: Path) -> None:
         now[0] += 1
     assert catalog.counts()["deliveries"] == {"sent": 1}
     assert len(sender.calls) == 5
-    gaps = [b - a for a, b in zip(attempts_at, attempts_at[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts_at)]
     assert gaps == [10, 20, 40, 40]  # doubling, capped at retry_max_seconds
     assert sender.calls[0][0] == tmp_path / "results/1.2/1.9.dcm"
 

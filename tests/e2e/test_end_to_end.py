@@ -1,0 +1,226 @@
+"""End to end: storescu -> dicom-node -> models -> SEG + SR -> Orthanc, with real processes.
+
+Embedded default (``dicom-node run`` starts its own worker over the file-system broker) and Redis
+mode (a real redis-server and a separately started ``dicom-node worker``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from models.phantom import make_ct_phantom
+from tests.harness import (
+    VENV_BIN,
+    Orthanc,
+    Redis,
+    dciodvfy,
+    free_port,
+    node_config,
+    start_node_process,
+    stop_process,
+    storescu,
+    wait_for,
+)
+from workers.synthetic import write_ct_series
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+REAL_CT = Path(__file__).resolve().parents[1] / "data" / "ct-real-20"
+QUIET_SECONDS = 2.0
+EXPECTED_SEGMENTS = {"Body", "Right Lung", "Left Lung", "Bone"}
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    node_port: int
+    orthanc: Orthanc
+    procs: list[subprocess.Popen[bytes]]
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("*.log")))
+
+
+def _start(tmp_path: Path, redis_mode: bool) -> Iterator[Stack]:
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path, node_port=node_port).start()
+    procs: list[subprocess.Popen[bytes]] = []
+    redis = Redis(tmp_path).start() if redis_mode else None
+    try:
+        cfg = node_config(tmp_path, node_port=node_port, orthanc=orthanc, quiet_seconds=QUIET_SECONDS,
+                          broker_url=redis.url if redis else "", embedded_workers=not redis_mode)
+        procs.append(start_node_process(cfg, "run", "node.log", port=node_port))
+        if redis_mode:
+            procs.append(start_node_process(cfg, "worker", "worker.log"))
+        yield Stack(tmp_path, node_port, orthanc, procs)
+    finally:
+        for p in reversed(procs):
+            stop_process(p)
+        if redis is not None:
+            redis.stop()
+        orthanc.stop()
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[Stack]:
+    yield from _start(tmp_path, redis_mode=False)
+
+
+@pytest.fixture
+def redis_stack(tmp_path: Path) -> Iterator[Stack]:
+    yield from _start(tmp_path, redis_mode=True)
+
+
+def _push_and_wait(stack: Stack, series_dir: Path, *storescu_args: str) -> tuple[str, list[bytes], list[bytes], float]:
+    """Push a series, wait for SEG + SR in Orthanc; returns (study uid, SEG files, SR files, latency)."""
+    first = pydicom.dcmread(next(iter(sorted(series_dir.iterdir()))), stop_before_pixels=True)
+    study_uid = str(first.StudyInstanceUID)
+    out = storescu(stack.node_port, series_dir, *storescu_args)
+    assert out.returncode == 0, out.stderr
+    pushed = time.monotonic()
+
+    def results_ready() -> bool:
+        mods = stack.orthanc.modalities_of_study(study_uid)
+        return mods.get("SEG", 0) >= 1 and mods.get("SR", 0) >= 1
+
+    try:
+        wait_for(results_ready, 240, interval=0.25, what="SEG and SR in Orthanc")
+    except TimeoutError:
+        print(stack.logs()[-6000:])
+        raise
+    latency = time.monotonic() - pushed - QUIET_SECONDS
+    print(f"last instance pushed -> SEG+SR in Orthanc: {latency:.2f} s (quiet period subtracted)")
+    segs = stack.orthanc.instance_files(study_uid, "SEG")
+    srs = stack.orthanc.instance_files(study_uid, "SR")
+    return study_uid, segs, srs, latency
+
+
+def _validate(tmp: Path, name: str, data: bytes) -> None:
+    path = tmp / name
+    path.write_bytes(data)
+    errors, warnings = dciodvfy(path)
+    print(f"dciodvfy {name}: {len(errors)} error(s), {len(warnings)} warning(s)")
+    for w in warnings:
+        print("  ", w)
+    assert errors == [], errors
+
+
+def _status(stack: Stack) -> dict[str, dict[str, int]]:
+    out = subprocess.run([str(VENV_BIN / "dicom-node"), "status", "--config", str(stack.workdir / "node.yaml")],
+                         capture_output=True, text=True, check=True, timeout=60)
+    return dict(json.loads(out.stdout))
+
+
+def _check_no_phi_in_logs(stack: Stack, patient_name: str, patient_id: str) -> None:
+    logs = stack.logs()
+    assert "job" in logs and "delivered" in logs  # the stage lines are there...
+    assert patient_name not in logs and patient_id not in logs  # ...and no patient data
+
+
+def _seg_masks(seg_bytes: bytes, source_uids: list[str]) -> tuple[hd.seg.Segmentation, dict[str, np.ndarray]]:
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(seg_bytes)))
+    numbers = seg.get_segment_numbers()
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=source_uids, segment_numbers=numbers, combine_segments=False,
+        assert_missing_frames_are_empty=True,
+    )
+    masks = {seg.get_segment_description(n).segment_label: pixels[..., i] > 0 for i, n in enumerate(numbers)}
+    return seg, masks
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
+
+
+def _sr_volumes(sr_bytes: bytes, seg_uid: str) -> dict[str, float]:
+    """Volume (ml) per segment from the TID 1500 SR, checking each group references the SEG."""
+    sr = hd.sr.srread(io.BytesIO(sr_bytes))
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    report = sr.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    volumes: dict[str, float] = {}
+    for group in report.get_volumetric_roi_measurement_groups():
+        ref = group.referenced_segment
+        assert ref is not None and ref[0].referenced_sop_instance_uid == seg_uid
+        (volume,) = group.get_measurements(name=codes.SCT.Volume)
+        assert len(group.get_measurements(name=codes.SCT.Mean)) == 1
+        volumes[str(group.tracking_identifier)] = float(volume.value)
+    return volumes
+
+
+def _check_phantom_roundtrip(stack: Stack, tmp_path: Path) -> float:
+    phantom = make_ct_phantom(n_slices=48, rows=192, cols=192, seed=3)
+    series_dir = tmp_path / "phantom"
+    files = write_ct_series(phantom, series_dir, reverse_slices=True)
+    study_uid, segs, srs, latency = _push_and_wait(stack, series_dir)
+    assert len(segs) == 1 and len(srs) == 1
+    _validate(tmp_path, "seg.dcm", segs[0])
+    _validate(tmp_path, "sr.dcm", srs[0])
+
+    # the SEG on the source geometry: compare with the phantom truth slice by slice (k order = +z)
+    sources = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in files),
+                     key=lambda d: float(d.ImagePositionPatient[2]))
+    seg, masks = _seg_masks(segs[0], [str(d.SOPInstanceUID) for d in sources])
+    assert set(masks) == EXPECTED_SEGMENTS
+    ref_series = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert ref_series == sources[0].SeriesInstanceUID
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    for name in ("Body", "Right Lung", "Left Lung"):
+        d = _dice(masks[name], phantom.truth(name))
+        print(f"{name}: Dice {d:.3f}")
+        assert d >= 0.9, (name, d)
+    volumes = _sr_volumes(srs[0], str(seg.SOPInstanceUID))
+    voxel_ml = abs(np.linalg.det(phantom.affine[:3, :3])) / 1000
+    assert set(volumes) == EXPECTED_SEGMENTS
+    for name, ml in volumes.items():  # the SR measures exactly what the SEG shows
+        assert ml == pytest.approx(masks[name].sum() * voxel_ml, rel=1e-9), name
+    _check_no_phi_in_logs(stack, "Phantom^Test", "PHANTOM-001")
+    assert study_uid == str(sources[0].StudyInstanceUID)
+    return latency
+
+
+def test_embedded_phantom_and_real_ct(embedded: Stack, tmp_path: Path) -> None:
+    _check_phantom_roundtrip(embedded, tmp_path)
+
+    # the real, JPEG 2000 compressed scanner series
+    study_uid, segs, srs, _ = _push_and_wait(embedded, REAL_CT, "-xv")
+    assert len(segs) == 1 and len(srs) == 1
+    _validate(tmp_path, "real-seg.dcm", segs[0])
+    _validate(tmp_path, "real-sr.dcm", srs[0])
+    sources = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in REAL_CT.iterdir()),
+                     key=lambda d: float(d.ImagePositionPatient[2]))
+    seg, masks = _seg_masks(segs[0], [str(d.SOPInstanceUID) for d in sources])
+    assert set(masks) <= EXPECTED_SEGMENTS and "Body" in masks
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert (masks["Body"].shape[1], masks["Body"].shape[2]) == (512, 512)
+    body = masks["Body"]
+    for name, m in masks.items():
+        assert not np.any(m & ~body) or name == "Body", f"{name} outside the body"
+    # a single result set per study: pushing the same series again stores and reruns nothing
+    jobs_before = _status(embedded)["jobs"]
+    assert jobs_before == {"done": 2}
+    assert storescu(embedded.node_port, REAL_CT, "-xv").returncode == 0
+    time.sleep(QUIET_SECONDS + 2)
+    status = _status(embedded)
+    assert status["jobs"] == jobs_before and status["instances"]["total"] == 48 + 20
+    assert embedded.orthanc.modalities_of_study(study_uid) == {"SEG": 1, "SR": 1}
+
+
+@pytest.mark.redis
+def test_redis_mode_with_separate_worker(redis_stack: Stack, tmp_path: Path) -> None:
+    _check_phantom_roundtrip(redis_stack, tmp_path)
+    worker_log = (redis_stack.workdir / "worker.log").read_text()
+    assert re.search(r"job #\d+ .* done", worker_log), worker_log[-3000:]
