@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,17 @@ class Delivery(Base):
     sent_at: Mapped[float | None] = mapped_column(Float, default=None)
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What ``Catalog.record_instance`` did."""
+
+    new: bool
+    """False: this SOP Instance was already recorded (a duplicate)."""
+    study_id: int
+    study_event: str | None = None
+    """"new" for a study's first instance, "reopened" when a late instance re-opens a routed study."""
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None  # we issue BEGIN IMMEDIATE ourselves (see make_engine)
     cur = dbapi_conn.cursor()
@@ -184,23 +196,31 @@ class Catalog:
         size: int,
         series_attributes: dict[str, Any],
         now: float,
-    ) -> bool:
-        """Record a spooled instance. Returns False if this SOP Instance was already recorded.
+        _retry: bool = False,
+    ) -> Recorded:
+        """Record a spooled instance (idempotent: a known SOP Instance is reported, not added).
 
         A new instance for a study that was already routed re-opens it (late arrival -> rerun).
         """
         try:
             with self.session() as s:
-                if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)):
-                    return False
+                known = s.execute(
+                    select(Series.study_id).join(Instance, Instance.series_id == Series.id)
+                    .where(Instance.sop_instance_uid == sop_instance_uid)
+                ).scalar()
+                if known is not None:
+                    return Recorded(new=False, study_id=known)
+                event: str | None = None
                 study = s.scalar(select(Study).where(Study.study_uid == study_uid))
                 if study is None:
                     study = Study(study_uid=study_uid, first_received_at=now, last_received_at=now)
                     s.add(study)
                     s.flush()
+                    event = "new"
                 elif study.state != "receiving":
                     study.state = "receiving"
                     study.generation += 1
+                    event = "reopened"
                 study.last_received_at = now
                 study.instance_count += 1
                 series = s.scalar(select(Series).where(Series.series_uid == series_uid))
@@ -222,14 +242,16 @@ class Catalog:
                         received_at=now,
                     )
                 )
-            return True
+                return Recorded(new=True, study_id=study.id, study_event=event)
         except IntegrityError:
-            # A concurrent association recorded the same SOP Instance first.
-            return False
-
-    def has_instance(self, sop_instance_uid: str) -> bool:
-        with self.session() as s:
-            return s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)) is not None
+            if _retry:
+                raise
+            # A concurrent association inserted the same instance/series/study row first: look again.
+            return self.record_instance(
+                study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_instance_uid,
+                sop_class_uid=sop_class_uid, transfer_syntax_uid=transfer_syntax_uid, path=path, size=size,
+                series_attributes=series_attributes, now=now, _retry=True,
+            )
 
     # ---- assemble --------------------------------------------------------------------------
     def mark_quiet_studies_ready(self, quiet_before: float) -> list[int]:
@@ -360,16 +382,18 @@ class Catalog:
                         d.state, d.next_attempt_at = "pending", now
             s.execute(update(Job).where(Job.id == job_id).values(state="done", error=None, updated_at=now))
 
-    def due_deliveries(self, now: float, limit: int = 100) -> list[tuple[Delivery, Result]]:
+    def due_deliveries(self, now: float, limit: int = 100) -> list[tuple[Delivery, Result, int]]:
+        """Pending deliveries whose next attempt is due: (delivery, result, study id)."""
         with self.session() as s:
             rows = s.execute(
-                select(Delivery, Result)
+                select(Delivery, Result, Job.study_id)
                 .join(Result, Result.id == Delivery.result_id)
+                .join(Job, Job.id == Result.job_id)
                 .where(Delivery.state == "pending", Delivery.next_attempt_at <= now)
                 .order_by(Delivery.id)
                 .limit(limit)
             )
-            return [(d, r) for d, r in rows]
+            return [(d, r, study_id) for d, r, study_id in rows]
 
     def delivery_sent(self, delivery_id: int, now: float) -> None:
         with self.session() as s:

@@ -94,8 +94,7 @@ class Spool:
                 except FileExistsError:
                     new = False
                 os.unlink(tmp)
-            _fsync_dir(final.parent)
-            _fsync_dir(self.tmp)
+            _fsync_dir(final.parent)  # the new name is durable; tmp/ entries need no fsync
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)

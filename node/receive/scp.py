@@ -175,31 +175,31 @@ class Receiver:
             return STATUS_INVALID
         assert isinstance(study_uid, str) and isinstance(series_uid, str) and isinstance(sop_uid, str)
         try:
-            if self.catalog.has_instance(sop_uid):
-                stored_new = False
-            else:
-                rel = self.spool.instance_relpath(study_uid, series_uid, sop_uid)
-                stored = self.spool.write(rel, encoded)
-                stored_new = self.catalog.record_instance(
-                    study_uid=study_uid,
-                    series_uid=series_uid,
-                    sop_instance_uid=sop_uid,
-                    sop_class_uid=str(sop_class),
-                    transfer_syntax_uid=transfer_syntax,
-                    path=rel,
-                    size=stored.size,
-                    series_attributes=attributes,
-                    now=self.clock(),
-                )
+            rel = self.spool.instance_relpath(study_uid, series_uid, sop_uid)
+            stored = self.spool.write(rel, encoded)  # an existing file (duplicate) is kept as it is
+            recorded = self.catalog.record_instance(
+                study_uid=study_uid,
+                series_uid=series_uid,
+                sop_instance_uid=sop_uid,
+                sop_class_uid=str(sop_class),
+                transfer_syntax_uid=transfer_syntax,
+                path=rel,
+                size=stored.size,
+                series_attributes=attributes,
+                now=self.clock(),
+            )
         except SpoolError as exc:
             log.error("spool error: %s", exc)
             return STATUS_OUT_OF_RESOURCES
         except Exception:
             log.exception("catalog error while storing an instance")
             return STATUS_OUT_OF_RESOURCES
-        log.debug("stored study=%s new=%s", ref(study_uid), stored_new)
+        if recorded.study_event == "new":
+            log.info("study #%d (%s): receiving", recorded.study_id, ref(study_uid))
+        elif recorded.study_event == "reopened":
+            log.info("study #%d (%s): late instance, re-opened for a rerun", recorded.study_id, ref(study_uid))
         if self.on_stored is not None:
-            self.on_stored(StoredInstance(study_uid, series_uid, sop_uid, stored_new))
+            self.on_stored(StoredInstance(study_uid, series_uid, sop_uid, recorded.new))
         return STATUS_SUCCESS
 
     # ---- pynetdicom glue --------------------------------------------------------------------

@@ -47,8 +47,10 @@ class Deliverer:
         """Attempt every due delivery once; returns the number sent."""
         due = self.catalog.due_deliveries(self.clock())
         by_dest: dict[str, list[tuple[int, Path, int]]] = defaultdict(list)
-        for d, r in due:
+        studies: dict[str, set[int]] = defaultdict(set)
+        for d, r, study_id in due:
             by_dest[d.destination].append((d.id, self.spool.path(r.path), d.attempts))
+            studies[d.destination].add(study_id)
         sent_total = 0
         for dest, items in by_dest.items():
             try:
@@ -70,9 +72,10 @@ class Deliverer:
                     reason = failures.get(path, "not sent")
                     delay = self.backoff(attempts + 1)
                     self.catalog.delivery_failed(delivery_id, reason, self.clock() + delay)
+            ids = ", ".join(f"#{i}" for i in sorted(studies[dest]))
             if sent:
-                log.info("delivered %d object(s) to %s", len(sent), dest)
+                log.info("study %s: delivered %d object(s) to %s", ids, len(sent), dest)
             if failures:
-                log.warning("%d object(s) not delivered to %s (%s); retrying with backoff",
-                            len(failures), dest, next(iter(failures.values())))
+                log.warning("study %s: %d object(s) not delivered to %s (%s); retrying with backoff",
+                            ids, len(failures), dest, next(iter(failures.values())))
         return sent_total

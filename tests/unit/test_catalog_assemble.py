@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from node.assemble import Assembler
-from node.catalog import Catalog
+from node.catalog import Catalog, Recorded
 from node.config import Rule
 from node.route import Router
 
@@ -23,7 +23,7 @@ def catalog(tmp_path: Path) -> Catalog:
     return Catalog.for_storage(tmp_path)
 
 
-def add(catalog: Catalog, sop: str, now: float, study: str = "1.2.1", series: str = "1.2.1.1") -> bool:
+def add(catalog: Catalog, sop: str, now: float, study: str = "1.2.1", series: str = "1.2.1.1") -> Recorded:
     return catalog.record_instance(
         study_uid=study, series_uid=series, sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
         transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"x/{sop}", size=1,
@@ -32,8 +32,10 @@ def add(catalog: Catalog, sop: str, now: float, study: str = "1.2.1", series: st
 
 
 def test_duplicate_instance_recorded_once(catalog: Catalog) -> None:
-    assert add(catalog, "1.2.1.1.1", 1.0)
-    assert not add(catalog, "1.2.1.1.1", 2.0)
+    first = add(catalog, "1.2.1.1.1", 1.0)
+    assert first.new and first.study_event == "new"
+    again = add(catalog, "1.2.1.1.1", 2.0)
+    assert not again.new and again.study_id == first.study_id and again.study_event is None
     assert catalog.counts()["instances"]["total"] == 1
     assert catalog.studies_in_state("receiving")[0].last_received_at == 1.0  # a duplicate is not activity
 
@@ -60,7 +62,7 @@ def test_late_instance_reopens_with_new_generation(catalog: Catalog) -> None:
     router = Router(catalog, [Rule(name="r", match={"Modality": "CT"}, models=["m"], send_to=[])], clock)
     first = router.route_ready()
     assert len(first) == 1
-    add(catalog, "1.2.1.1.2", clock.t)
+    assert add(catalog, "1.2.1.1.2", clock.t).study_event == "reopened"
     study = catalog.studies_in_state("receiving")[0]
     assert study.generation == 2
     clock.t += 10
@@ -102,7 +104,7 @@ def test_results_and_deliveries(catalog: Catalog) -> None:
     [job_id] = Router(catalog, [Rule(name="r", models=["m"])], clock).route_ready()
     catalog.record_results(job_id, [("SEG", "1.9.1", "1.2.840.10008.5.1.4.1.1.66.4", "r/1.dcm")], ["pacs"], clock.t)
     due = catalog.due_deliveries(clock.t)
-    assert [(d.destination, r.kind) for d, r in due] == [("pacs", "SEG")]
+    assert [(d.destination, r.kind) for d, r, _ in due] == [("pacs", "SEG")]
     catalog.delivery_failed(due[0][0].id, "down", clock.t + 60)
     assert catalog.due_deliveries(clock.t + 59) == []
     assert len(catalog.due_deliveries(clock.t + 60)) == 1
@@ -110,3 +112,27 @@ def test_results_and_deliveries(catalog: Catalog) -> None:
     assert catalog.due_deliveries(clock.t + 1000) == []
     assert catalog.counts()["deliveries"] == {"sent": 1}
     assert catalog.get_job(job_id).state == "done"  # type: ignore[union-attr]
+
+
+def test_concurrent_associations_share_sqlite(catalog: Catalog) -> None:
+    """Eight association threads recording at once: every instance recorded once, no lock errors."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(40):
+                # two threads per study, overlapping instances: duplicates and races on the same rows
+                add(catalog, f"1.2.{t // 2}.1.{i}", float(i), study=f"1.2.{t // 2}", series=f"1.2.{t // 2}.1")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    assert catalog.counts()["instances"]["total"] == 4 * 40
+    assert sum(s.instance_count for s in catalog.studies_in_state("receiving")) == 4 * 40

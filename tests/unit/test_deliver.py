@@ -66,5 +66,5 @@ def test_partial_failure_keeps_failed_pending(tmp_path: Path) -> None:
     d, catalog, now = setup(tmp_path, FlakySender(0))
     d.sender_factory = lambda name: Rejecting()
     assert d.tick() == 0
-    [(delivery, _)] = catalog.due_deliveries(now[0] + 10)
+    [(delivery, _, _)] = catalog.due_deliveries(now[0] + 10)
     assert delivery.state == "pending" and delivery.last_error == "status 0xA700" and delivery.attempts == 1
