@@ -8,7 +8,8 @@ processes can share one SQLite file without "database is locked" reaching a C-ST
 from __future__ import annotations
 
 import json
-import time
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,8 +33,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from node.config import Settings
+
 SQLITE_BUSY_TIMEOUT_SECONDS = 60
 """How long a writer waits for the SQLite lock before giving up."""
+JOB_LEASE_MARGIN_SECONDS = 120
+"""A job running longer than its time limit plus this margin has lost its worker."""
 
 
 class Base(DeclarativeBase):
@@ -89,11 +94,16 @@ class Job(Base):
     destinations: Mapped[str] = mapped_column(Text, default="[]")
     """JSON list of destination names the results go to."""
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
-    """queued -> running -> done | skipped | failed."""
+    """queued -> running -> done | skipped | failed (dead letter, with ``error``) | superseded;
+    a failed attempt goes back to queued (with backoff) until ``queue.job_max_attempts``."""
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     enqueued_at: Mapped[float | None] = mapped_column(Float, default=None)
     """When a queue message was last sent for it; None = not yet (the node loop sends it)."""
+    not_before: Mapped[float] = mapped_column(Float, default=0.0)
+    """A retried job is not sent before this time (exponential backoff)."""
+    worker: Mapped[str | None] = mapped_column(String(128), default=None)
+    """``host:pid`` of the process that claimed it, to detect a worker that died mid-job."""
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 
@@ -131,6 +141,38 @@ class Recorded:
     study_id: int
     study_event: str | None = None
     """"new" for a study's first instance, "reopened" when a late instance re-opens a routed study."""
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """How jobs are retried and when a running job counts as abandoned."""
+
+    max_attempts: int = 3
+    retry_initial_seconds: float = 30.0
+    retry_max_seconds: float = 600.0
+    lease_seconds: float = 3600.0
+    """A job running longer than this has lost its worker (longer than the job time limit)."""
+    local_host: str = ""
+    """This host's name: a job claimed here by a pid that no longer exists is abandoned at once."""
+
+    def backoff(self, attempts: int) -> float:
+        return float(min(self.retry_max_seconds, self.retry_initial_seconds * 2 ** max(0, attempts - 1)))
+
+    def abandoned(self, job: Job, now: float) -> bool:
+        if job.updated_at < now - self.lease_seconds:
+            return True
+        host, _, pid = (job.worker or "").rpartition(":")
+        return bool(self.local_host) and host == self.local_host and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -282,6 +324,11 @@ class Catalog:
             study = s.get_one(Study, study_id)
             if study.generation != generation or study.state != "ready":
                 return []  # late instances re-opened the study meanwhile; the next pass routes it
+            s.execute(
+                update(Job)
+                .where(Job.study_id == study_id, Job.generation < generation, Job.state == "queued")
+                .values(state="superseded", updated_at=now)
+            )
             ids: list[int] = []
             for series_id, model, rule, dests in specs:
                 existing = s.scalar(
@@ -310,9 +357,11 @@ class Catalog:
         with self.session() as s:
             return list(s.scalars(select(Job).where(Job.state.in_(states)).order_by(Job.id)))
 
-    def jobs_to_enqueue(self) -> list[int]:
+    def jobs_to_enqueue(self, now: float) -> list[int]:
         with self.session() as s:
-            return list(s.scalars(select(Job.id).where(Job.state == "queued", Job.enqueued_at.is_(None))))
+            return list(s.scalars(
+                select(Job.id).where(Job.state == "queued", Job.enqueued_at.is_(None), Job.not_before <= now)
+            ))
 
     def forget_enqueued(self) -> int:
         """Mark queued jobs as not yet sent, so the node sends them again (after a restart)."""
@@ -320,35 +369,86 @@ class Catalog:
             res = s.execute(update(Job).where(Job.state == "queued").values(enqueued_at=None))
             return int(res.rowcount)  # type: ignore[attr-defined]
 
+    def resend_stale_queued(self, now: float, older_than_seconds: float) -> int:
+        """Queued jobs sent long ago and still not claimed are sent again (a broker may lose a message
+        that a dying worker had taken; a duplicate message is harmless: the first claim wins)."""
+        with self.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.state == "queued", Job.enqueued_at < now - older_than_seconds)
+                .values(enqueued_at=None)
+            )
+            return int(res.rowcount)  # type: ignore[attr-defined]
+
     def mark_enqueued(self, job_id: int, now: float) -> None:
         with self.session() as s:
             s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=now))
 
-    def claim_job(self, job_id: int, now: float, lease_seconds: float) -> Job | None:
-        """queued -> running; None if it is done, or running elsewhere within its lease.
+    def claim_job(self, job_id: int, now: float, *, worker: str, policy: JobPolicy) -> Job | None:
+        """queued -> running for ``worker``; None if done, or running in a live worker within its lease.
 
-        A job left running longer than ``lease_seconds`` (its worker died) can be claimed again.
+        A job whose worker died (lease expired, or a dead local pid) is claimed again; a job that has
+        used up ``policy.max_attempts`` goes to ``failed`` instead (a poison job stops here).
         """
         with self.session() as s:
-            res = s.execute(
-                update(Job)
-                .where(
-                    Job.id == job_id,
-                    (Job.state == "queued") | ((Job.state == "running") & (Job.updated_at < now - lease_seconds)),
-                )
-                .values(state="running", attempts=Job.attempts + 1, updated_at=now)
-            )
-            if res.rowcount != 1:  # type: ignore[attr-defined]
+            job = s.get(Job, job_id)
+            if job is None or not (job.state == "queued" or (job.state == "running" and policy.abandoned(job, now))):
                 return None
-            return s.get(Job, job_id)
+            if job.attempts >= policy.max_attempts:
+                job.state, job.updated_at = "failed", now
+                job.error = f"gave up after {job.attempts} attempt(s); last: {job.error or 'worker lost'}"[:500]
+                return None
+            if job.state == "running":
+                job.error = "worker lost"
+            job.state, job.worker, job.updated_at = "running", worker, now
+            job.attempts += 1
+            return job
 
     def finish_job(self, job_id: int, state: str, now: float, error: str | None = None) -> None:
         with self.session() as s:
             s.execute(update(Job).where(Job.id == job_id).values(state=state, error=error, updated_at=now))
 
-    def requeue_job(self, job_id: int, now: float, error: str | None = None) -> None:
+    def fail_attempt(self, job_id: int, now: float, error: str, policy: JobPolicy) -> str:
+        """Record a failed attempt: back to queued with backoff, or ``failed`` when attempts are used up."""
         with self.session() as s:
-            s.execute(update(Job).where(Job.id == job_id).values(state="queued", error=error, updated_at=now))
+            job = s.get_one(Job, job_id)
+            job.error, job.updated_at = error[:500], now
+            if job.attempts >= policy.max_attempts:
+                job.state = "failed"
+            else:
+                job.state, job.enqueued_at = "queued", None
+                job.not_before = now + policy.backoff(job.attempts)
+            return job.state
+
+    def requeue_abandoned(self, now: float, policy: JobPolicy) -> list[int]:
+        """Running jobs whose worker is gone go back to the queue (or to failed when out of attempts)."""
+        with self.session() as s:
+            changed = []
+            for job in s.scalars(select(Job).where(Job.state == "running")):
+                if not policy.abandoned(job, now):
+                    continue
+                changed.append(job.id)
+                job.updated_at = now
+                if job.attempts >= policy.max_attempts:
+                    job.state = "failed"
+                    job.error = f"gave up after {job.attempts} attempt(s); last: worker lost"
+                else:
+                    job.state, job.enqueued_at, job.error = "queued", None, "worker lost"
+            return changed
+
+    def retry_jobs(self, *, job_ids: list[int] | None = None, study_id: int | None = None,
+                   failed: bool = False) -> int:
+        """Put jobs back in the queue with fresh attempts (``dicom-node retry``)."""
+        with self.session() as s:
+            q = update(Job).where(Job.state.in_(("failed", "skipped")))
+            if job_ids is not None:
+                q = q.where(Job.id.in_(job_ids))
+            elif study_id is not None:
+                q = q.where(Job.study_id == study_id)
+            elif not failed:
+                return 0
+            res = s.execute(q.values(state="queued", attempts=0, enqueued_at=None, not_before=0.0, error=None))
+            return int(res.rowcount)  # type: ignore[attr-defined]
 
     def instances_of_series(self, series_id: int) -> list[Instance]:
         with self.session() as s:
@@ -425,5 +525,17 @@ class Catalog:
         return out
 
 
-def now() -> float:
-    return time.time()
+def job_policy(settings: Settings) -> JobPolicy:
+    q = settings.queue
+    return JobPolicy(
+        max_attempts=q.job_max_attempts,
+        retry_initial_seconds=q.job_retry_initial_seconds,
+        retry_max_seconds=q.job_retry_max_seconds,
+        lease_seconds=q.job_time_limit_seconds + JOB_LEASE_MARGIN_SECONDS,
+        local_host=socket.gethostname(),
+    )
+
+
+def worker_identity() -> str:
+    """``host:pid`` of this process, as recorded on the jobs it claims."""
+    return f"{socket.gethostname()}:{os.getpid()}"

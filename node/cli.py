@@ -142,8 +142,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     from node.catalog import Catalog
 
-    print(json.dumps(Catalog.for_storage(settings.node.storage_dir).counts(), indent=2, sort_keys=True))
+    catalog = Catalog.for_storage(settings.node.storage_dir)
+    print(json.dumps(catalog.counts(), indent=2, sort_keys=True))
+    if args.failed:
+        for job in catalog.jobs_in_state("failed"):
+            print(f"failed job #{job.id} study #{job.study_id} model={job.model} attempts={job.attempts}: "
+                  f"{job.error}")
+        for d, _r, study in catalog.due_deliveries(float("inf")):
+            if d.attempts:
+                print(f"pending delivery #{d.id} study #{study} to {d.destination} attempts={d.attempts}: "
+                      f"{d.last_error}")
     return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    from node.catalog import Catalog
+
+    catalog = Catalog.for_storage(settings.node.storage_dir)
+    n = catalog.retry_jobs(job_ids=args.job or None, study_id=args.study, failed=args.all_failed)
+    print(f"{n} job(s) queued again; the running node sends them within a second")
+    return 0 if n else 1
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -179,7 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = with_config(sub.add_parser("check-config", help="validate the configuration and exit"))
     c.set_defaults(func=cmd_check_config)
     s = with_config(sub.add_parser("status", help="print study/job/delivery counts from the catalog"))
+    s.add_argument("--failed", action="store_true", help="also list failed jobs and retrying deliveries")
     s.set_defaults(func=cmd_status)
+    rt = with_config(sub.add_parser("retry", help="queue failed (or skipped) jobs again"))
+    which = rt.add_mutually_exclusive_group(required=True)
+    which.add_argument("--job", type=int, action="append", help="job id (repeatable)")
+    which.add_argument("--study", type=int, help="every failed/skipped job of this study (catalog id)")
+    which.add_argument("--all-failed", action="store_true", help="every failed/skipped job")
+    rt.set_defaults(func=cmd_retry)
     m = sub.add_parser("models", help="list the models this node knows")
     m.set_defaults(func=cmd_models)
     return p

@@ -82,6 +82,13 @@ class QueueSettings(_Frozen):
     embedded_workers: bool = True
     """``dicom-node run`` starts its own worker processes (set false when workers run elsewhere)."""
     job_time_limit_seconds: int = Field(1800, ge=10)
+    """A job running longer is stopped (and retried); a job 'running' longer than this plus two
+    minutes has lost its worker and goes back to the queue."""
+    job_max_attempts: int = Field(3, ge=1, le=20)
+    """Attempts before a job goes to the visible ``failed`` state (dead letter); ``dicom-node retry``."""
+    job_retry_initial_seconds: float = Field(30, ge=0)
+    job_retry_max_seconds: float = Field(600, ge=0)
+    """A failed attempt is retried after initial, 2 x initial, ... up to this cap."""
     poll_seconds: float = Field(0.2, gt=0)
     """Polling interval of the embedded broker."""
 

@@ -32,4 +32,4 @@ class Enqueuer:
 
     def enqueue_pending(self) -> int:
         """Send every queued job that has no message yet; returns how many were sent."""
-        return sum(self.enqueue(j) for j in self.catalog.jobs_to_enqueue())
+        return sum(self.enqueue(j) for j in self.catalog.jobs_to_enqueue(self.clock()))

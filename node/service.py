@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from node.assemble import Assembler
-from node.catalog import Catalog
+from node.catalog import Catalog, job_policy
 from node.config import Settings
 from node.enqueue import Enqueuer
 from node.receive.scp import Receiver
@@ -40,6 +40,7 @@ class NodeService:
         self.router = Router(self.catalog, settings.rules, clock)
         self.enqueuer = Enqueuer(create_app(settings), self.catalog, clock)
         self.deliverer = Deliverer(settings, self.catalog, self.spool, clock, sender_factory)
+        self.job_policy = job_policy(settings)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -51,6 +52,9 @@ class NodeService:
     def pipeline_tick(self) -> None:
         self.assembler.tick()
         self.router.route_ready()
+        for job_id in self.catalog.requeue_abandoned(self.clock(), self.job_policy):
+            log.warning("job #%d lost its worker; queued again (or failed if out of attempts)", job_id)
+        self.catalog.resend_stale_queued(self.clock(), self.job_policy.lease_seconds)
         self.enqueuer.enqueue_pending()
 
     def _loop(self, name: str, tick: Callable[[], object], interval: float) -> None:

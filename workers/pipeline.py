@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 
 from models import registry
 from models.base import Model, ModelError, ModelResult, UnsuitableInput, Volume
-from node.catalog import Catalog
+from node.catalog import Catalog, job_policy, worker_identity
 from node.config import Settings
 from node.spool import Spool
 from workers.encode.measure import measure_segments
@@ -78,10 +78,10 @@ def encode_results(
 
 def run_job(ctx: WorkerContext, job_id: int) -> str:
     """Run one job; returns its final state (``done``, ``skipped``, ``failed``, or ``not-claimed``)."""
-    lease = ctx.settings.queue.job_time_limit_seconds + 120
-    job = ctx.catalog.claim_job(job_id, ctx.clock(), lease_seconds=lease)
+    policy = job_policy(ctx.settings)
+    job = ctx.catalog.claim_job(job_id, ctx.clock(), worker=worker_identity(), policy=policy)
     if job is None:
-        log.info("job #%d not claimed (finished already or running elsewhere)", job_id)
+        log.info("job #%d not claimed (finished, failed, or running elsewhere)", job_id)
         return "not-claimed"
     t0 = time.monotonic()
     try:
@@ -105,9 +105,12 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
         log.info("job #%d study #%d model=%s skipped: %s", job_id, job.study_id, job.model, exc)
         return "skipped"
     except (ModelError, Exception) as exc:
-        ctx.catalog.finish_job(job_id, "failed", ctx.clock(), error=f"{type(exc).__name__}: {exc}"[:500])
-        log.exception("job #%d study #%d model=%s failed", job_id, job.study_id, job.model)
-        return "failed"
+        state = ctx.catalog.fail_attempt(job_id, ctx.clock(), f"{type(exc).__name__}: {exc}", policy)
+        what = "will be retried" if state == "queued" else "failed for good (dicom-node retry to try again)"
+        log.error("job #%d study #%d model=%s attempt %d failed (%s); %s", job_id, job.study_id, job.model,
+                  job.attempts, type(exc).__name__, what)
+        log.debug("job #%d traceback", job_id, exc_info=True)
+        return state
     ctx.catalog.record_results(job_id, written, json.loads(job.destinations), ctx.clock())
     log.info(
         "job #%d study #%d model=%s done: %d object(s), %d slices; load %.1fs infer %.1fs encode %.1fs",

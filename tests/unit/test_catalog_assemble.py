@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from node.assemble import Assembler
-from node.catalog import Catalog, Recorded
+from node.catalog import Catalog, JobPolicy, Recorded
 from node.config import Rule
 from node.route import Router
 
@@ -82,18 +82,79 @@ def test_unmatched_study_is_recorded(catalog: Catalog) -> None:
     assert study.note == "no rule matched"
 
 
-def test_job_claimed_once_and_reclaimed_after_lease(catalog: Catalog) -> None:
-    clock = FakeClock()
+def _one_job(catalog: Catalog, clock: FakeClock) -> int:
     add(catalog, "1.2.1.1.1", clock.t)
     clock.t += 10
     Assembler(catalog, 5, clock).tick()
     [job_id] = Router(catalog, [Rule(name="r", models=["m"])], clock).route_ready()
-    assert catalog.claim_job(job_id, clock.t, lease_seconds=100) is not None
-    assert catalog.claim_job(job_id, clock.t + 1, lease_seconds=100) is None
-    again = catalog.claim_job(job_id, clock.t + 101, lease_seconds=100)
-    assert again is not None and again.attempts == 2
+    return job_id
+
+
+POLICY = JobPolicy(max_attempts=3, retry_initial_seconds=10, retry_max_seconds=15, lease_seconds=100)
+
+
+def test_job_claimed_once_and_reclaimed_after_lease(catalog: Catalog) -> None:
+    clock = FakeClock()
+    job_id = _one_job(catalog, clock)
+    assert catalog.claim_job(job_id, clock.t, worker="h:1", policy=POLICY) is not None
+    assert catalog.claim_job(job_id, clock.t + 1, worker="h:2", policy=POLICY) is None
+    again = catalog.claim_job(job_id, clock.t + 101, worker="h:2", policy=POLICY)
+    assert again is not None and again.attempts == 2 and again.worker == "h:2"
     catalog.finish_job(job_id, "done", clock.t)
-    assert catalog.claim_job(job_id, clock.t + 1000, lease_seconds=100) is None
+    assert catalog.claim_job(job_id, clock.t + 1000, worker="h:3", policy=POLICY) is None
+
+
+def test_dead_local_worker_is_detected_at_once(catalog: Catalog) -> None:
+    import subprocess
+    import sys
+
+    clock = FakeClock()
+    job_id = _one_job(catalog, clock)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    policy = JobPolicy(lease_seconds=10_000, local_host="thishost")
+    assert catalog.claim_job(job_id, clock.t, worker=f"thishost:{dead.pid}", policy=policy)
+    assert catalog.requeue_abandoned(clock.t + 1, JobPolicy(lease_seconds=10_000, local_host="other")) == []
+    assert catalog.requeue_abandoned(clock.t + 1, policy) == [job_id]
+    job = catalog.get_job(job_id)
+    assert job is not None and job.state == "queued" and job.error == "worker lost"
+
+
+def test_failed_attempts_back_off_then_dead_letter_then_retry(catalog: Catalog) -> None:
+    clock = FakeClock()
+    job_id = _one_job(catalog, clock)
+    catalog.mark_enqueued(job_id, clock.t)
+    delays = []
+    for attempt in range(1, 4):
+        assert catalog.claim_job(job_id, clock.t, worker="h:1", policy=POLICY) is not None
+        state = catalog.fail_attempt(job_id, clock.t, "RuntimeError: boom", POLICY)
+        job = catalog.get_job(job_id)
+        assert job is not None and job.attempts == attempt
+        if attempt < 3:
+            assert state == "queued" and catalog.jobs_to_enqueue(clock.t) == []  # not before the backoff
+            delays.append(job.not_before - clock.t)
+            clock.t = job.not_before
+            assert catalog.jobs_to_enqueue(clock.t) == [job_id]
+        else:
+            assert state == "failed" and job.error == "RuntimeError: boom"
+    assert delays == [10, 15]  # doubling, capped
+    assert catalog.claim_job(job_id, clock.t, worker="h:1", policy=POLICY) is None
+    assert catalog.counts()["jobs"] == {"failed": 1}
+    assert catalog.retry_jobs(failed=True) == 1
+    job = catalog.get_job(job_id)
+    assert job is not None and (job.state, job.attempts, job.error) == ("queued", 0, None)
+
+
+def test_worker_lost_every_time_ends_failed(catalog: Catalog) -> None:
+    """A job that kills its worker each time (poison) stops after max_attempts claims."""
+    clock = FakeClock()
+    job_id = _one_job(catalog, clock)
+    for _ in range(3):
+        assert catalog.claim_job(job_id, clock.t, worker="h:1", policy=POLICY) is not None
+        clock.t += 101  # the worker never finishes: its lease runs out
+    assert catalog.claim_job(job_id, clock.t, worker="h:1", policy=POLICY) is None
+    job = catalog.get_job(job_id)
+    assert job is not None and job.state == "failed" and "gave up after 3" in (job.error or "")
 
 
 def test_results_and_deliveries(catalog: Catalog) -> None:

@@ -24,7 +24,7 @@ from tests.unit.encode_helpers import (
     write_bytes,
 )
 from workers.encode.seg import PALETTE_RGB, EmptyResultError, build_seg
-from workers.encode.uids import result_uids, segment_tracking_uid
+from workers.encode.uids import input_fingerprint, result_uids, segment_tracking_uid
 
 SOFTWARE_VERSION = "0.1.0-test"
 
@@ -59,7 +59,8 @@ def test_sources_are_in_k_order_reverse_of_file_order(sources: list[pydicom.Data
 
 
 def test_header(seg: hd.seg.Segmentation, sources: list[pydicom.Dataset], result: ModelResult) -> None:
-    uids = result_uids(sources[0].SeriesInstanceUID, result.model_name, result.model_version, "SEG")
+    fingerprint = input_fingerprint(ds.SOPInstanceUID for ds in sources)
+    uids = result_uids(sources[0].SeriesInstanceUID, result.model_name, result.model_version, "SEG", fingerprint)
     assert seg.SeriesInstanceUID == uids.series_uid
     assert seg.SOPInstanceUID == uids.sop_instance_uid
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"

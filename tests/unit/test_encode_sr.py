@@ -24,7 +24,7 @@ from tests.unit.encode_helpers import (
 from workers.encode.measure import SegmentMeasurement, measure_segments
 from workers.encode.seg import EmptyResultError, build_seg
 from workers.encode.sr import build_sr
-from workers.encode.uids import device_uid, result_uids, segment_tracking_uid
+from workers.encode.uids import device_uid, input_fingerprint, result_uids, segment_tracking_uid
 
 SOFTWARE_VERSION = "0.1.0-test"
 HU = codes.UCUM.HounsfieldUnit
@@ -130,7 +130,8 @@ def test_sr_header(
     result_on_ct: ModelResult,
 ) -> None:
     uids = result_uids(
-        sources[0].SeriesInstanceUID, result_on_ct.model_name, result_on_ct.model_version, "SR"
+        sources[0].SeriesInstanceUID, result_on_ct.model_name, result_on_ct.model_version, "SR",
+        input_fingerprint(ds.SOPInstanceUID for ds in sources),
     )
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == (uids.series_uid, uids.sop_instance_uid)

@@ -12,6 +12,7 @@ from workers.encode.uids import (
     ResultUIDs,
     derive_uid,
     device_uid,
+    input_fingerprint,
     result_uids,
     segment_tracking_uid,
 )
@@ -97,3 +98,11 @@ def test_tracking_uid_ignores_model_version_device_uid_does_not() -> None:
     assert segment_tracking_uid(SERIES, "lungs", "Body") == segment_tracking_uid(SERIES, "lungs", "Body")
     assert segment_tracking_uid(SERIES, "lungs", "Body") != segment_tracking_uid(SERIES, "lungs", "Left lung")
     assert device_uid("node", "lungs", "1") != device_uid("node", "lungs", "2")
+
+
+def test_instance_uid_follows_the_input_set_series_uid_does_not() -> None:
+    a = result_uids(SERIES, "lungs", "1.0.0", "SEG", input_fingerprint(["1.2.3", "1.2.4"]))
+    same = result_uids(SERIES, "lungs", "1.0.0", "SEG", input_fingerprint(["1.2.4", "1.2.3"]))
+    late = result_uids(SERIES, "lungs", "1.0.0", "SEG", input_fingerprint(["1.2.3", "1.2.4", "1.2.5"]))
+    assert a == same  # order of the sources does not matter: a rerun replaces
+    assert late.series_uid == a.series_uid and late.sop_instance_uid != a.sop_instance_uid  # supersedes

@@ -12,7 +12,7 @@ from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 
 from models.base import Code, ModelResult, Segment
-from workers.encode.uids import device_uid, result_uids, segment_tracking_uid
+from workers.encode.uids import device_uid, input_fingerprint, result_uids, segment_tracking_uid
 
 SEG_KIND = "SEG"
 DEFAULT_MANUFACTURER = "dicom-ai-node"
@@ -135,7 +135,10 @@ def build_seg(
         raise EmptyResultError("every segment is empty: nothing to encode")
 
     source_series_uid = str(sources[0].SeriesInstanceUID)
-    uids = result_uids(source_series_uid, result.model_name, result.model_version, SEG_KIND)
+    uids = result_uids(
+        source_series_uid, result.model_name, result.model_version, SEG_KIND,
+        input_fingerprint(str(ds.SOPInstanceUID) for ds in sources),
+    )
     algorithm = hd.AlgorithmIdentificationSequence(
         name=result.model_name,
         family=codes.cid7162.ArtificialIntelligence,

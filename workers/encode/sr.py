@@ -13,7 +13,7 @@ from pydicom.uid import SegmentationStorage
 from models.base import Code, ModelResult, Segment
 from workers.encode.measure import SegmentMeasurement
 from workers.encode.seg import DEFAULT_MANUFACTURER, EmptyResultError, to_pydicom_code
-from workers.encode.uids import device_uid, result_uids, segment_tracking_uid
+from workers.encode.uids import device_uid, input_fingerprint, result_uids, segment_tracking_uid
 
 SR_KIND = "SR"
 
@@ -126,7 +126,10 @@ def build_sr(
     _check_inputs(sources, seg, result, measurements)
     modality = str(sources[0].Modality)
     source_series_uid = str(sources[0].SeriesInstanceUID)
-    uids = result_uids(source_series_uid, result.model_name, result.model_version, SR_KIND)
+    uids = result_uids(
+        source_series_uid, result.model_name, result.model_version, SR_KIND,
+        input_fingerprint(str(ds.SOPInstanceUID) for ds in sources),
+    )
     unit = intensity_unit(modality)
     algorithm = hd.sr.AlgorithmIdentification(
         name=result.model_name,

@@ -7,6 +7,7 @@ Instance UIDs, so the PACS replaces the earlier object instead of storing a dupl
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 _SEPARATOR = "|"  # cannot occur in a UID; parts containing it are rejected so the join is injective
@@ -39,14 +40,30 @@ class ResultUIDs:
     sop_instance_uid: str
 
 
-def result_uids(source_series_uid: str, model_name: str, model_version: str, kind: str) -> ResultUIDs:
-    """UIDs for the output object ``kind`` (``"SEG"``, ``"SR"``...) of a model run on a series."""
+def input_fingerprint(source_sop_instance_uids: Iterable[str]) -> str:
+    """A digest of the set of source instances (order-independent)."""
+    h = hashlib.sha256()
+    for uid in sorted(source_sop_instance_uids):
+        h.update(uid.encode("ascii") + b"|")
+    return h.hexdigest()
+
+
+def result_uids(
+    source_series_uid: str, model_name: str, model_version: str, kind: str, input_fingerprint: str = ""
+) -> ResultUIDs:
+    """UIDs for the output object ``kind`` (``"SEG"``, ``"SR"``...) of a model run on a series.
+
+    The series UID depends on the source series, model name, version and kind only, so every run
+    lands in one result series. The instance UID also depends on ``input_fingerprint`` (the set of
+    source instances): a resend or a rerun on the same input gives the same UID (the PACS keeps one
+    copy), while a rerun after late instances gives a new instance that supersedes the old one.
+    """
     if not source_series_uid:
         raise ValueError("source_series_uid must not be empty")
     base = (source_series_uid, model_name, model_version, kind)
     return ResultUIDs(
         series_uid=derive_uid("series", *base),
-        sop_instance_uid=derive_uid("instance", *base),
+        sop_instance_uid=derive_uid("instance", *base, *((input_fingerprint,) if input_fingerprint else ())),
     )
 
 
