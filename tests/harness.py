@@ -6,6 +6,7 @@ waited for) at teardown. dcmtk and Orthanc run with TCP_NODELAY=1 (Nagle stalls 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +58,13 @@ def port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process and everything in its process group (a crash of the whole node)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -184,9 +193,15 @@ class Redis:
             self.proc = None
 
 
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for k, v in extra.items():
+        base[k] = _merge(dict(base.get(k, {})), v) if isinstance(v, dict) else v
+    return base
+
+
 def node_config(workdir: Path, *, node_port: int, orthanc: Orthanc, quiet_seconds: float = 2.0,
                 broker_url: str = "", embedded_workers: bool = True,
-                models: tuple[str, ...] = ("ct-hu-segmentation",)) -> Path:
+                models: tuple[str, ...] = ("ct-hu-segmentation",), overrides: dict[str, Any] | None = None) -> Path:
     cfg = {
         "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": node_port,
                  "storage_dir": str(workdir / "node-storage"), "min_free_mb": 0},
@@ -198,15 +213,16 @@ def node_config(workdir: Path, *, node_port: int, orthanc: Orthanc, quiet_second
         "rules": [{"name": "ct", "match": {"Modality": "CT"}, "models": list(models), "send_to": ["pacs"]}],
     }
     path = workdir / "node.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(_merge(cfg, overrides or {})))
     return path
 
 
 def start_node_process(config: Path, command: str, log_name: str, port: int | None = None) -> subprocess.Popen[bytes]:
-    """Start ``dicom-node <command> --config <config>``; waits for the DICOM port when given."""
-    with open(config.parent / log_name, "wb") as log:
+    """Start ``dicom-node <command> --config <config>`` in its own process group (so a test can
+    SIGKILL the node with its embedded workers); waits for the DICOM port when given."""
+    with open(config.parent / log_name, "ab") as log:
         proc = subprocess.Popen([str(VENV_BIN / "dicom-node"), command, "--config", str(config)],
-                                stdout=log, stderr=subprocess.STDOUT, env=tool_env())
+                                stdout=log, stderr=subprocess.STDOUT, env=tool_env(), start_new_session=True)
     if port is not None:
         def up() -> bool:
             if proc.poll() is not None:
@@ -231,3 +247,32 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120, check=False)
     lines = (out.stdout + out.stderr).splitlines()
     return [x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")]
+
+
+def c_store(port: int, files: list[Path], *, stop_after: int | None = None) -> dict[str, int]:
+    """Send files over one association with pynetdicom; returns SOP Instance UID -> status
+    (-1: no response). Stops early when the association dies (a killed peer)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="FAULT-SCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    classes = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID) for f in files[:5]}
+    for c in classes:
+        ae.add_requested_context(c)
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    out: dict[str, int] = {}
+    if not assoc.is_established:
+        return out
+    try:
+        for i, f in enumerate(files):
+            if stop_after is not None and i >= stop_after:
+                break
+            uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            st = assoc.send_c_store(f)
+            out[uid] = int(st.Status) if "Status" in st else -1
+            if not assoc.is_established:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return out
