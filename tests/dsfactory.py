@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 
 def ct_slice(study_uid: str, series_uid: str, sop_uid: str | None = None, z: float = 0.0,
@@ -14,7 +14,7 @@ def ct_slice(study_uid: str, series_uid: str, sop_uid: str | None = None, z: flo
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid) if sop_uid else generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -125,6 +126,22 @@ def pixel_data_problem(ds: Dataset, transfer_syntax: str) -> str | None:
     if actual < expected:
         return f"Pixel Data has {actual} bytes, {expected} expected"
     return None
+
+
+def _time_out_accepted_sockets(server: ThreadedAssociationServer, seconds: float) -> None:
+    """Give every accepted socket a timeout.
+
+    pynetdicom 3.0 sets ``network_timeout`` on the listening socket only; accepted sockets block,
+    so a peer that stops in the middle of a PDU holds its thread and an association slot forever.
+    """
+    accept = server.get_request
+
+    def get_request() -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = accept()
+        sock.settimeout(seconds)
+        return sock, address
+
+    server.get_request = get_request  # type: ignore[method-assign]
 
 
 class Receiver:
@@ -251,7 +268,10 @@ class Receiver:
             (evt.EVT_RELEASED, self._handle_released),
             (evt.EVT_ABORTED, self._handle_released),
         ]
-        self._server = self.build_ae().start_server((n.host, n.port), block=False, evt_handlers=handlers)
+        server = self.build_ae().start_server((n.host, n.port), block=False, evt_handlers=handlers)
+        assert server is not None  # non-blocking start returns the server
+        _time_out_accepted_sockets(server, n.network_timeout_seconds)
+        self._server = server
         log.info("storage SCP %s listening on %s:%d", n.ae_title, n.host, n.port)
 
     def stop(self) -> None:
