@@ -68,6 +68,19 @@ class NodeSettings(_Frozen):
     """Below this much free space in storage_dir, C-STORE answers 0xA700 (Out of Resources)."""
 
 
+class StowSettings(_Frozen):
+    """DICOMweb STOW-RS, the second door: ``POST http://host:port/dicom-web/studies``."""
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=1, le=65535)
+    path_prefix: str = Field("/dicom-web", pattern=r"^(/[A-Za-z0-9._-]+)*$")
+    max_request_mb: int = Field(1024, ge=1)
+    """Larger requests get 413 before their body is read (each request is held in memory)."""
+    timeout_seconds: float = Field(60, gt=0)
+    """A client that sends nothing for this long is disconnected."""
+
+
 class AssemblySettings(_Frozen):
     study_quiet_seconds: float = Field(30, ge=0)
     """A study is ready this long after its last instance arrived."""
@@ -163,6 +176,7 @@ class LoggingSettings(_Frozen):
 
 class Settings(_Frozen):
     node: NodeSettings
+    stow: StowSettings = Field(default_factory=StowSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     send: SendSettings = Field(default_factory=SendSettings)

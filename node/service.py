@@ -18,6 +18,7 @@ from node.catalog import Catalog, job_policy
 from node.config import Settings
 from node.enqueue import Enqueuer
 from node.receive.scp import Receiver
+from node.receive.stow import StowServer, receiver_store
 from node.route import Router
 from node.send.deliver import Deliverer, SenderFactory
 from node.spool import Spool
@@ -36,6 +37,7 @@ class NodeService:
         self.catalog = Catalog.for_storage(storage)
         self.spool = Spool(storage)
         self.receiver = Receiver(settings, self.catalog, self.spool, clock)
+        self.stow = self._stow_server() if settings.stow.enabled else None
         self.assembler = Assembler(self.catalog, settings.assembly.study_quiet_seconds, clock)
         self.router = Router(self.catalog, settings.rules, clock)
         self.enqueuer = Enqueuer(create_app(settings), self.catalog, clock)
@@ -43,6 +45,11 @@ class NodeService:
         self.job_policy = job_policy(settings)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+
+    def _stow_server(self) -> StowServer:
+        st = self.settings.stow
+        return StowServer(st.host, st.port, receiver_store(self.receiver), st.max_request_mb * 2**20, st.path_prefix,
+                          timeout_seconds=st.timeout_seconds)
 
     def reconcile(self) -> None:
         removed = self.spool.clean_temp()
@@ -68,6 +75,9 @@ class NodeService:
     def start(self) -> None:
         self.reconcile()
         self.receiver.start()
+        if self.stow is not None:
+            self.stow.start()
+            log.info("STOW-RS listening on %s", self.stow.url)
         loops = (
             ("pipeline", self.pipeline_tick, self.settings.assembly.poll_seconds),
             ("send", self.deliverer.tick, self.settings.send.poll_seconds),
@@ -79,6 +89,8 @@ class NodeService:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.stow is not None:
+            self.stow.stop()
         self.receiver.stop()
         for t in self._threads:
             t.join(timeout=30)

@@ -7,6 +7,7 @@ catalog row committed. Failures get the DICOM status a sending modality understa
     0xA900  Data Set does not match SOP Class   UIDs in the data set differ from the request
     0xC210  Cannot understand   the data set could not be parsed
     0xC211  Cannot understand   required identifiers missing/invalid, or Pixel Data truncated
+    0x0122  SOP Class not supported   (STOW-RS only; DIMSE negotiation refuses it earlier)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import pydicom
@@ -41,6 +42,7 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_MISMATCH = 0xA900
 STATUS_CANNOT_PARSE = 0xC210
 STATUS_INVALID = 0xC211
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
@@ -89,6 +91,15 @@ class StoredInstance:
     series_uid: str
     sop_instance_uid: str
     new: bool
+
+
+@dataclass(frozen=True)
+class Received:
+    """The outcome of storing one instance: status, and the UIDs when they could be read."""
+
+    status: int
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
 
 
 def _series_attributes(ds: Dataset, calling_ae: str) -> dict[str, Any]:
@@ -166,30 +177,43 @@ class Receiver:
 
     # ---- the part that decides the status (testable without a network) ---------------------
     def store(self, encoded: bytes, request_sop_class: str, request_sop_uid: str, calling_ae: str) -> int:
-        """Validate and durably store one encoded instance (File Meta included); return the status."""
+        """Validate and durably store one C-STORE'd instance (File Meta included); return the status."""
+        return self.receive(encoded, calling_ae, (request_sop_class, request_sop_uid)).status
+
+    def receive(self, encoded: bytes, source: str, request: tuple[str, str] | None = None) -> Received:
+        """Validate and durably store one encoded Part 10 instance from any door.
+
+        ``request`` is the (SOP Class, SOP Instance) UID pair a C-STORE request announced; STOW-RS
+        has none, so the SOP Class is checked against the accepted storage classes instead.
+        """
         min_free = self.settings.node.min_free_mb * 1024 * 1024
         if min_free and self.spool.free_bytes() < min_free + len(encoded):
             log.warning("refusing instance: free space below node.min_free_mb")
-            return STATUS_OUT_OF_RESOURCES
+            return Received(STATUS_OUT_OF_RESOURCES, *(request or (None, None)))
         try:
             ds = pydicom.dcmread(io.BytesIO(encoded), force=False)
             transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
             study_uid, series_uid = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
             sop_uid, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
             problem = pixel_data_problem(ds, transfer_syntax)
-            attributes = _series_attributes(ds, calling_ae)
+            attributes = _series_attributes(ds, source)
         except (Exception, RecursionError) as exc:  # anything the parser throws is the sender's fault
             log.warning("cannot parse instance: %s", type(exc).__name__)
-            return STATUS_CANNOT_PARSE
-        if sop_uid != request_sop_uid or sop_class != request_sop_class:
+            return Received(STATUS_CANNOT_PARSE, *(request or (None, None)))
+        uids = Received(STATUS_SUCCESS, str(sop_class) if is_valid_uid(sop_class) else None,
+                        str(sop_uid) if is_valid_uid(sop_uid) else None)
+        if request is not None and (sop_uid != request[1] or sop_class != request[0]):
             log.warning("SOP Class/Instance UID in the data set differ from the C-STORE request")
-            return STATUS_SOP_MISMATCH
+            return replace(uids, status=STATUS_SOP_MISMATCH)
+        if request is None and sop_class not in STORAGE_SOP_CLASSES:
+            log.warning("instance of a storage class this node does not accept")
+            return replace(uids, status=STATUS_SOP_CLASS_NOT_SUPPORTED)
         if not all(is_valid_uid(u) for u in (study_uid, series_uid, sop_uid)):
             log.warning("instance with missing or invalid Study/Series/SOP Instance UID")
-            return STATUS_INVALID
+            return replace(uids, status=STATUS_INVALID)
         if problem:
             log.warning("instance refused: %s", problem)
-            return STATUS_INVALID
+            return replace(uids, status=STATUS_INVALID)
         assert isinstance(study_uid, str) and isinstance(series_uid, str) and isinstance(sop_uid, str)
         try:
             rel = self.spool.instance_relpath(study_uid, series_uid, sop_uid)
@@ -207,17 +231,17 @@ class Receiver:
             )
         except SpoolError as exc:
             log.error("spool error: %s", exc)
-            return STATUS_OUT_OF_RESOURCES
+            return replace(uids, status=STATUS_OUT_OF_RESOURCES)
         except Exception:
             log.exception("catalog error while storing an instance")
-            return STATUS_OUT_OF_RESOURCES
+            return replace(uids, status=STATUS_OUT_OF_RESOURCES)
         if recorded.study_event == "new":
             log.info("study #%d (%s): receiving", recorded.study_id, ref(study_uid))
         elif recorded.study_event == "reopened":
             log.info("study #%d (%s): late instance, re-opened for a rerun", recorded.study_id, ref(study_uid))
         if self.on_stored is not None:
             self.on_stored(StoredInstance(study_uid, series_uid, sop_uid, recorded.new))
-        return STATUS_SUCCESS
+        return uids
 
     # ---- pynetdicom glue --------------------------------------------------------------------
     def _handle_store(self, event: evt.Event) -> int:

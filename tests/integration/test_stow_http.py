@@ -1,0 +1,83 @@
+"""STOW-RS over real loopback HTTP into a real Receiver (spool + catalog), and from Orthanc's client."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.catalog import Catalog
+from node.config import Settings
+from node.receive.scp import Receiver
+from node.receive.stow import FAILURE_STUDY_MISMATCH, StowServer, receiver_store, stow_request
+from node.spool import Spool
+from tests.harness import Orthanc, free_port, wait_for
+
+REAL_CT = Path(__file__).resolve().parents[1] / "data" / "ct-real-20"
+FILES = sorted(p for p in REAL_CT.iterdir() if p.is_file())
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Receiver:
+    settings = Settings.model_validate({"node": {"storage_dir": str(tmp_path / "s"), "min_free_mb": 0}})
+    storage = settings.node.storage_dir
+    return Receiver(settings, Catalog.for_storage(storage), Spool(storage), clock=lambda: 0.0)
+
+
+@pytest.fixture
+def server(receiver: Receiver) -> Iterator[StowServer]:
+    s = StowServer("127.0.0.1", 0, receiver_store(receiver), max_body_bytes=256 * 1024 * 1024)
+    s.start()
+    yield s
+    s.stop()
+
+
+def spooled(receiver: Receiver) -> set[str]:
+    return {p.stem for p in (receiver.spool.root / "instances").rglob("*.dcm")}
+
+
+def test_real_ct_series_is_stored(receiver: Receiver, server: StowServer) -> None:
+    files = [p.read_bytes() for p in FILES]
+    study = str(pydicom.dcmread(FILES[0], stop_before_pixels=True).StudyInstanceUID)
+    status, module = stow_request(server.url, files, study_uid=study)
+    assert status == 200 and "00081198" not in module
+    stored = [item["00081155"]["Value"][0] for item in module["00081199"]["Value"]]
+    assert set(stored) == spooled(receiver) == {p.name[3:] for p in FILES}
+    assert receiver.catalog.counts()["instances"]["total"] == len(FILES)
+    assert stow_request(server.url, files[:3])[0] == 200  # a resend is a success, not a duplicate
+    assert receiver.catalog.counts()["instances"]["total"] == len(FILES)
+
+
+def test_truncated_and_foreign_instances_fail(receiver: Receiver, server: StowServer) -> None:
+    whole, cut = FILES[0].read_bytes(), FILES[1].read_bytes()
+    status, module = stow_request(server.url, [whole, cut[: len(cut) // 2]])
+    assert status == 202
+    (failed,) = module["00081198"]["Value"]
+    assert failed["00081197"]["Value"][0] in (0xC210, 0xC211)
+    assert spooled(receiver) == {FILES[0].name[3:]}
+    status, module = stow_request(server.url, [FILES[2].read_bytes()], study_uid="1.2.3.4")
+    assert status == 409 and module["00081198"]["Value"][0]["00081197"]["Value"] == [FAILURE_STUDY_MISMATCH]
+    assert receiver.catalog.counts()["instances"]["total"] == 1
+
+
+@pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Orthanc not installed")
+def test_orthanc_stow_client_is_accepted(tmp_path: Path, receiver: Receiver, server: StowServer) -> None:
+    orthanc = Orthanc(tmp_path, node_port=free_port()).start()
+    try:
+        for p in FILES:
+            urllib.request.urlopen(urllib.request.Request(orthanc.url("/instances"), data=p.read_bytes()),
+                                   timeout=30).close()
+        study_id = orthanc.get("/studies")[0]
+        put = urllib.request.Request(orthanc.url("/dicom-web/servers/node"), method="PUT",
+                                     data=json.dumps({"Url": server.url + "/"}).encode())
+        urllib.request.urlopen(put, timeout=10).close()
+        orthanc.post("/dicom-web/servers/node/stow", {"Resources": [study_id]})
+        wait_for(lambda: len(spooled(receiver)) == len(FILES), 30, what="instances sent by Orthanc")
+    finally:
+        orthanc.stop()
+    assert receiver.catalog.counts()["instances"]["total"] == len(FILES)
