@@ -13,13 +13,13 @@ Index conventions (used everywhere in the project):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
 
 Family = Literal["segmentation", "detection", "classification", "registration"]
-OutputObject = Literal["SEG", "SR", "SC"]
+OutputObject = Literal["SEG", "SR", "SC", "REG"]  # REG: Spatial Registration
 
 
 class ModelError(Exception):
@@ -93,13 +93,110 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Detection:
+    """One detected finding (family ``detection``), e.g. a lung nodule candidate.
+
+    Attributes:
+        label: human-readable name, e.g. ``"Nodule 1"`` (unique within a result).
+        type: what was found, e.g. ``Code("27925004", "SCT", "Nodule")``.
+        centre_ijk: centre as fractional voxel indices (i, j, k) of the source ``Volume``.
+        centre_lps: the same centre in patient LPS mm (``Volume.to_patient(centre_ijk)``).
+        bbox_ijk_min, bbox_ijk_max: inclusive bounding box in voxel indices (i, j, k).
+        diameter_mm: diameter of the sphere with the finding's volume (mm).
+        confidence: in [0, 1]; how each model computes it is documented by the model (a ranking
+            score unless the model says it is calibrated).
+        tracking_id: stable identifier of the finding within the result (e.g. for TID 1500
+            Tracking Identifier); deterministic for the same input.
+    """
+
+    label: str
+    type: Code
+    centre_ijk: tuple[float, float, float]
+    centre_lps: tuple[float, float, float]
+    bbox_ijk_min: tuple[int, int, int]
+    bbox_ijk_max: tuple[int, int, int]
+    diameter_mm: float
+    confidence: float
+    tracking_id: str
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"confidence must be in [0, 1], got {self.confidence}")
+        if any(lo > hi for lo, hi in zip(self.bbox_ijk_min, self.bbox_ijk_max, strict=True)):
+            raise ValueError("bbox_ijk_min must not exceed bbox_ijk_max")
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One series-level category (family ``classification``), e.g. emphysema severity.
+
+    Attributes:
+        name: human-readable name of the assessment, e.g. ``"Emphysema"``.
+        concept: what is evaluated, e.g. ``Code("87433001", "SCT", "Pulmonary emphysema")``.
+        value: the category found, e.g. ``Code("255604002", "SCT", "Mild")``.
+        score: the figure the category was derived from (e.g. LAA% = 12.3).
+        score_unit: UCUM unit of ``score`` (``"%"``, ``"1"`` for a plain number...).
+        details: further figures by name (e.g. ``{"LAA% right lung": 10.1}``); units are part
+            of the name or documented by the model.
+    """
+
+    name: str
+    concept: Code
+    value: Code
+    score: float
+    score_unit: str
+    details: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A spatial registration of a PRIOR study onto the CURRENT one (family ``registration``).
+
+    Attributes:
+        transform: 4x4 float64 affine mapping a point in CURRENT-study LPS mm to the corresponding
+            point in PRIOR-study LPS mm (homogeneous column vectors: ``p_prior = T @ p_current``).
+            This is the direction in which the prior is resampled onto the current grid.
+        residual_mm: quality figure defined by the model (for ``ct-registration``: RMS distance,
+            in mm, from the current study's tissue/air boundary to the resampled prior's one).
+        metric_value: final value of the optimised image similarity metric (model-defined; for
+            Mattes mutual information lower, i.e. more negative, is better).
+        resampled: float32 array shaped like the current ``Volume.voxels`` (k, j, i): the prior
+            resampled onto the current grid (outside the prior's field of view: a fill value).
+        prior_frame_of_reference_uid: the prior series' Frame of Reference UID (the transform's
+            target frame).
+    """
+
+    transform: npt.NDArray[np.float64]
+    residual_mm: float
+    metric_value: float
+    resampled: npt.NDArray[np.float32]
+    prior_frame_of_reference_uid: str
+
+    def __post_init__(self) -> None:
+        if self.transform.shape != (4, 4):
+            raise ValueError("transform must be 4x4")
+
+    def map_to_prior(self, lps: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Current-study LPS points (..., 3) -> prior-study LPS points (..., 3)."""
+        pts = np.asarray(lps, dtype=np.float64)
+        return pts @ self.transform[:3, :3].T + self.transform[:3, 3]
+
+
+@dataclass(frozen=True)
 class ModelResult:
-    """Everything one model produced for one series. Families fill the fields they own."""
+    """Everything one model produced for one series. Families fill the fields they own.
+
+    ``segments``: segmentation; ``detections``: detection; ``classifications``: classification;
+    ``registration``: registration (the result then belongs to the CURRENT series).
+    """
 
     model_name: str
     model_version: str
     segments: tuple[Segment, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    detections: tuple[Detection, ...] = ()
+    classifications: tuple[Classification, ...] = ()
+    registration: Registration | None = None
 
 
 @dataclass(frozen=True)
@@ -135,3 +232,59 @@ class Model(Protocol):
 
     def run(self, volume: Volume) -> ModelResult:
         """Analyse ``volume``; must not keep per-study state between calls."""
+
+
+class PairModel(Protocol):
+    """A model that needs two series of one patient: family ``registration`` models implement it.
+
+    ``run_pair`` registers ``prior`` onto ``current`` and returns a result for the CURRENT series
+    whose ``registration`` is set. Registered pair models also provide ``run(volume)`` (so they
+    fit :class:`Model` and the registry); it raises :class:`UnsuitableInput` because one series
+    is not enough. Use :func:`is_pair_model` to tell them apart.
+    """
+
+    manifest: Manifest
+
+    def check(self, volume: Volume) -> None:
+        """Raise :class:`UnsuitableInput` with a reason if ``volume`` cannot be either series."""
+
+    def run_pair(self, current: Volume, prior: Volume) -> ModelResult:
+        """Register ``prior`` onto ``current``; must not keep per-study state between calls."""
+
+
+def is_pair_model(model: object) -> TypeGuard[PairModel]:
+    """True if ``model`` is a registration model with ``run_pair`` (see :class:`PairModel`)."""
+    manifest = getattr(model, "manifest", None)
+    return getattr(manifest, "family", None) == "registration" and callable(getattr(model, "run_pair", None))
+
+
+def is_axial(volume: Volume, tolerance_deg: float = 10.0) -> bool:
+    """True if the slice normal (k axis) is within ``tolerance_deg`` of the patient z axis.
+
+    The in-plane axes may point anywhere (flipped or rotated in-plane images are axial).
+    """
+    k_axis = volume.affine[:3, 2]
+    norm = float(np.linalg.norm(k_axis))
+    if norm == 0.0 or not np.isfinite(norm):
+        return False
+    return abs(float(k_axis[2])) / norm >= float(np.cos(np.deg2rad(tolerance_deg)))
+
+
+def check_input(manifest: Manifest, volume: Volume, *, max_slice_mm: float | None = None, axial: bool = False) -> None:
+    """The common checks of :meth:`Model.check`; raise :class:`UnsuitableInput` with the reason.
+
+    Modality and slice count from ``manifest``; a finite, non-degenerate affine; optionally a
+    slice spacing of at most ``max_slice_mm`` and axial slices (:func:`is_axial`).
+    """
+    m = manifest
+    if volume.modality not in m.modalities:
+        raise UnsuitableInput(f"{m.name} needs modality {'/'.join(m.modalities)}, got {volume.modality!r}")
+    n = volume.voxels.shape[0]
+    if n < m.min_slices:
+        raise UnsuitableInput(f"{m.name} needs at least {m.min_slices} slices, got {n}")
+    if not np.isfinite(volume.affine).all() or abs(np.linalg.det(volume.affine[:3, :3])) < 1e-9:
+        raise UnsuitableInput(f"{m.name}: degenerate voxel geometry (affine)")
+    if max_slice_mm is not None and volume.spacing[0] > max_slice_mm:
+        raise UnsuitableInput(f"{m.name} needs slices at most {max_slice_mm:g} mm apart, got {volume.spacing[0]:g} mm")
+    if axial and not is_axial(volume):
+        raise UnsuitableInput(f"{m.name} needs axial slices")

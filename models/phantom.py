@@ -10,17 +10,22 @@ tissue (40 HU) under a fat layer (-100 HU); two lung ellipsoids (-850 HU) joined
 main bronchi (-1000 HU); a vertebral column, sternum and rib slabs (600-700 HU); optionally a
 stomach gas bubble (-1000 HU) below the lungs; a thin curved CT table (400 HU) under the body,
 separated from it by air; air (-1000 HU) elsewhere; solid nodules (45 HU) inside the lungs.
+Optional (off by default, so default phantoms are unchanged): branching tubular vessels (40 HU)
+inside the lungs, emphysema (patches of lung at -980 HU replacing a given fraction of the lung
+parenchyma) and a rotation of the whole scene about the z axis through the anatomy centre.
 The label intensities are blurred in-plane (partial volume), Gaussian noise is added and the
 result is clipped to [-1024, 3071] so it fits 12-bit storage.
 
 Truth (see :meth:`Phantom.truth`): each voxel has exactly one label. "Right Lung"/"Left Lung"
-are lung parenchyma only: they EXCLUDE nodules and airways. "Body" is everything inside the
-skin (lungs, airways, gas, bone and nodules included; table and outside air excluded).
+are lung parenchyma only: they EXCLUDE nodules, vessels and airways and INCLUDE emphysematous
+parenchyma of their side ("Emphysema" is both sides' emphysema). "Body" is everything inside the
+skin (lungs, airways, gas, bone, vessels and nodules included; table and outside air excluded).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +38,7 @@ from models.base import Volume
 
 # Voxel labels of Phantom.labels, in painting order (a later structure overwrites an earlier one).
 AIR, FAT, SOFT, RIGHT_LUNG, LEFT_LUNG, AIRWAY, GAS, BONE, TABLE, NODULE = range(10)
+VESSEL, RIGHT_EMPHYSEMA, LEFT_EMPHYSEMA = 10, 11, 12  # only present when asked for
 LABEL_HU: dict[int, float] = {
     AIR: -1000.0,
     FAT: -100.0,
@@ -44,16 +50,23 @@ LABEL_HU: dict[int, float] = {
     BONE: 700.0,
     TABLE: 400.0,
     NODULE: 45.0,
+    VESSEL: 40.0,
+    RIGHT_EMPHYSEMA: -980.0,
+    LEFT_EMPHYSEMA: -980.0,
 }
 TRUTH_LABELS: dict[str, tuple[int, ...]] = {
-    "Body": (FAT, SOFT, RIGHT_LUNG, LEFT_LUNG, AIRWAY, GAS, BONE, NODULE),
-    "Right Lung": (RIGHT_LUNG,),
-    "Left Lung": (LEFT_LUNG,),
+    "Body": (FAT, SOFT, RIGHT_LUNG, LEFT_LUNG, AIRWAY, GAS, BONE, NODULE, VESSEL, RIGHT_EMPHYSEMA, LEFT_EMPHYSEMA),
+    "Right Lung": (RIGHT_LUNG, RIGHT_EMPHYSEMA),
+    "Left Lung": (LEFT_LUNG, LEFT_EMPHYSEMA),
     "Bone": (BONE,),
     "Airway": (AIRWAY,),
     "Gas": (GAS,),
     "Table": (TABLE,),
     "Nodules": (NODULE,),
+    "Vessels": (VESSEL,),
+    "Emphysema": (RIGHT_EMPHYSEMA, LEFT_EMPHYSEMA),
+    "Right Emphysema": (RIGHT_EMPHYSEMA,),
+    "Left Emphysema": (LEFT_EMPHYSEMA,),
 }
 HU_MIN, HU_MAX = -1024, 3071
 
@@ -132,6 +145,11 @@ def make_ct_phantom(
     stomach_gas: bool = True,
     airways: bool = True,
     table_gap_mm: float = 10.0,
+    vessels: int = 0,
+    emphysema: float = 0.0,
+    emphysema_patch_mm: float = 3.0,
+    rotation_deg: float = 0.0,
+    noise_seed: int | None = None,
 ) -> Phantom:
     """Build a deterministic chest CT phantom (same arguments, same voxels).
 
@@ -147,9 +165,23 @@ def make_ct_phantom(
         stomach_gas: add a gas bubble below the left lung when there is room for it.
         airways: add trachea and main bronchi (which connect the two lungs).
         table_gap_mm: air between the body's back and the 5 mm table (0: the table touches it).
+        vessels: vessel trees per lung (0: none). Each is a binary tree of tubes (3 generations,
+            radius about 3 mm at the root, the last one tapering to 0.5 mm) growing from the
+            hilum, painted over lung only.
+            Random nodules then keep clear of the vessels.
+        emphysema: fraction in [0, 1) of the lung parenchyma (both lungs, voxels) turned into
+            -980 HU emphysema; the patches are the top quantile of smoothed random noise.
+        emphysema_patch_mm: smoothing (sigma, mm) of that noise: the patches' size.
+        rotation_deg: rotation of the whole scene (table included) about the z axis through the
+            anatomy centre ``shift_mm``, counter-clockwise from +x towards +y. The point at
+            offset ``r`` from the centre before rotation ends at ``R(rotation_deg) @ r``;
+            ``Phantom.nodules`` gives the rotated centres.
+        noise_seed: seeds the noise separately (None: drawn from ``seed`` like everything else).
     """
     if min(n_slices, rows, cols) < 1 or pixel_mm <= 0 or slice_mm <= 0:
         raise ValueError("shape and spacings must be positive")
+    if not 0.0 <= emphysema < 1.0 or vessels < 0:
+        raise ValueError("emphysema must be in [0, 1) and vessels >= 0")
     rng = np.random.default_rng(seed)
     origin = (-(cols - 1) / 2 * pixel_mm, -(rows - 1) / 2 * pixel_mm, -(n_slices - 1) / 2 * slice_mm)
     cx, cy, cz = (float(v) for v in shift_mm)
@@ -191,7 +223,7 @@ def make_ct_phantom(
     spine = (x**2 + (y - spine_y) ** 2 < spine_r**2) | ((np.abs(x) < 0.012 * size) & (y > spine_y) & (y < 0.88 * ay))
     sternum = (np.abs(x) < 0.025 * size) & (y > -0.9 * ay) & (y < -0.8 * ay)
     ring = (r_body > 0.86) & (r_body < 0.86 + 0.02 * size / ay) & ~((np.abs(x) < 0.25 * ax) & (y < 0))
-    ribs_z = np.mod(z - z[0], 25.0) < 12.0
+    ribs_z = np.mod(z - origin[2], 25.0) < 12.0  # z is anatomy-relative: ribs follow shift_mm
     labels[:, spine | sternum] = BONE
     labels[ribs_z[:, None, None] & ring[None, :, :]] = BONE
 
@@ -202,15 +234,27 @@ def make_ct_phantom(
     table = (y >= y_top) & (y < y_top + thick) & (np.abs(x) <= half_width) & (r_body >= 1.0)
     labels[:, table] = TABLE
 
-    # Nodules, inside the lungs.
     lung_geo = (lung_a, lung_b, lung_c, lung_x, lung_z)
+    keep_clear = list(tubes)
+    if vessels:
+        vessel_tubes = _vessel_trees(np.random.default_rng([seed, 1]), vessels, lung_geo)
+        for p0, p1, radius in vessel_tubes:
+            _paint_tube(labels, x, y, z, p0, p1, radius, VESSEL, only=(RIGHT_LUNG, LEFT_LUNG))
+        keep_clear += vessel_tubes
+    if emphysema > 0:
+        _paint_emphysema(labels, np.random.default_rng([seed, 2]), emphysema, emphysema_patch_mm, pixel_mm, slice_mm)
+
+    # Nodules, inside the lungs.
     if isinstance(nodules, int):
-        placed = _random_nodules(rng, nodules, lung_geo, (cx, cy, cz), float(z[-1]), tubes)
+        placed = _random_nodules(rng, nodules, lung_geo, (cx, cy, cz), float(z[-1]), keep_clear)
     else:
         placed = tuple(nodules)
     for nod in placed:
         rel = np.asarray(nod.center_lps, dtype=np.float64) - np.array([cx, cy, cz])
         _paint_tube(labels, x, y, z, rel, rel, nod.diameter_mm / 2, NODULE)  # a ball
+
+    if rotation_deg:
+        labels, placed = _rotate_scene(labels, placed, rotation_deg, origin, pixel_mm, (cx, cy))
 
     # Intensities: per-label HU + noise, slice by slice to keep memory low.
     lut = np.zeros(256, dtype=np.float32)
@@ -218,11 +262,12 @@ def make_ct_phantom(
         lut[lab] = hu_value
     hu = np.empty(labels.shape, dtype=np.int16)
     sigma = blur_mm / pixel_mm
+    noise_rng = rng if noise_seed is None else np.random.default_rng(noise_seed)
     for k in range(n_slices):
         sl = lut[labels[k]]
         if sigma > 0:
             sl = ndi.gaussian_filter(sl, sigma, mode="nearest", truncate=3.0)
-        sl += rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(noise_hu)
+        sl += noise_rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(noise_hu)
         hu[k] = np.clip(np.rint(sl), HU_MIN, HU_MAX).astype(np.int16)
     return Phantom(
         hu=hu,
@@ -263,8 +308,12 @@ def _paint_tube(
     p1: npt.NDArray[np.float64],
     radius: float,
     label: int,
+    only: tuple[int, ...] | None = None,
 ) -> None:
-    """Set ``label`` on voxels within ``radius`` of the segment p0-p1 (a ball if p0 == p1)."""
+    """Set ``label`` on voxels within ``radius`` of the segment p0-p1 (a ball if p0 == p1).
+
+    With ``only``, just the voxels currently labelled one of ``only`` are changed.
+    """
     lo, hi = np.minimum(p0, p1) - radius, np.maximum(p0, p1) + radius
     ks = np.nonzero((z >= lo[2]) & (z <= hi[2]))[0]
     js = np.nonzero((y[:, 0] >= lo[1]) & (y[:, 0] <= hi[1]))[0]
@@ -279,7 +328,10 @@ def _paint_tube(
     t = np.clip(t, 0.0, 1.0)
     dist2 = (xx - p0[0] - t * d[0]) ** 2 + (yy - p0[1] - t * d[1]) ** 2 + (zz - p0[2] - t * d[2]) ** 2
     box = labels[ks[0] : ks[-1] + 1, js[0] : js[-1] + 1, is_[0] : is_[-1] + 1]
-    box[dist2 <= radius**2] = label
+    inside = dist2 <= radius**2
+    if only is not None:
+        inside &= np.isin(box, only)
+    box[inside] = label
 
 
 def _random_nodules(
@@ -316,3 +368,83 @@ def _random_nodules(
         pos = (float(rel[0] + center[0]), float(rel[1] + center[1]), float(rel[2] + center[2]))
         out.append(Nodule(center_lps=pos, diameter_mm=diameter, side="Right" if side < 0 else "Left"))
     return tuple(out)
+
+
+def _vessel_trees(
+    rng: np.random.Generator, per_lung: int, lung_geo: tuple[float, float, float, float, float]
+) -> list[_Tube]:
+    """Branching vessel trees (relative mm) growing outwards from each lung's hilum."""
+    lung_a, lung_b, lung_c, lung_x, lung_z = lung_geo
+    scale = float(np.cbrt(lung_a * lung_b * lung_c))
+    tubes: list[_Tube] = []
+    for side in (-1.0, 1.0):
+        hilum = np.array([side * (lung_x - 0.9 * lung_a), 0.0, lung_z + 0.1 * lung_c])
+        for _ in range(per_lung):
+            d = rng.standard_normal(3)
+            d[0] = side * abs(d[0])
+            stack = [(hilum, d / np.linalg.norm(d), 0.5 * scale, min(3.0, 0.07 * scale), 0)]
+            while stack:
+                start, direction, length, radius, gen = stack.pop()
+                end = start + direction * length
+                if gen == 2:  # the last generation tapers to 0.5 mm (no blob-like end cap)
+                    steps = np.linspace(0.0, 1.0, 6)
+                    for t0, t1 in itertools.pairwise(steps):
+                        r = radius + (0.5 - radius) * t1
+                        tubes.append((start + (end - start) * t0, start + (end - start) * t1, r))
+                    continue
+                tubes.append((start, end, radius))
+                for sign in (-1.0, 1.0):
+                    perp = np.cross(direction, rng.standard_normal(3))
+                    perp /= np.linalg.norm(perp)
+                    angle = np.deg2rad(rng.uniform(25.0, 45.0))
+                    child = np.cos(angle) * direction + sign * np.sin(angle) * perp
+                    stack.append((end, child / np.linalg.norm(child), 0.75 * length, 0.75 * radius, gen + 1))
+    return tubes
+
+
+def _paint_emphysema(
+    labels: npt.NDArray[np.uint8],
+    rng: np.random.Generator,
+    fraction: float,
+    patch_mm: float,
+    pixel_mm: float,
+    slice_mm: float,
+) -> None:
+    """Relabel ``fraction`` of the lung parenchyma voxels as emphysema of the same side (in place)."""
+    lung = (labels == RIGHT_LUNG) | (labels == LEFT_LUNG)
+    boxes = ndi.find_objects(lung.astype(np.uint8))
+    if not boxes or boxes[0] is None:
+        return
+    box = boxes[0]
+    sub = labels[box]
+    in_lung = lung[box]
+    noise = rng.standard_normal(sub.shape, dtype=np.float32)
+    field = ndi.gaussian_filter(noise, (patch_mm / slice_mm, patch_mm / pixel_mm, patch_mm / pixel_mm))
+    threshold = np.quantile(field[in_lung], 1.0 - fraction)
+    chosen = in_lung & (field > threshold)
+    sub[chosen & (sub == RIGHT_LUNG)] = RIGHT_EMPHYSEMA
+    sub[chosen & (sub == LEFT_LUNG)] = LEFT_EMPHYSEMA
+
+
+def _rotate_scene(
+    labels: npt.NDArray[np.uint8],
+    nodules: tuple[Nodule, ...],
+    angle_deg: float,
+    origin: tuple[float, float, float],
+    pixel_mm: float,
+    centre_xy: tuple[float, float],
+) -> tuple[npt.NDArray[np.uint8], tuple[Nodule, ...]]:
+    """Rotate labels (nearest neighbour) and nodule centres by ``angle_deg`` about z through ``centre_xy``."""
+    c, s = np.cos(np.deg2rad(angle_deg)), np.sin(np.deg2rad(angle_deg))
+    ic = (centre_xy[0] - origin[0]) / pixel_mm
+    jc = (centre_xy[1] - origin[1]) / pixel_mm
+    # Output (k, j, i) -> input (k, j', i'): the input is the output rotated back by -angle.
+    matrix = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    centre = np.array([0.0, jc, ic])
+    rotated = ndi.affine_transform(labels, matrix, offset=centre - matrix @ centre, order=0, mode="constant", cval=AIR)
+    moved = []
+    for nod in nodules:
+        dx, dy = nod.center_lps[0] - centre_xy[0], nod.center_lps[1] - centre_xy[1]
+        pos = (float(centre_xy[0] + c * dx - s * dy), float(centre_xy[1] + s * dx + c * dy), nod.center_lps[2])
+        moved.append(Nodule(center_lps=pos, diameter_mm=nod.diameter_mm, side=nod.side))
+    return rotated.astype(np.uint8, copy=False), tuple(moved)

@@ -31,9 +31,31 @@ def _ct_hu_segmentation() -> Model:
     return CtHuSegmentation()
 
 
+def _ct_lung_nodules() -> Model:
+    from models.ct_lung_nodules import CtLungNodules
+
+    return CtLungNodules()
+
+
+def _ct_emphysema() -> Model:
+    from models.ct_emphysema import CtEmphysema
+
+    return CtEmphysema()
+
+
+def _ct_registration() -> Model:
+    # A PairModel (models.base.is_pair_model): its run() refuses a single series.
+    from models.ct_registration import CtRegistration
+
+    return CtRegistration()
+
+
 REGISTRY: Mapping[str, Callable[[], Model]] = MappingProxyType(
     {
         "ct-hu-segmentation": _ct_hu_segmentation,
+        "ct-lung-nodules": _ct_lung_nodules,
+        "ct-emphysema": _ct_emphysema,
+        "ct-registration": _ct_registration,
     }
 )
 

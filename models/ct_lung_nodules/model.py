@@ -1,0 +1,465 @@
+"""Classical lung nodule candidate detection on CT: a multi-scale blob detector (no trained weights).
+
+Outline of :meth:`CtLungNodules.run` (all thresholds in :class:`NoduleParams`):
+
+Search region
+    Right and left lung from :func:`models.ct_hu_segmentation.model.segment_ct` (nodules are
+    holes or pleural notches in these air-density masks) less the trachea and bronchi tracked by
+    :func:`models.ct_emphysema.model.find_airways`. Each lung is closed with a ball of
+    ``closing_mm`` and its holes filled (on a ~2 mm grid), then grown by ``margin_mm``: the region
+    holds intrapulmonary and juxtapleural nodules but little chest wall or mediastinum. Fewer
+    than ``min_lung_ml`` of lung is :class:`UnsuitableInput`.
+Blobs
+    Inside the region's bounding box the HU image is clipped to ``clip_hu`` and everything outside
+    the closed lungs is set to the lungs' median HU (so the chest wall does not respond). For
+    sigmas from ``min_diameter_mm / (2 sqrt 3)`` to ``max_diameter_mm / (2 sqrt 3)``
+    (``scales_per_octave`` per doubling; a ball of radius r responds most at sigma = r / sqrt 3)
+    the scale-normalised Laplacian of Gaussian ``R = -sigma^2 * LoG`` is computed on a
+    block-averaged grid of about sigma / 2. Local maxima (26 neighbours) inside the region are
+    candidates; their ``strength`` is ``R / (0.925 * reference_contrast_hu)``: 1.0 for an ideal
+    solid ball of that contrast at its best scale (0.925 is the peak normalised response of a
+    ball). Candidates under ``min_strength`` are dropped.
+Shape
+    The Hessian at the candidate gives eigenvalues l1 <= l2 <= l3; ``sphericity = l3 / l1``
+    (1 for a ball, about 0 for a tube or a plate; 0 unless all are negative). Candidates under
+    ``min_sphericity`` are vessels, fissures or walls. Non-maximum suppression then keeps the
+    strongest of candidates whose centres lie inside each other's spheres.
+Measurement
+    Around each candidate the voxels above ``solid_hu`` inside a ball of 1.5 radii (r = sqrt 3
+    sigma) and inside the closed lungs, connected to the central voxels, are the nodule: its
+    centroid is the centre, its extent the bounding box and the diameter of the sphere of equal
+    volume the diameter. Candidates without a solid core, with a diameter outside
+    ``[min_diameter_mm, max_diameter_mm]`` or with less than ``min_lung_surround`` of lung in a
+    shell 2-6 mm outside the nodule (chest wall and mediastinal bumps) are dropped.
+    ``compactness`` is the nodule's volume over that of the dense structure it is connected to
+    within 2.5 nodule radii: about 1 for an isolated nodule, low for a vessel bifurcation.
+Confidence
+    ``min(strength, 1) * sqrt(sphericity * compactness)`` in [0, 1], a ranking score (not a
+    probability); candidates under ``min_confidence`` are dropped and a final non-maximum
+    suppression on the measured diameters removes duplicates. On the phantoms of
+    :mod:`models.phantom` (spherical solid nodules, tapering vessel trees) isolated nodules of
+    6 mm or more score above 0.5 and vessel bifurcations below 0.5.
+Limits
+    Juxtapleural nodules are found while the closing fills their pleural notch (up to about
+    ``2 * closing_mm`` in diameter); part-solid and ground-glass nodules respond weakly; nodules
+    attached to vessels score lower (compactness).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage as ndi
+
+from models.base import (
+    Detection,
+    Manifest,
+    ModelResult,
+    UnsuitableInput,
+    Volume,
+    check_input,
+)
+from models.ct_emphysema.model import AirwayParams, find_airways
+from models.ct_hu_segmentation.model import HuSegParams, segment_ct
+from models.manifest import MANIFEST_FILENAME, load_manifest
+
+MANIFEST_PATH = Path(__file__).with_name(MANIFEST_FILENAME)
+
+BoolArray = npt.NDArray[np.bool_]
+FloatArray = npt.NDArray[np.float32]
+Box = tuple[slice, slice, slice]
+
+BALL_PEAK = 0.925  # max over sigma of sigma^2 * |LoG| at the centre of a unit-contrast ball
+_OFFSETS = np.array([o for o in itertools.product((-1, 0, 1), repeat=3) if o != (0, 0, 0)], dtype=np.intp)
+
+
+@dataclass(frozen=True)
+class NoduleParams:
+    """Thresholds (HU, mm, ml) of the classical detector."""
+
+    min_diameter_mm: float = 4.0
+    max_diameter_mm: float = 30.0
+    scales_per_octave: int = 4
+    min_lung_ml: float = 20.0
+    max_slice_mm: float = 3.0
+    closing_mm: float = 8.0
+    margin_mm: float = 2.0
+    clip_hu: tuple[float, float] = (-1000.0, 100.0)
+    reference_contrast_hu: float = 900.0
+    min_strength: float = 0.3
+    min_sphericity: float = 0.35
+    min_lung_surround: float = 0.35
+    min_confidence: float = 0.4
+    solid_hu: float = -400.0
+    max_detections: int = 50
+    airways: AirwayParams = field(default_factory=AirwayParams)
+    segmentation: HuSegParams = field(default_factory=HuSegParams)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A measured nodule candidate in voxel indices of the source volume (k, j, i order).
+
+    ``strength``, ``sphericity``, ``lung_surround`` and ``compactness`` are the figures of the
+    module docstring (about 1 for an ideal isolated solid ball in lung).
+    """
+
+    centre_kji: tuple[float, float, float]
+    bbox_min_kji: tuple[int, int, int]
+    bbox_max_kji: tuple[int, int, int]
+    diameter_mm: float
+    strength: float
+    sphericity: float
+    lung_surround: float
+    compactness: float
+
+    @property
+    def confidence(self) -> float:
+        """``min(strength, 1) * sqrt(sphericity * compactness)``, each clipped to [0, 1]."""
+        terms = [min(max(v, 0.0), 1.0) for v in (self.strength, self.sphericity, self.compactness)]
+        return float(terms[0] * np.sqrt(terms[1] * terms[2]))
+
+
+class CtLungNodules:
+    """The ``ct-lung-nodules`` model (stateless between calls; safe to reuse)."""
+
+    def __init__(self, params: NoduleParams | None = None, manifest_path: Path = MANIFEST_PATH) -> None:
+        self.manifest: Manifest = load_manifest(manifest_path)
+        self.params = params or NoduleParams()
+        names = [o.name for o in self.manifest.outputs]
+        if names != ["Nodule"]:
+            raise ValueError(f"{manifest_path}: outputs must be ['Nodule'], got {names}")
+        self._type = self.manifest.outputs[0].type
+
+    def check(self, volume: Volume) -> None:
+        """Raise :class:`UnsuitableInput` unless ``volume`` is an axial CT with enough, thin slices."""
+        check_input(self.manifest, volume, max_slice_mm=self.params.max_slice_mm, axial=True)
+
+    def run(self, volume: Volume) -> ModelResult:
+        """Nodule candidates, strongest first; :class:`UnsuitableInput` if there is too little lung."""
+        self.check(volume)
+        p = self.params
+        masks, notes = segment_ct(volume, p.segmentation)
+        lungs = masks["Right Lung"] | masks["Left Lung"]
+        lung_ml = float(lungs.sum() * volume.voxel_volume_ml)
+        if lung_ml < p.min_lung_ml:
+            raise UnsuitableInput(
+                f"{self.manifest.name}: only {lung_ml:.1f} ml of lung in the series "
+                f"(needs at least {p.min_lung_ml:.0f} ml): no lungs to search"
+            )
+        candidates = detect_nodules(volume.voxels, masks["Right Lung"], masks["Left Lung"], volume, p)
+        detections = []
+        for n, c in enumerate(candidates, start=1):
+            ijk = (c.centre_kji[2], c.centre_kji[1], c.centre_kji[0])
+            lps = volume.to_patient(ijk)
+            detections.append(
+                Detection(
+                    label=f"Nodule {n}",
+                    type=self._type,
+                    centre_ijk=(float(ijk[0]), float(ijk[1]), float(ijk[2])),
+                    centre_lps=(float(lps[0]), float(lps[1]), float(lps[2])),
+                    bbox_ijk_min=(c.bbox_min_kji[2], c.bbox_min_kji[1], c.bbox_min_kji[0]),
+                    bbox_ijk_max=(c.bbox_max_kji[2], c.bbox_max_kji[1], c.bbox_max_kji[0]),
+                    diameter_mm=c.diameter_mm,
+                    confidence=c.confidence,
+                    tracking_id=f"nodule-{n}",
+                )
+            )
+        notes.append(f"{len(detections)} nodule candidate(s) in {lung_ml:.0f} ml of lung")
+        return ModelResult(
+            model_name=self.manifest.name,
+            model_version=self.manifest.version,
+            notes=tuple(notes),
+            detections=tuple(detections),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline (pure functions of the voxels, the lung masks and the geometry).
+
+
+def detect_nodules(
+    hu: FloatArray, right: BoolArray, left: BoolArray, volume: Volume, p: NoduleParams
+) -> list[Candidate]:
+    """Measured nodule candidates, strongest (highest confidence) first."""
+    airways, _ = find_airways(hu, right, left, volume, p.airways)
+    right = right & ~airways
+    left = left & ~airways
+    lungs = right | left
+    if not lungs.any():
+        return []
+    spacing = np.asarray(volume.spacing, dtype=np.float64)  # (k, j, i) mm
+    closed, region = search_region(right, left, spacing, p)
+    sigmas = _sigmas(p)
+    pad = np.ceil(3.0 * sigmas[-1] / spacing).astype(int) + 1
+    box = _bbox(region, pad)
+    if box is None:
+        return []
+    sub_hu = hu[box]
+    sub_region = region[box]
+    sub_closed = closed[box]
+    sub_lungs = lungs[box]
+    lung_hu = float(np.median(sub_hu[sub_lungs])) if sub_lungs.any() else -850.0
+    lo, hi = p.clip_hu
+    img = np.clip(sub_hu, lo, hi).astype(np.float32)
+    img[~sub_closed] = lung_hu
+    raw = _blob_maxima(img, sub_region, spacing, sigmas, p)
+    # Strongest first; drop weaker candidates whose centre lies inside a stronger one's sphere.
+    raw.sort(key=lambda c: -c[2] * np.sqrt(c[3]))
+    kept = _suppress([(pos, np.sqrt(3.0) * sigma) for pos, sigma, _, _ in raw], spacing)
+    measured: list[Candidate] = []
+    for index in kept:
+        pos, sigma, strength, sphericity = raw[index]
+        cand = _measure(sub_hu, sub_closed, sub_lungs, spacing, pos, np.sqrt(3.0) * sigma, strength, sphericity, p)
+        if cand is not None and cand.confidence >= p.min_confidence:
+            measured.append(cand)
+    measured.sort(key=lambda c: -c.confidence)
+    final = _suppress([(np.asarray(c.centre_kji), c.diameter_mm / 2) for c in measured], spacing)
+    shift = np.array([sl.start for sl in box])
+    return [
+        dataclasses.replace(
+            measured[index],
+            centre_kji=_f3(np.asarray(measured[index].centre_kji) + shift),
+            bbox_min_kji=_i3(np.asarray(measured[index].bbox_min_kji) + shift),
+            bbox_max_kji=_i3(np.asarray(measured[index].bbox_max_kji) + shift),
+        )
+        for index in final[: p.max_detections]
+    ]
+
+
+def _f3(a: npt.ArrayLike) -> tuple[float, float, float]:
+    x, y, z = (float(v) for v in np.asarray(a, dtype=np.float64).ravel())
+    return x, y, z
+
+
+def _i3(a: npt.ArrayLike) -> tuple[int, int, int]:
+    x, y, z = (int(v) for v in np.asarray(a).ravel())
+    return x, y, z
+
+
+def search_region(
+    right: BoolArray, left: BoolArray, spacing: npt.NDArray[np.float64], p: NoduleParams
+) -> tuple[BoolArray, BoolArray]:
+    """(closed, grown): each lung closed by ``closing_mm`` with holes filled, and that grown by ``margin_mm``.
+
+    Computed on a grid of about 2 mm (a voxel of it is lung if any voxel in it is).
+    """
+    f = tuple(max(1, round(2.0 / s)) for s in spacing)
+    coarse_spacing = spacing * np.array(f)
+    shape = tuple(int(np.ceil(n / fi)) for n, fi in zip(right.shape, f, strict=True))
+    closed_all = np.zeros(shape, dtype=bool)
+    grown_all = np.zeros(shape, dtype=bool)
+    reach = int(np.ceil((p.closing_mm + p.margin_mm) / coarse_spacing.min())) + 1
+    for lung in (right, left):
+        coarse = _block_any(lung, f)
+        box = _bbox(coarse, np.full(3, reach))
+        if box is None:
+            continue
+        # Closing by distance transforms (a ball of closing_mm) on the lung's box, padded so that
+        # the array border does not cut it.
+        padded = np.pad(coarse[box], reach)
+        dilated = ndi.distance_transform_edt(~padded, sampling=coarse_spacing) <= p.closing_mm
+        closed = ndi.distance_transform_edt(dilated, sampling=coarse_spacing) > p.closing_mm
+        closed = ndi.binary_fill_holes(closed | padded)
+        grown = ndi.distance_transform_edt(~closed, sampling=coarse_spacing) <= p.margin_mm
+        inner = (slice(reach, -reach),) * 3
+        closed_all[box] |= closed[inner]
+        grown_all[box] |= grown[inner]
+    return _upsample(closed_all, f, right.shape), _upsample(grown_all, f, right.shape)
+
+
+def _upsample(coarse: BoolArray, f: tuple[int, ...], shape: tuple[int, ...]) -> BoolArray:
+    up = coarse.repeat(f[0], axis=0).repeat(f[1], axis=1).repeat(f[2], axis=2)
+    return np.ascontiguousarray(up[: shape[0], : shape[1], : shape[2]])
+
+
+def _sigmas(p: NoduleParams) -> npt.NDArray[np.float64]:
+    lo = p.min_diameter_mm / (2.0 * np.sqrt(3.0))
+    hi = p.max_diameter_mm / (2.0 * np.sqrt(3.0))
+    n = int(np.ceil(np.log2(hi / lo) * p.scales_per_octave)) + 1
+    return np.asarray(np.geomspace(lo, hi, n), dtype=np.float64)
+
+
+def _bbox(mask: BoolArray, pad: npt.NDArray[np.int_]) -> Box | None:
+    if not mask.any():
+        return None
+    out = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        out.append(
+            slice(max(0, int(idx[0]) - int(pad[axis])), min(mask.shape[axis], int(idx[-1]) + 1 + int(pad[axis])))
+        )
+    return out[0], out[1], out[2]
+
+
+def _block_any(mask: BoolArray, f: tuple[int, ...]) -> BoolArray:
+    """True where any voxel of an ``f`` block is set (the array is padded up to whole blocks)."""
+    shape = [int(np.ceil(n / fi)) * fi for n, fi in zip(mask.shape, f, strict=True)]
+    padded = np.zeros(shape, dtype=bool)
+    padded[: mask.shape[0], : mask.shape[1], : mask.shape[2]] = mask
+    blocks = padded.reshape(shape[0] // f[0], f[0], shape[1] // f[1], f[1], shape[2] // f[2], f[2])
+    return np.asarray(blocks.any(axis=(1, 3, 5)))
+
+
+def _block_mean(img: FloatArray, f: tuple[int, ...]) -> FloatArray:
+    """Mean of each whole ``f`` block (a partial last block is dropped)."""
+    n = [s // fi * fi for s, fi in zip(img.shape, f, strict=True)]
+    cut = img[: n[0], : n[1], : n[2]]
+    blocks = cut.reshape(n[0] // f[0], f[0], n[1] // f[1], f[1], n[2] // f[2], f[2])
+    return np.asarray(blocks.mean(axis=(1, 3, 5), dtype=np.float32))
+
+
+def _blob_maxima(
+    img: FloatArray,
+    region: BoolArray,
+    spacing: npt.NDArray[np.float64],
+    sigmas: npt.NDArray[np.float64],
+    p: NoduleParams,
+) -> list[tuple[npt.NDArray[np.float64], float, float, float]]:
+    """(position (k, j, i) in ``img`` voxels, sigma mm, strength, sphericity) of the spherical maxima."""
+    out: list[tuple[npt.NDArray[np.float64], float, float, float]] = []
+    levels: dict[tuple[int, ...], tuple[FloatArray, BoolArray]] = {}
+    norm = BALL_PEAK * p.reference_contrast_hu
+    for sigma in sigmas:
+        f = tuple(max(1, int(sigma / (2.0 * s))) for s in spacing)
+        if f not in levels:
+            level_img = _block_mean(img, f) if f != (1, 1, 1) else img
+            level_reg = _block_any(region, f)[tuple(slice(0, n) for n in level_img.shape)]
+            levels[f] = (level_img, level_reg)
+        level, level_region = levels[f]
+        h = spacing * np.array(f)
+        box_var = spacing**2 * (np.array(f) ** 2 - 1) / 12.0  # block averaging already smoothed this much
+        sig_vox = np.sqrt(np.maximum(sigma**2 - box_var, 0.0)) / h
+        g = ndi.gaussian_filter(level, sig_vox, mode="nearest", truncate=3.0)
+        strength = (-(sigma**2) / norm) * _laplacian(g, h)
+        peaks = _local_maxima(strength, level_region, p.min_strength)
+        if peaks.shape[0] == 0:
+            continue
+        sph = _sphericity(g, h, peaks)
+        good = sph >= p.min_sphericity
+        pos = peaks[good] * np.array(f) + (np.array(f) - 1) / 2.0
+        for q, s_val, sp_val in zip(pos, strength[tuple(peaks[good].T)], sph[good], strict=True):
+            out.append((q.astype(np.float64), float(sigma), float(s_val), float(sp_val)))
+    return out
+
+
+def _laplacian(g: FloatArray, h: npt.NDArray[np.float64]) -> FloatArray:
+    """Second differences summed over the axes (edges replicated), per mm^2."""
+    lap = np.zeros_like(g)
+    for axis in range(3):
+        if g.shape[axis] >= 3:
+            kernel = np.array([1.0, -2.0, 1.0]) / h[axis] ** 2
+            lap += ndi.correlate1d(g, kernel, axis=axis, mode="nearest")
+    return lap
+
+
+def _local_maxima(resp: FloatArray, region: BoolArray, threshold: float) -> npt.NDArray[np.intp]:
+    """(n, 3) indices of voxels in ``region`` above ``threshold`` and above all 26 neighbours."""
+    inner = np.zeros(resp.shape, dtype=bool)
+    inner[1:-1, 1:-1, 1:-1] = True
+    idx = np.argwhere((resp > threshold) & region & inner)
+    if idx.shape[0] == 0:
+        return idx
+    values = resp[tuple(idx.T)]
+    is_max = np.ones(idx.shape[0], dtype=bool)
+    for off in _OFFSETS:
+        is_max &= values >= resp[tuple((idx + off).T)]
+    return idx[is_max]
+
+
+def _sphericity(g: FloatArray, h: npt.NDArray[np.float64], idx: npt.NDArray[np.intp]) -> npt.NDArray[np.float64]:
+    """l3 / l1 of the Hessian of ``g`` at interior points ``idx`` (0 unless all eigenvalues are negative)."""
+    hess = np.empty((idx.shape[0], 3, 3), dtype=np.float64)
+    centre = g[tuple(idx.T)].astype(np.float64)
+    unit = np.eye(3, dtype=np.intp)
+    for a in range(3):
+        plus = g[tuple((idx + unit[a]).T)]
+        minus = g[tuple((idx - unit[a]).T)]
+        hess[:, a, a] = (plus + minus - 2.0 * centre) / h[a] ** 2
+        for b in range(a + 1, 3):
+            pp = g[tuple((idx + unit[a] + unit[b]).T)]
+            pm = g[tuple((idx + unit[a] - unit[b]).T)]
+            mp = g[tuple((idx - unit[a] + unit[b]).T)]
+            mm = g[tuple((idx - unit[a] - unit[b]).T)]
+            hess[:, a, b] = hess[:, b, a] = (pp - pm - mp + mm) / (4.0 * h[a] * h[b])
+    eig = np.linalg.eigvalsh(hess)  # ascending: l1 <= l2 <= l3
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where((eig[:, 2] < 0) & (eig[:, 0] < 0), eig[:, 2] / eig[:, 0], 0.0)
+    return np.asarray(np.clip(ratio, 0.0, 1.0), dtype=np.float64)
+
+
+def _suppress(items: list[tuple[npt.NDArray[np.float64], float]], spacing: npt.NDArray[np.float64]) -> list[int]:
+    """Indices kept by non-maximum suppression over (position (k, j, i) voxels, radius mm), strongest first."""
+    kept: list[int] = []
+    kept_pos: list[npt.NDArray[np.float64]] = []
+    kept_r: list[float] = []
+    for index, (pos, radius) in enumerate(items):
+        mm = np.asarray(pos, dtype=np.float64) * spacing
+        if kept_pos:
+            dist = np.linalg.norm(np.asarray(kept_pos) - mm, axis=1)
+            if np.any(dist < np.maximum(np.asarray(kept_r), radius)):
+                continue
+        kept.append(index)
+        kept_pos.append(mm)
+        kept_r.append(radius)
+    return kept
+
+
+def _measure(
+    hu: FloatArray,
+    region: BoolArray,
+    lungs: BoolArray,
+    spacing: npt.NDArray[np.float64],
+    pos: npt.NDArray[np.float64],
+    radius_mm: float,
+    strength: float,
+    sphericity: float,
+    p: NoduleParams,
+) -> Candidate | None:
+    """Segment the solid core around ``pos`` and measure it (None if it is not a nodule)."""
+    # Room for the 1.5-radius ball, the 6 mm shell around the nodule and the 2.5-radius compactness ball.
+    reach = max(1.5 * radius_mm + 6.0, 3.75 * radius_mm) + 2.0 * float(spacing.max())
+    lo = np.maximum(np.floor(pos - reach / spacing).astype(int), 0)
+    hi = np.minimum(np.ceil(pos + reach / spacing).astype(int) + 1, hu.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    grids = np.ogrid[box[0], box[1], box[2]]
+    dist2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, pos, spacing, strict=True))
+    solid = (hu[box] > p.solid_hu) & region[box]
+    inside = solid & (dist2 <= (1.5 * radius_mm) ** 2)
+    core = inside & (dist2 <= max(0.5 * radius_mm, float(spacing.max())) ** 2)
+    if not core.any():
+        return None
+    lab, _ = ndi.label(inside)
+    ids = np.unique(lab[core])
+    nodule = np.isin(lab, ids[ids > 0])
+    volume_mm3 = float(nodule.sum()) * float(np.prod(spacing))
+    diameter = float(np.cbrt(6.0 * volume_mm3 / np.pi))
+    if not p.min_diameter_mm <= diameter <= p.max_diameter_mm:
+        return None
+    r_nod = diameter / 2.0
+    shell = (dist2 > (r_nod + 2.0) ** 2) & (dist2 <= (r_nod + 6.0) ** 2)
+    surround = float(lungs[box][shell].mean()) if shell.any() else 0.0
+    if surround < p.min_lung_surround:
+        return None
+    where = np.argwhere(nodule)
+    wide = solid & (dist2 <= (2.5 * r_nod) ** 2)
+    lab2, _ = ndi.label(wide)
+    ids2 = np.unique(lab2[nodule])
+    comp2 = np.isin(lab2, ids2[ids2 > 0])
+    compactness = float(nodule.sum()) / float(comp2.sum())
+    return Candidate(
+        centre_kji=_f3(where.mean(axis=0) + lo),
+        bbox_min_kji=_i3(where.min(axis=0) + lo),
+        bbox_max_kji=_i3(where.max(axis=0) + lo),
+        diameter_mm=diameter,
+        strength=strength,
+        sphericity=sphericity,
+        lung_surround=surround,
+        compactness=compactness,
+    )
