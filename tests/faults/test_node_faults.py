@@ -259,3 +259,29 @@ def test_poison_study_fails_bounded_and_node_stays_healthy(tmp_path: Path, clean
     assert storescu(node.port, tmp_path / "good").returncode == 0
     node.wait_results(study_of(good))
     assert port_open(node.port)
+
+
+def test_late_instance_reruns_and_supersedes(tmp_path: Path, cleanup: list[Any]) -> None:
+    node = make_node(tmp_path)
+    cleanup += [node.orthanc, node]
+    node.start()
+    files = phantom_series(tmp_path, "late", n=31)
+    study = study_of(files)
+    assert set(c_store(node.port, files[:30]).values()) == {0}
+    node.wait_results(study)
+    first = {r.kind: r.sop_instance_uid for r in _results(node)}
+    assert set(c_store(node.port, files[30:]).values()) == {0}  # one slice arrives after processing
+    node.wait_results(study, n=2)  # the rerun's objects join the same result series
+    jobs = sorted(node.jobs(), key=lambda j: j.generation)
+    assert [(j.generation, j.state) for j in jobs] == [(1, "done"), (2, "done")]
+    latest = {r.kind: r.sop_instance_uid for r in _results(node) if r.job_id == jobs[1].id}
+    assert set(latest) == {"SEG", "SR"} and not set(latest.values()) & set(first.values())
+    series = node.orthanc.series_of_study(study)
+    assert sorted(len(s["Instances"]) for s in series) == [2, 2]  # SEG series and SR series, 2 each
+
+
+def _results(node: Node) -> list[Any]:
+    from node.catalog import Result
+
+    with node.catalog().session() as s:
+        return list(s.query(Result))
