@@ -168,6 +168,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from models import registry
 
+    if args.action == "evaluate":
+        from models.evaluate import evaluate, format_table
+
+        rows = evaluate(args.family or None, seed=args.seed)
+        print(format_table(rows))
+        print("Accuracy on generated phantoms (held-out seeds), not on patients: see README.")
+        return 0
     for name in registry.available():
         m = registry.manifest(name)
         print(f"{m.name}  {m.version}  {m.family:<14} {','.join(m.modalities):<6} {m.description}")
@@ -206,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--study", type=int, help="every failed/skipped job of this study (catalog id)")
     which.add_argument("--all-failed", action="store_true", help="every failed/skipped job")
     rt.set_defaults(func=cmd_retry)
-    m = sub.add_parser("models", help="list the models this node knows")
+    m = sub.add_parser("models", help="list the models this node knows, or evaluate them on phantoms")
+    m.add_argument("action", nargs="?", choices=["list", "evaluate"], default="list")
+    m.add_argument("--family", action="append", help="evaluate only this family (repeatable)")
+    m.add_argument("--seed", type=int, default=0, help="first phantom seed of the held-out set")
     m.set_defaults(func=cmd_models)
     return p
 
