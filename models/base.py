@@ -270,6 +270,22 @@ def is_axial(volume: Volume, tolerance_deg: float = 10.0) -> bool:
     return abs(float(k_axis[2])) / norm >= float(np.cos(np.deg2rad(tolerance_deg)))
 
 
+def tilt_degrees(volume: Volume) -> float:
+    """Angle between the slice step and the image normal: 0 for stacked slices, the gantry tilt
+    (or another shear) otherwise."""
+    a = volume.affine[:3, :3]
+    normal = np.cross(a[:, 0], a[:, 1])
+    step = a[:, 2]
+    denom = float(np.linalg.norm(normal) * np.linalg.norm(step))
+    if denom == 0.0:
+        return 90.0
+    return float(np.degrees(np.arccos(min(1.0, abs(float(normal @ step)) / denom))))
+
+
+MAX_TILT_DEGREES = 1.0
+"""Sheared stacks (gantry tilt) beyond this are refused by :func:`check_input`."""
+
+
 def check_input(manifest: Manifest, volume: Volume, *, max_slice_mm: float | None = None, axial: bool = False) -> None:
     """The common checks of :meth:`Model.check`; raise :class:`UnsuitableInput` with the reason.
 
@@ -284,6 +300,8 @@ def check_input(manifest: Manifest, volume: Volume, *, max_slice_mm: float | Non
         raise UnsuitableInput(f"{m.name} needs at least {m.min_slices} slices, got {n}")
     if not np.isfinite(volume.affine).all() or abs(np.linalg.det(volume.affine[:3, :3])) < 1e-9:
         raise UnsuitableInput(f"{m.name}: degenerate voxel geometry (affine)")
+    if (tilt := tilt_degrees(volume)) > MAX_TILT_DEGREES:
+        raise UnsuitableInput(f"{m.name}: gantry tilt or sheared slices ({tilt:.1f} degrees)")
     if max_slice_mm is not None and volume.spacing[0] > max_slice_mm:
         raise UnsuitableInput(f"{m.name} needs slices at most {max_slice_mm:g} mm apart, got {volume.spacing[0]:g} mm")
     if axial and not is_axial(volume):

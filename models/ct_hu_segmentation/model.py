@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
 
-from models.base import Manifest, ModelResult, Segment, UnsuitableInput, Volume
+from models.base import Manifest, ModelResult, Segment, Volume, check_input
 from models.manifest import MANIFEST_FILENAME, ManifestFile, load_manifest_file
 
 MANIFEST_PATH = Path(__file__).with_name(MANIFEST_FILENAME)
@@ -82,15 +82,8 @@ class CtHuSegmentation:
             raise ValueError(f"{manifest_path}: outputs must be {sorted(expected)}, got {sorted(self._labels)}")
 
     def check(self, volume: Volume) -> None:
-        """Raise :class:`UnsuitableInput` unless ``volume`` is a CT with enough slices."""
-        m = self.manifest
-        if volume.modality not in m.modalities:
-            raise UnsuitableInput(f"{m.name} needs modality {'/'.join(m.modalities)}, got {volume.modality!r}")
-        n = volume.voxels.shape[0]
-        if n < m.min_slices:
-            raise UnsuitableInput(f"{m.name} needs at least {m.min_slices} slices, got {n}")
-        if not np.isfinite(volume.affine).all() or abs(np.linalg.det(volume.affine[:3, :3])) < 1e-9:
-            raise UnsuitableInput(f"{m.name}: degenerate voxel geometry (affine)")
+        """Raise :class:`UnsuitableInput` unless ``volume`` is a CT with enough, stacked slices."""
+        check_input(self.manifest, volume)
 
     def run(self, volume: Volume) -> ModelResult:
         """Segment ``volume``; every declared segment is returned (empty ones are noted)."""

@@ -187,11 +187,16 @@ def test_check_rejects_unsuitable_series(model: CtLungNodules) -> None:
     thick[2, 2] = 5.0
     with pytest.raises(UnsuitableInput, match="5 mm"):
         model.check(dataclasses.replace(volume, affine=thick))
-    tilted = volume.affine.copy()
-    tilted[:3, 2] = [0.0, 2.5 * np.sin(0.5), 2.5 * np.cos(0.5)]  # k axis 29 degrees off z
-    assert not is_axial(dataclasses.replace(volume, affine=tilted))
+    sheared = volume.affine.copy()
+    sheared[:3, 2] = [0.0, 2.5 * np.sin(0.5), 2.5 * np.cos(0.5)]  # slices stepping 29 degrees off their normal
+    with pytest.raises(UnsuitableInput, match="tilt"):
+        model.check(dataclasses.replace(volume, affine=sheared))
+    c, s = np.cos(0.5), np.sin(0.5)
+    rotation = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, c, -s, 0.0], [0.0, s, c, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    oblique = rotation @ volume.affine  # the whole stack turned 29 degrees about x: not axial
+    assert not is_axial(dataclasses.replace(volume, affine=oblique))
     with pytest.raises(UnsuitableInput, match="axial"):
-        model.check(dataclasses.replace(volume, affine=tilted))
+        model.check(dataclasses.replace(volume, affine=oblique))
     model.check(volume)
 
 
