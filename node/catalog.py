@@ -482,6 +482,19 @@ class Catalog:
                         d.state, d.next_attempt_at = "pending", now
             s.execute(update(Job).where(Job.id == job_id).values(state="done", error=None, updated_at=now))
 
+    def previous_result(self, job: Job, kind: str) -> Result | None:
+        """The newest ``kind`` result of an earlier generation of the same series and model (for a
+        rerun's Predecessor Documents)."""
+        with self.session() as s:
+            return s.scalars(
+                select(Result)
+                .join(Job, Job.id == Result.job_id)
+                .where(Job.series_id == job.series_id, Job.model == job.model, Job.generation < job.generation,
+                       Result.kind == kind)
+                .order_by(Job.generation.desc(), Result.id.desc())
+                .limit(1)
+            ).first()
+
     def due_deliveries(self, now: float, limit: int = 100) -> list[tuple[Delivery, Result, int]]:
         """Pending deliveries whose next attempt is due: (delivery, result, study id)."""
         with self.session() as s:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from io import BytesIO
 
+import pydicom
 from pydicom.dataset import Dataset
 
 from models import registry
@@ -57,22 +58,26 @@ class WorkerContext:
 
 
 def encode_results(
-    model: Model, sources: list[Dataset], volume: Volume, result: ModelResult
+    model: Model, sources: list[Dataset], volume: Volume, result: ModelResult, predecessor: Dataset | None = None
 ) -> list[Dataset]:
-    """The DICOM objects the model's manifest promises, for this result."""
+    """The DICOM objects the model's manifest promises, for this result ([] when it found nothing).
+
+    ``predecessor`` is the SR of an earlier run on this series that the new SR supersedes.
+    """
     objects = model.manifest.objects
     out: list[Dataset] = []
     sw = software_version()
-    if "SEG" in objects and result.segments:
-        try:
-            seg = build_seg(sources, result, software_version=sw)
-        except EmptyResultError:
-            log.info("model %s found nothing to segment; no SEG/SR written", model.manifest.name)
-            return out
+    seg: Dataset | None = None
+    if "SEG" in objects and any(s.mask.any() for s in result.segments):
+        seg = build_seg(sources, result, software_version=sw)
         out.append(seg)
-        if "SR" in objects:
-            measurements = measure_segments(volume, result.segments)
-            out.append(build_sr(sources, seg, result, measurements, software_version=sw))
+    if "SR" in objects:
+        measurements = measure_segments(volume, result.segments) if seg is not None else ()
+        try:
+            out.append(build_sr(sources, result, seg=seg, measurements=measurements, software_version=sw,
+                                predecessor=predecessor))
+        except EmptyResultError:
+            log.info("model %s found nothing to report; no SR written", model.manifest.name)
     return out
 
 
@@ -92,7 +97,9 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
         t1 = time.monotonic()
         result = model.run(volume)
         t2 = time.monotonic()
-        datasets = encode_results(model, sources, volume, result)
+        previous = ctx.catalog.previous_result(job, "SR")
+        predecessor = pydicom.dcmread(ctx.spool.path(previous.path)) if previous is not None else None
+        datasets = encode_results(model, sources, volume, result, predecessor)
         study_uid = str(sources[0].StudyInstanceUID)
         written: list[tuple[str, str, str, str]] = []
         for ds in datasets:

@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from models.phantom import make_ct_phantom
 from node.receive.stow import stow_request
@@ -56,7 +57,7 @@ class Stack:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("*.log")))
 
 
-def _start(tmp_path: Path, redis_mode: bool) -> Iterator[Stack]:
+def _start(tmp_path: Path, redis_mode: bool, models: tuple[str, ...] = ("ct-hu-segmentation",)) -> Iterator[Stack]:
     node_port = free_port()
     orthanc = Orthanc(tmp_path, node_port=node_port).start()
     procs: list[subprocess.Popen[bytes]] = []
@@ -64,7 +65,7 @@ def _start(tmp_path: Path, redis_mode: bool) -> Iterator[Stack]:
     try:
         stow_port = free_port()
         cfg = node_config(tmp_path, node_port=node_port, orthanc=orthanc, quiet_seconds=QUIET_SECONDS,
-                          broker_url=redis.url if redis else "", embedded_workers=not redis_mode,
+                          broker_url=redis.url if redis else "", embedded_workers=not redis_mode, models=models,
                           overrides={"stow": {"enabled": True, "host": "127.0.0.1", "port": stow_port}})
         procs.append(start_node_process(cfg, "run", "node.log", port=node_port))
         if redis_mode:
@@ -239,3 +240,56 @@ def test_stow_rs_door(embedded: Stack, tmp_path: Path) -> None:
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     wait_for(lambda: embedded.orthanc.modalities_of_study(study_uid) == {"SEG": 1, "SR": 1}, 240,
              what="SEG and SR from the STOW-RS study")
+
+
+def test_detection_and_classification_reach_the_pacs(tmp_path: Path) -> None:
+    """Segmentation, nodule detection and emphysema grading on one chest CT: SEG + three SRs."""
+    stack_gen = _start(tmp_path, redis_mode=False,
+                       models=("ct-hu-segmentation", "ct-lung-nodules", "ct-emphysema"))
+    stack = next(stack_gen)
+    try:
+        phantom = make_ct_phantom(n_slices=48, rows=160, cols=160, pixel_mm=2.2, slice_mm=2.5, seed=21,
+                                  emphysema=0.2, blur_mm=0.0)
+        files = write_ct_series(phantom, tmp_path / "chest", uid_seed="chest-families")
+        study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        assert storescu(stack.node_port, tmp_path / "chest").returncode == 0
+        try:
+            wait_for(lambda: stack.orthanc.modalities_of_study(study_uid) == {"SEG": 1, "SR": 3}, 300,
+                     what="SEG + 3 SR")
+        except TimeoutError:
+            print(stack.logs()[-5000:])
+            raise
+        sr_files = stack.orthanc.instance_files(study_uid, "SR")
+        for i, data in enumerate(sr_files):
+            _validate(tmp_path, f"sr-{i}.dcm", data)
+        srs = [pydicom.dcmread(io.BytesIO(b)) for b in sr_files]
+        reports = {str(ds.SeriesDescription): hd.sr.Comprehensive3DSR.from_dataset(ds) for ds in srs}
+
+        nodules = reports["AI SR ct-lung-nodules"].content
+        assert isinstance(nodules, hd.sr.MeasurementReport)
+        planar = nodules.get_planar_roi_measurement_groups()
+        source_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+        big = [n for n in phantom.nodules if n.diameter_mm >= 6]
+        assert len(big) >= 1 and len(big) <= len(planar) <= len(big) + 2  # found, few false positives
+        for group in planar:
+            assert isinstance(group.roi, hd.sr.ImageRegion)
+            (image,) = group.roi.ContentSequence[0].ReferencedSOPSequence
+            assert image.ReferencedSOPInstanceUID in source_uids  # drawn on a source slice
+            (diameter,) = group.get_measurements(name=codes.SCT.Diameter)
+            assert 3.0 <= float(diameter.value) <= 32.0
+
+        emphysema = reports["AI SR ct-emphysema"].content
+        assert isinstance(emphysema, hd.sr.MeasurementReport)
+        [grading] = emphysema.get_image_measurement_groups()
+        lungs = phantom.truth("Right Lung") | phantom.truth("Left Lung")
+        truth_laa = float((phantom.hu[lungs] < -950).mean() * 100)
+        [score] = grading.get_measurements(name=Code("246262008", "SCT", "Score"))
+        assert abs(float(score.value) - truth_laa) <= 3.0, (float(score.value), truth_laa)
+        [grade] = grading.get_qualitative_evaluations(name=Code("87433001", "SCT", "Pulmonary emphysema"))
+        # absent < 5 <= mild < 15 <= moderate < 25 <= severe (LAA-950 %)
+        grades = [(5, "272519000"), (15, "255604002"), (25, "6736007"), (101, "24484000")]
+        expected = next(code for limit, code in grades if truth_laa < limit)
+        assert grade.value.value == expected, (truth_laa, grade.value)  # type: ignore[union-attr]
+    finally:
+        for _ in stack_gen:  # runs the generator's clean-up
+            pass

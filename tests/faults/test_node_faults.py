@@ -4,6 +4,7 @@ acknowledged, every job ends exactly once, and bad luck never stops it. Each tes
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -278,6 +279,10 @@ def test_late_instance_reruns_and_supersedes(tmp_path: Path, cleanup: list[Any])
     assert set(latest) == {"SEG", "SR"} and not set(latest.values()) & set(first.values())
     series = node.orthanc.series_of_study(study)
     assert sorted(len(s["Instances"]) for s in series) == [2, 2]  # SEG series and SR series, 2 each
+    [new_sr] = [pydicom.dcmread(io.BytesIO(b)) for b in node.orthanc.instance_files(study, "SR")
+                if pydicom.dcmread(io.BytesIO(b)).SOPInstanceUID == latest["SR"]]
+    ref = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == first["SR"]  # the rerun's SR supersedes the first
 
 
 def _results(node: Node) -> list[Any]:

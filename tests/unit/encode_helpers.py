@@ -14,7 +14,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom.filebase import DicomBytesIO
 
-from models.base import Code, ModelResult, Segment, Volume
+from models.base import Classification, Code, Detection, ModelResult, Segment, Volume
 
 CT_REAL_20 = Path(__file__).resolve().parents[1] / "data" / "ct-real-20"
 
@@ -26,6 +26,8 @@ SCT_LEFT = Code("7771000", "SCT", "Left")
 SCT_RIGHT = Code("24028007", "SCT", "Right")
 SCT_NODULE = Code("27925004", "SCT", "Nodule")
 SCT_MORPH_ABNORMAL = Code("49755003", "SCT", "Morphologically Abnormal Structure")
+SCT_EMPHYSEMA = Code("87433001", "SCT", "Pulmonary emphysema")
+SCT_MILD = Code("255604002", "SCT", "Mild")
 
 
 def slice_normal(ds: pydicom.Dataset) -> npt.NDArray[np.float64]:
@@ -173,3 +175,41 @@ def run_dciodvfy(data: bytes, tmp_path: Path, name: str = "object.dcm") -> tuple
     for line in errors:
         print(f"dciodvfy {name}: {line}")
     return errors, warnings
+
+
+def detection_at(
+    volume: Volume,
+    number: int,
+    centre_ijk: tuple[float, float, float],
+    diameter_mm: float,
+    confidence: float,
+) -> Detection:
+    """A synthetic nodule candidate ``nodule-<number>`` centred at fractional voxel ``centre_ijk``."""
+    lps = volume.to_patient(centre_ijk)
+    spacing_ijk = np.asarray(volume.spacing[::-1])  # mm along i, j, k
+    radius = np.ceil(diameter_mm / 2.0 / spacing_ijk).astype(int)
+    centre = np.rint(np.asarray(centre_ijk)).astype(int)
+    lo, hi = np.maximum(centre - radius, 0), centre + radius
+    return Detection(
+        label=f"Nodule {number}",
+        type=SCT_NODULE,
+        centre_ijk=centre_ijk,
+        centre_lps=(float(lps[0]), float(lps[1]), float(lps[2])),
+        bbox_ijk_min=(int(lo[0]), int(lo[1]), int(lo[2])),
+        bbox_ijk_max=(int(hi[0]), int(hi[1]), int(hi[2])),
+        diameter_mm=diameter_mm,
+        confidence=confidence,
+        tracking_id=f"nodule-{number}",
+    )
+
+
+def emphysema_classification(score: float = 12.3) -> Classification:
+    """A synthetic emphysema grade (LAA-950 %)."""
+    return Classification(
+        name="Emphysema",
+        concept=SCT_EMPHYSEMA,
+        value=SCT_MILD,
+        score=score,
+        score_unit="%",
+        details={"LAA% right lung": score - 1.0, "LAA% left lung": score + 1.0},
+    )

@@ -115,7 +115,9 @@ def sr_bytes(
     result_on_ct: ModelResult,
     measurements: list[SegmentMeasurement],
 ) -> bytes:
-    return write_bytes(build_sr(sources, seg, result_on_ct, measurements, software_version=SOFTWARE_VERSION))
+    return write_bytes(
+        build_sr(sources, result_on_ct, seg=seg, measurements=measurements, software_version=SOFTWARE_VERSION)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -225,12 +227,12 @@ def test_same_inputs_same_uids_new_version_new_uids(
     result_on_ct: ModelResult,
     measurements: list[SegmentMeasurement],
 ) -> None:
-    a = build_sr(sources, seg, result_on_ct, measurements, software_version=SOFTWARE_VERSION)
-    b = build_sr(sources, seg, result_on_ct, measurements, software_version=SOFTWARE_VERSION)
+    a = build_sr(sources, result_on_ct, seg=seg, measurements=measurements, software_version=SOFTWARE_VERSION)
+    b = build_sr(sources, result_on_ct, seg=seg, measurements=measurements, software_version=SOFTWARE_VERSION)
     assert (a.SeriesInstanceUID, a.SOPInstanceUID) == (b.SeriesInstanceUID, b.SOPInstanceUID)
     v2 = replace(result_on_ct, model_version="1.0.1")
     seg2 = build_seg(sources, v2, software_version=SOFTWARE_VERSION)
-    c = build_sr(sources, seg2, v2, measurements, software_version=SOFTWARE_VERSION)
+    c = build_sr(sources, v2, seg=seg2, measurements=measurements, software_version=SOFTWARE_VERSION)
     assert c.SeriesInstanceUID != a.SeriesInstanceUID
     assert c.SOPInstanceUID != a.SOPInstanceUID
     assert c.SeriesInstanceUID != seg2.SeriesInstanceUID
@@ -243,7 +245,9 @@ def test_custom_procedure_reported(
     measurements: list[SegmentMeasurement],
 ) -> None:
     chest = Code("24627-2", "LN", "CT Chest")
-    ds = build_sr(sources, seg, result_on_ct, measurements, software_version="x", procedure_reported=chest)
+    ds = build_sr(
+        sources, result_on_ct, seg=seg, measurements=measurements, software_version="x", procedure_reported=chest
+    )
     codes_reported = [
         item.ConceptCodeSequence[0].CodeValue
         for item in ds.ContentSequence
@@ -259,17 +263,17 @@ def test_inconsistent_inputs_raise(
     measurements: list[SegmentMeasurement],
 ) -> None:
     with pytest.raises(ValueError, match="measurements for"):
-        build_sr(sources, seg, result_on_ct, measurements[:-1], software_version="x")
+        build_sr(sources, result_on_ct, seg=seg, measurements=measurements[:-1], software_version="x")
     with pytest.raises(ValueError, match="does not match"):
-        build_sr(sources, seg, result_on_ct, list(reversed(measurements)), software_version="x")
+        build_sr(sources, result_on_ct, seg=seg, measurements=list(reversed(measurements)), software_version="x")
     with pytest.raises(ValueError, match="Segmentation"):
-        build_sr(sources, sources[0], result_on_ct, measurements, software_version="x")
+        build_sr(sources, result_on_ct, seg=sources[0], measurements=measurements, software_version="x")
     renamed = replace(
         result_on_ct, segments=(replace(result_on_ct.segments[0], name="Trunk"), *result_on_ct.segments[1:])
     )
     renamed_measurements = [replace(measurements[0], name="Trunk"), *measurements[1:]]
     with pytest.raises(ValueError, match="seg segment 1"):
-        build_sr(sources, seg, renamed, renamed_measurements, software_version="x")
+        build_sr(sources, renamed, seg=seg, measurements=renamed_measurements, software_version="x")
 
 
 def test_all_empty_raises(
@@ -280,7 +284,7 @@ def test_all_empty_raises(
 ) -> None:
     empty = [replace(m, voxel_count=0, volume_ml=0.0, mean=None, sd=None) for m in measurements]
     with pytest.raises(EmptyResultError, match="every segment is empty"):
-        build_sr(sources, seg, result_on_ct, empty, software_version="x")
+        build_sr(sources, result_on_ct, seg=seg, measurements=empty, software_version="x")
 
 
 def test_dciodvfy_no_errors(sr_bytes: bytes, tmp_path: Path) -> None:

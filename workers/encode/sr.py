@@ -1,33 +1,78 @@
-"""TID 1500 Measurement Report (Comprehensive 3D SR) of per-segment measurements."""
+"""TID 1500 Measurement Report (Comprehensive 3D SR) of a :class:`models.base.ModelResult`.
+
+Content tree (every group carries a Tracking Identifier, a Tracking UID and the algorithm)::
+
+    Imaging Measurement Report (TID 1500)
+      Language, Observer = the model as a device, Procedure reported
+      Imaging Measurements
+        1. per detection, TID 1410 Planar ROI group: Finding = Detection.type, [Finding site],
+           Image Region = CIRCLE/ELLIPSE (SCOORD) on the source slice nearest the centre,
+           Diameter (mm, INFERRED FROM the same SCOORD), Certainty of Finding (%)
+        2. per non-empty segment, TID 1411 Volumetric ROI group: Referenced Segment (the SEG),
+           Volume (ml), Mean, Standard Deviation (HU for CT)
+        3. per classification, TID 1501 group: Finding = concept, Score (model unit),
+           qualitative evaluation concept = category
+        4. the registration, TID 1501 group: Finding = Spatial Registration, RMS Distance (mm)
+
+Why this layout: planar groups come first because OHIF (3.12) fails to load a report whose first
+group is a volumetric SEG reference without image coordinates; it draws SCOORDs on the slice,
+and lists in its measurement panel the numeric items with an "inferred from" SCOORD (the dcmjs
+layout), hence the outline under Diameter too. Classifications are TID 1501 groups rather than
+TID 1500's report-level "Qualitative Evaluations" container because highdicom (0.28) builds
+only the former, and a score needs a numeric item, which that container does not hold. Codes and
+the SCOORD pixel convention: see :mod:`workers.encode.sr_content`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import SegmentationStorage
 
-from models.base import Code, ModelResult, Segment
+from models.base import Code, ModelResult
 from workers.encode.measure import SegmentMeasurement
 from workers.encode.seg import DEFAULT_MANUFACTURER, EmptyResultError, to_pydicom_code
-from workers.encode.uids import device_uid, input_fingerprint, result_uids, segment_tracking_uid
+from workers.encode.sr_content import (
+    HOUNSFIELD_UNIT,
+    MEAN,
+    MILLILITER,
+    NO_UNITS,
+    STANDARD_DEVIATION,
+    VOLUME,
+    algorithm_of,
+    classification_group,
+    detection_group,
+    intensity_unit,
+    registration_group,
+    segment_group,
+)
+from workers.encode.uids import device_uid, input_fingerprint, result_uids
+
+__all__ = [
+    "HOUNSFIELD_UNIT",
+    "MEAN",
+    "MILLILITER",
+    "NO_UNITS",
+    "SR_KIND",
+    "STANDARD_DEVIATION",
+    "VOLUME",
+    "build_sr",
+    "intensity_unit",
+    "procedure_for_modality",
+]
 
 SR_KIND = "SR"
 
-#: Measurement names (CID 7469 "Generic Intensity and Size Measurements").
-VOLUME = codes.SCT.Volume  # SCT 118565006
-MEAN = codes.SCT.Mean  # SCT 373098007
-STANDARD_DEVIATION = codes.SCT.StandardDeviation  # SCT 386136009
-
-#: Units (UCUM).
-MILLILITER = PydicomCode("ml", "UCUM", "milliliter")
-HOUNSFIELD_UNIT = codes.UCUM.HounsfieldUnit  # [hnsf'U]
-NO_UNITS = codes.UCUM.NoUnits  # "1"
-
-_ANATOMICAL_STRUCTURE = ("123037004", "SCT")
+Group = (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
 
 #: Procedure Reported per source modality (CID 100); anything else is "Imaging procedure".
 _PROCEDURES: dict[str, PydicomCode] = {
@@ -36,25 +81,31 @@ _PROCEDURES: dict[str, PydicomCode] = {
     "PT": codes.cid100.PETUnspecifiedBodyRegion,  # LN 44136-0
 }
 
+_SR_STORAGE = {
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+}
+
 
 def procedure_for_modality(modality: str) -> PydicomCode:
     """Procedure Reported code for a source modality."""
     return _PROCEDURES.get(modality.upper(), codes.cid100.ImagingProcedure)
 
 
-def intensity_unit(modality: str) -> PydicomCode:
-    """Unit of mean/SD voxel values: Hounsfield units for CT, no units otherwise."""
-    return HOUNSFIELD_UNIT if modality.upper() == "CT" else NO_UNITS
-
-
-def _check_inputs(
+def _check_seg(
     sources: Sequence[pydicom.Dataset],
-    seg: pydicom.Dataset,
+    seg: pydicom.Dataset | None,
     result: ModelResult,
     measurements: Sequence[SegmentMeasurement],
 ) -> None:
-    if len(sources) == 0:
-        raise ValueError("at least one source dataset is required")
+    if seg is None:
+        if measurements:
+            raise ValueError("measurements given without the seg they refer to")
+        if any(bool(np.any(segment.mask)) for segment in result.segments):
+            raise ValueError("the result has non-empty segments: pass the SEG built from it (seg=...)")
+        return
     if seg.get("SOPClassUID") != SegmentationStorage:
         raise ValueError(f"seg is not a Segmentation Storage instance (SOP Class {seg.get('SOPClassUID')})")
     if seg.StudyInstanceUID != sources[0].StudyInstanceUID:
@@ -77,99 +128,103 @@ def _check_inputs(
             raise ValueError(f"seg segment {number} is {labels.get(number)!r}, expected {segment.name!r}")
 
 
-def _finding_sites(segment: Segment) -> list[hd.sr.FindingSite] | None:
-    """A lateralised anatomical structure is also its own finding site (with the laterality)."""
-    if (
-        segment.laterality is None
-        or (segment.category.value, segment.category.scheme) != _ANATOMICAL_STRUCTURE
-    ):
-        return None
-    return [
-        hd.sr.FindingSite(
-            anatomic_location=to_pydicom_code(segment.type),
-            laterality=to_pydicom_code(segment.laterality),
-        )
+def _check_predecessor(predecessor: pydicom.Dataset, sources: Sequence[pydicom.Dataset]) -> None:
+    if predecessor.get("SOPClassUID") not in _SR_STORAGE:
+        raise ValueError(f"predecessor is not an SR document (SOP Class {predecessor.get('SOPClassUID')})")
+    if predecessor.StudyInstanceUID != sources[0].StudyInstanceUID:
+        raise ValueError("predecessor belongs to another study")
+
+
+def _check_unique(kind: str, names: Sequence[str]) -> None:
+    if len(set(names)) != len(names):
+        raise ValueError(f"{kind} must be unique within a result: {list(names)}")
+
+
+def _groups(
+    sources: Sequence[pydicom.Dataset],
+    result: ModelResult,
+    seg: pydicom.Dataset | None,
+    measurements: Sequence[SegmentMeasurement],
+    finding_site: Code | None,
+) -> list[Group]:
+    """All measurement groups, in report order (planar first)."""
+    _check_unique("detection tracking ids", [d.tracking_id for d in result.detections])
+    _check_unique("classification names", [c.name for c in result.classifications])
+    source_series_uid = str(sources[0].SeriesInstanceUID)
+    modality = str(sources[0].Modality)
+    algorithm = algorithm_of(result)
+    groups: list[Group] = [
+        detection_group(detection, sources, result, algorithm, finding_site) for detection in result.detections
     ]
+    if seg is not None:
+        groups.extend(
+            segment_group(segment, measurement, seg, source_series_uid, result, algorithm, modality)
+            for segment, measurement in zip(result.segments, measurements, strict=True)
+            if not measurement.is_empty
+        )
+    groups.extend(
+        classification_group(classification, source_series_uid, result, algorithm)
+        for classification in result.classifications
+    )
+    if result.registration is not None:
+        groups.append(registration_group(result.registration, source_series_uid, result, algorithm))
+    return groups
 
 
 def build_sr(
     sources: Sequence[pydicom.Dataset],
-    seg: pydicom.Dataset,
     result: ModelResult,
-    measurements: Sequence[SegmentMeasurement],
     *,
+    seg: pydicom.Dataset | None = None,
+    measurements: Sequence[SegmentMeasurement] = (),
     series_number: int = 901,
     manufacturer: str = DEFAULT_MANUFACTURER,
     software_version: str,
     procedure_reported: Code | None = None,
+    predecessor: pydicom.Dataset | None = None,
+    finding_site: Code | None = None,
 ) -> pydicom.Dataset:
-    """Encode ``measurements`` as a TID 1500 Measurement Report referencing ``seg``.
+    """Encode ``result`` as a TID 1500 Measurement Report (layout: see the module docstring).
 
     Args:
-        sources: the source images of the segmentation (only attributes are read).
-        seg: the SEG built by :func:`workers.encode.seg.build_seg` for ``result``.
-        result: the model result; ``measurements[i]`` belongs to ``result.segments[i]``.
-        measurements: from :func:`workers.encode.measure.measure_segments`.
+        sources: the source images in the volume's k order (only attributes are read); detections
+            are drawn on ``sources[round(centre k)]``.
+        result: the model result: detections, segments, classifications, registration.
+        seg: the SEG built by :func:`workers.encode.seg.build_seg` for ``result``; required when
+            the result has non-empty segments, which are reported only with it.
+        measurements: from :func:`workers.encode.measure.measure_segments`, one per segment
+            (``measurements[i]`` belongs to ``result.segments[i]``); only with ``seg``.
         series_number: Series Number of the SR series.
         manufacturer: Manufacturer of the creating device (this node).
         software_version: Software Versions of the creating device (this node).
         procedure_reported: defaults to "<modality> unspecified body region" (CID 100).
-
-    One Volumetric ROI group (TID 1411) per non-empty segment, with Volume (ml), Mean and
-    Standard Deviation (HU for CT, no units otherwise).
+        predecessor: an earlier SR this one supersedes (e.g. the same model's SR before late
+            instances arrived); referenced in Predecessor Documents Sequence. Ignored when it has
+            the SOP Instance UID this SR gets (a rerun on the same input replaces it in place).
+        finding_site: anatomic location of every detection (e.g. SCT 39607008 Lung), optional.
 
     Raises:
-        EmptyResultError: every segment is empty (TID 1500 needs at least one group).
+        EmptyResultError: nothing to report (every segment empty, no detection, classification or
+            registration); TID 1500 needs at least one group.
         ValueError: inconsistent inputs (seg not built from these sources/segments, measurements
-            out of order).
+            out of order, a detection outside the slices, a predecessor from another study...).
     """
-    _check_inputs(sources, seg, result, measurements)
+    if len(sources) == 0:
+        raise ValueError("at least one source dataset is required")
+    _check_seg(sources, seg, result, measurements)
+    if predecessor is not None:
+        _check_predecessor(predecessor, sources)
+    groups = _groups(sources, result, seg, measurements, finding_site)
+    if not groups:
+        raise EmptyResultError(
+            "every segment is empty and there is no detection, classification or registration to report"
+        )
+
     modality = str(sources[0].Modality)
-    source_series_uid = str(sources[0].SeriesInstanceUID)
     uids = result_uids(
-        source_series_uid, result.model_name, result.model_version, SR_KIND,
+        str(sources[0].SeriesInstanceUID), result.model_name, result.model_version, SR_KIND,
         input_fingerprint(str(ds.SOPInstanceUID) for ds in sources),
     )
-    unit = intensity_unit(modality)
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=result.model_name,
-        version=result.model_version,
-        family=codes.cid7162.ArtificialIntelligence,
-    )
-
-    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
-    for segment, measurement in zip(result.segments, measurements, strict=True):
-        if measurement.is_empty:
-            continue
-        if measurement.mean is None or measurement.sd is None:
-            raise ValueError(f"segment {segment.name!r}: non-empty but mean/sd missing")
-        values = [
-            hd.sr.Measurement(name=VOLUME, value=float(measurement.volume_ml), unit=MILLILITER),
-            hd.sr.Measurement(name=MEAN, value=float(measurement.mean), unit=unit),
-            hd.sr.Measurement(name=STANDARD_DEVIATION, value=float(measurement.sd), unit=unit),
-        ]
-        groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=segment_tracking_uid(source_series_uid, result.model_name, segment.name),
-                    identifier=segment.name,
-                ),
-                referenced_segment=hd.sr.ReferencedSegment(
-                    sop_class_uid=seg.SOPClassUID,
-                    sop_instance_uid=seg.SOPInstanceUID,
-                    segment_number=measurement.segment_number,
-                    source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
-                ),
-                finding_type=to_pydicom_code(segment.type),
-                finding_category=to_pydicom_code(segment.category),
-                finding_sites=_finding_sites(segment),
-                algorithm_id=algorithm,
-                measurements=values,
-            )
-        )
-    if not groups:
-        raise EmptyResultError("every segment is empty: no measurement group to report")
-
     algorithm_device_uid = device_uid(manufacturer, result.model_name, result.model_version)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=algorithm_device_uid,
@@ -185,17 +240,20 @@ def build_sr(
         )
     )
     procedure = (
-        to_pydicom_code(procedure_reported)
-        if procedure_reported is not None
-        else procedure_for_modality(modality)
+        to_pydicom_code(procedure_reported) if procedure_reported is not None else procedure_for_modality(modality)
     )
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=procedure,
         imaging_measurements=groups,
     )
+    previous = (
+        [predecessor]
+        if predecessor is not None and str(predecessor.SOPInstanceUID) != uids.sop_instance_uid
+        else None
+    )
     return hd.sr.Comprehensive3DSR(
-        evidence=[seg, *sources],
+        evidence=[*([seg] if seg is not None else []), *sources],
         content=report[0],
         series_instance_uid=uids.series_uid,
         series_number=series_number,
@@ -204,6 +262,7 @@ def build_sr(
         manufacturer=manufacturer,
         is_complete=True,
         is_final=False,  # unreviewed AI output: PRELIMINARY
+        previous_versions=previous,
         series_description=f"AI SR {result.model_name}"[:64],
         manufacturer_model_name=result.model_name,
         software_versions=software_version,

@@ -1,0 +1,314 @@
+"""Measurement groups of the TID 1500 report built by :mod:`workers.encode.sr`, and their codes.
+
+One builder per kind of finding:
+
+* :func:`detection_group`: TID 1410 Planar ROI group, a circle (or ellipse) on the source image
+  nearest to the detection centre, with Diameter and Certainty of Finding;
+* :func:`segment_group`: TID 1411 Volumetric ROI group referencing a SEG segment, with Volume,
+  Mean and Standard Deviation;
+* :func:`classification_group`: TID 1501 group with the score and the category (qualitative
+  evaluation);
+* :func:`registration_group`: TID 1501 group with the registration residual.
+
+Codes (all standard, none private):
+
+* Diameter: SCT 81827009 "Diameter" (CID 7470), mm. ``Detection.diameter_mm`` is the diameter of
+  the sphere with the finding's volume.
+* Confidence: DCM 111012 "Certainty of Finding" (CID 6048 "CAD Operating Point Axis Label"),
+  defined as "the likelihood that the finding detected is in fact the type of finding
+  identified", in percent (``100 * Detection.confidence``) as the CAD templates use it. Models
+  document whether their confidence is a calibrated probability or a ranking score.
+* Classification score: SCT 246262008 "Score" with the model's UCUM unit; the category is a
+  qualitative evaluation ``Classification.concept`` = ``Classification.value``.
+* Registration residual: DCM 121206 "Distance" (CID 7470), mm, derivation UMLS C2347976 "Root Mean
+  Square" (CID 7464), finding DCM 112353 "Spatial Registration".
+
+Spatial coordinates (SCOORD) follow PS3.3 C.18.6.1: (column, row) with (0, 0) at the top left
+corner of the top left pixel, so the centre of voxel (i, j) is (i + 0.5, j + 0.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code as PydicomCode
+
+from models.base import Classification, Code, Detection, ModelResult, Registration, Segment
+from workers.encode.measure import SegmentMeasurement
+from workers.encode.seg import to_pydicom_code
+from workers.encode.uids import derive_uid, segment_tracking_uid
+
+#: Measurement names.
+VOLUME = codes.SCT.Volume  # SCT 118565006
+MEAN = codes.SCT.Mean  # SCT 373098007
+STANDARD_DEVIATION = codes.SCT.StandardDeviation  # SCT 386136009
+DIAMETER = codes.SCT.Diameter  # SCT 81827009
+CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding  # DCM 111012
+SCORE = PydicomCode("246262008", "SCT", "Score")
+DISTANCE = codes.DCM.Distance  # DCM 121206
+ROOT_MEAN_SQUARE = codes.cid7464.RootMeanSquare  # UMLS C2347976
+SPATIAL_REGISTRATION = codes.DCM.SpatialRegistration  # DCM 112353
+
+#: Units (UCUM).
+MILLILITER = PydicomCode("ml", "UCUM", "milliliter")
+MILLIMETER = PydicomCode("mm", "UCUM", "millimeter")
+PERCENT = codes.UCUM.Percent  # %
+HOUNSFIELD_UNIT = codes.UCUM.HounsfieldUnit  # [hnsf'U]
+NO_UNITS = codes.UCUM.NoUnits  # "1"
+_UNITS: dict[str, PydicomCode] = {u.value: u for u in (MILLILITER, MILLIMETER, PERCENT, HOUNSFIELD_UNIT, NO_UNITS)}
+
+_ANATOMICAL_STRUCTURE = ("123037004", "SCT")
+_LO_MAX = 64
+
+
+def ucum(unit: str) -> PydicomCode:
+    """A UCUM unit code for ``unit`` (``"%"``, ``"1"``, ``"mm"``...)."""
+    if not unit:
+        raise ValueError("empty UCUM unit")
+    return _UNITS.get(unit, PydicomCode(unit, "UCUM", unit))
+
+
+def intensity_unit(modality: str) -> PydicomCode:
+    """Unit of mean/SD voxel values: Hounsfield units for CT, no units otherwise."""
+    return HOUNSFIELD_UNIT if modality.upper() == "CT" else NO_UNITS
+
+
+def algorithm_of(result: ModelResult) -> hd.sr.AlgorithmIdentification:
+    """Algorithm Identification (TID 4019) of the model that produced ``result``."""
+    return hd.sr.AlgorithmIdentification(
+        name=result.model_name,
+        version=result.model_version,
+        family=codes.cid7162.ArtificialIntelligence,
+    )
+
+
+def _identifier(text: str) -> str:
+    """A Tracking Identifier, at most as long as the SEG's (LO)."""
+    if not text or len(text) > _LO_MAX:
+        raise ValueError(f"tracking identifier must be 1-{_LO_MAX} characters: {text!r}")
+    return text
+
+
+# --- tracking UIDs (stable for reruns and model versions; one namespace per kind) ------------------
+
+
+def detection_tracking_uid(source_series_uid: str, model_name: str, tracking_id: str) -> str:
+    """Tracking UID of a detection (``Detection.tracking_id``) of a model on a series."""
+    return derive_uid("detection-tracking", source_series_uid, model_name, tracking_id)
+
+
+def classification_tracking_uid(source_series_uid: str, model_name: str, name: str) -> str:
+    """Tracking UID of a classification (``Classification.name``) of a model on a series."""
+    return derive_uid("classification-tracking", source_series_uid, model_name, name)
+
+
+def registration_tracking_uid(source_series_uid: str, model_name: str) -> str:
+    """Tracking UID of the registration of a model on a (current) series."""
+    return derive_uid("registration-tracking", source_series_uid, model_name)
+
+
+# --- detections (TID 1410) ------------------------------------------------------------------------
+
+
+def nearest_slice(detection: Detection, n_slices: int) -> int:
+    """Index in ``sources`` (k order) of the slice nearest the detection centre (halves round up)."""
+    k = detection.centre_ijk[2]
+    index = int(np.floor(k + 0.5))
+    if not 0 <= index < n_slices:
+        raise ValueError(f"detection {detection.tracking_id!r}: centre k={k:g} outside the {n_slices} slices")
+    return index
+
+
+def pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float]:
+    """(between rows, between columns) in mm of a single-frame image."""
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise ValueError("detections need single-frame source images (one per slice)")
+    if "PixelSpacing" not in ds:
+        raise ValueError(f"source {ds.SOPInstanceUID} has no Pixel Spacing")
+    row, col = (float(v) for v in ds.PixelSpacing)
+    if not (row > 0 and col > 0):
+        raise ValueError(f"source {ds.SOPInstanceUID}: invalid Pixel Spacing {ds.PixelSpacing}")
+    return row, col
+
+
+def detection_outline(
+    detection: Detection, image: pydicom.Dataset
+) -> tuple[hd.sr.GraphicTypeValues, npt.NDArray[np.float64]]:
+    """SCOORD graphic type and data (column, row) of the detection's equivalent circle on ``image``.
+
+    A CIRCLE (centre, point on the perimeter) for square pixels, else an axis-aligned ELLIPSE (major
+    then minor axis end points); the radius is ``diameter_mm / 2`` in pixels.
+    """
+    row_mm, col_mm = pixel_spacing(image)
+    cx, cy = detection.centre_ijk[0] + 0.5, detection.centre_ijk[1] + 0.5
+    radius_mm = detection.diameter_mm / 2.0
+    if not radius_mm > 0:
+        raise ValueError(f"detection {detection.tracking_id!r}: diameter must be positive")
+    rx, ry = radius_mm / col_mm, radius_mm / row_mm  # in columns, in rows
+    if np.isclose(rx, ry, rtol=1e-6):
+        return hd.sr.GraphicTypeValues.CIRCLE, np.array([[cx, cy], [cx + rx, cy]])
+    x_axis = [[cx - rx, cy], [cx + rx, cy]]
+    y_axis = [[cx, cy - ry], [cx, cy + ry]]
+    major, minor = (x_axis, y_axis) if rx > ry else (y_axis, x_axis)
+    return hd.sr.GraphicTypeValues.ELLIPSE, np.array([*major, *minor])
+
+
+def detection_group(
+    detection: Detection,
+    sources: Sequence[pydicom.Dataset],
+    result: ModelResult,
+    algorithm: hd.sr.AlgorithmIdentification,
+    finding_site: Code | None = None,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group of one detection on the source image nearest its centre.
+
+    The outline is both the group's Image Region and the source of the Diameter ("inferred from"),
+    the layout viewers such as OHIF list in their measurement panel.
+    """
+    image = sources[nearest_slice(detection, len(sources))]
+    graphic_type, graphic_data = detection_outline(detection, image)
+
+    def source_image() -> hd.sr.SourceImageForRegion:  # one content item per place in the tree
+        return hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=image.SOPClassUID, referenced_sop_instance_uid=image.SOPInstanceUID
+        )
+
+    source_series_uid = str(sources[0].SeriesInstanceUID)
+    diameter = hd.sr.Measurement(name=DIAMETER, value=float(detection.diameter_mm), unit=MILLIMETER)
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=detection_tracking_uid(source_series_uid, result.model_name, detection.tracking_id),
+            identifier=_identifier(detection.tracking_id),
+        ),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=graphic_type, graphic_data=graphic_data, source_image=source_image()
+        ),
+        finding_type=to_pydicom_code(detection.type),
+        finding_sites=[hd.sr.FindingSite(to_pydicom_code(finding_site))] if finding_site is not None else None,
+        algorithm_id=algorithm,
+        measurements=[
+            diameter,
+            hd.sr.Measurement(name=CERTAINTY_OF_FINDING, value=100.0 * float(detection.confidence), unit=PERCENT),
+        ],
+    )
+    # highdicom refuses coordinates under the numeric items of a TID 1410 group (its authors'
+    # choice; TID 1419 includes TID 300 with its INFERRED FROM TID 320 rows): add them afterwards.
+    diameter[0].ContentSequence = hd.sr.Measurement(
+        name=DIAMETER,
+        value=float(detection.diameter_mm),
+        unit=MILLIMETER,
+        referenced_coordinates=[
+            hd.sr.CoordinatesForMeasurement(
+                graphic_type=graphic_type, graphic_data=graphic_data, source_image=source_image()
+            )
+        ],
+    )[0].ContentSequence
+    return group
+
+
+# --- segments (TID 1411) --------------------------------------------------------------------------
+
+
+def _segment_finding_sites(segment: Segment) -> list[hd.sr.FindingSite] | None:
+    """A lateralised anatomical structure is also its own finding site (with the laterality)."""
+    if segment.laterality is None or (segment.category.value, segment.category.scheme) != _ANATOMICAL_STRUCTURE:
+        return None
+    return [
+        hd.sr.FindingSite(
+            anatomic_location=to_pydicom_code(segment.type),
+            laterality=to_pydicom_code(segment.laterality),
+        )
+    ]
+
+
+def segment_group(
+    segment: Segment,
+    measurement: SegmentMeasurement,
+    seg: pydicom.Dataset,
+    source_series_uid: str,
+    result: ModelResult,
+    algorithm: hd.sr.AlgorithmIdentification,
+    modality: str,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 group of one non-empty segment: Volume (ml), Mean and Standard Deviation."""
+    if measurement.mean is None or measurement.sd is None:
+        raise ValueError(f"segment {segment.name!r}: non-empty but mean/sd missing")
+    unit = intensity_unit(modality)
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=segment_tracking_uid(source_series_uid, result.model_name, segment.name),
+            identifier=segment.name,
+        ),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=measurement.segment_number,
+            source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+        ),
+        finding_type=to_pydicom_code(segment.type),
+        finding_category=to_pydicom_code(segment.category),
+        finding_sites=_segment_finding_sites(segment),
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(name=VOLUME, value=float(measurement.volume_ml), unit=MILLILITER),
+            hd.sr.Measurement(name=MEAN, value=float(measurement.mean), unit=unit),
+            hd.sr.Measurement(name=STANDARD_DEVIATION, value=float(measurement.sd), unit=unit),
+        ],
+    )
+
+
+# --- classifications and registration (TID 1501) --------------------------------------------------
+
+
+def classification_group(
+    classification: Classification,
+    source_series_uid: str,
+    result: ModelResult,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group: finding = the concept, Score (model unit), concept = category."""
+    concept = to_pydicom_code(classification.concept)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=classification_tracking_uid(source_series_uid, result.model_name, classification.name),
+            identifier=_identifier(classification.name),
+        ),
+        finding_type=concept,
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(name=SCORE, value=float(classification.score), unit=ucum(classification.score_unit))
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=concept, value=to_pydicom_code(classification.value))
+        ],
+    )
+
+
+def registration_group(
+    registration: Registration,
+    source_series_uid: str,
+    result: ModelResult,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group: finding = Spatial Registration, residual as an RMS Distance (mm)."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=registration_tracking_uid(source_series_uid, result.model_name),
+            identifier="Registration",
+        ),
+        finding_type=SPATIAL_REGISTRATION,
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=DISTANCE,
+                value=float(registration.residual_mm),
+                unit=MILLIMETER,
+                derivation=ROOT_MEAN_SQUARE,
+            )
+        ],
+    )
