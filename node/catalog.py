@@ -57,6 +57,10 @@ class Study(Base):
     last_received_at: Mapped[float] = mapped_column(Float)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     note: Mapped[str | None] = mapped_column(Text, default=None)
+    patient_key: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    """SHA-256 of Patient ID + Issuer: finds a patient's prior studies without storing the ID."""
+    study_datetime: Mapped[str] = mapped_column(String(32), default="")
+    """StudyDate + StudyTime as sent (orders a patient's studies)."""
 
 
 class Series(Base):
@@ -238,6 +242,8 @@ class Catalog:
         size: int,
         series_attributes: dict[str, Any],
         now: float,
+        patient_key: str | None = None,
+        study_datetime: str = "",
         _retry: bool = False,
     ) -> Recorded:
         """Record a spooled instance (idempotent: a known SOP Instance is reported, not added).
@@ -255,7 +261,8 @@ class Catalog:
                 event: str | None = None
                 study = s.scalar(select(Study).where(Study.study_uid == study_uid))
                 if study is None:
-                    study = Study(study_uid=study_uid, first_received_at=now, last_received_at=now)
+                    study = Study(study_uid=study_uid, first_received_at=now, last_received_at=now,
+                                  patient_key=patient_key, study_datetime=study_datetime)
                     s.add(study)
                     s.flush()
                     event = "new"
@@ -292,7 +299,8 @@ class Catalog:
             return self.record_instance(
                 study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_instance_uid,
                 sop_class_uid=sop_class_uid, transfer_syntax_uid=transfer_syntax_uid, path=path, size=size,
-                series_attributes=series_attributes, now=now, _retry=True,
+                series_attributes=series_attributes, now=now, patient_key=patient_key,
+                study_datetime=study_datetime, _retry=True,
             )
 
     # ---- assemble --------------------------------------------------------------------------
@@ -481,6 +489,24 @@ class Catalog:
                     elif rerun and d.state == "sent":
                         d.state, d.next_attempt_at = "pending", now
             s.execute(update(Job).where(Job.id == job_id).values(state="done", error=None, updated_at=now))
+
+    def prior_series(self, job: Job) -> Series | None:
+        """The largest series, of the same modality, in the newest earlier study of the same patient."""
+        with self.session() as s:
+            current = s.get_one(Study, job.study_id)
+            series = s.get_one(Series, job.series_id)
+            modality = json.loads(series.attributes).get("Modality")
+            if current.patient_key is None or modality is None:
+                return None
+            candidates = s.execute(
+                select(Series, Study)
+                .join(Study, Study.id == Series.study_id)
+                .where(Study.patient_key == current.patient_key, Study.id != current.id,
+                       Study.study_datetime <= current.study_datetime)
+            ).all()
+            same = [(st.study_datetime, se.instance_count, se.id, se) for se, st in candidates
+                    if json.loads(se.attributes).get("Modality") == modality]
+            return max(same, key=lambda t: t[:3])[3] if same else None
 
     def previous_result(self, job: Job, kind: str) -> Result | None:
         """The newest ``kind`` result of an earlier generation of the same series and model (for a

@@ -18,11 +18,12 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from models import registry
-from models.base import Model, ModelError, ModelResult, UnsuitableInput, Volume
+from models.base import Model, ModelError, ModelResult, UnsuitableInput, Volume, is_pair_model
 from node.catalog import Catalog, job_policy, worker_identity
 from node.config import Settings
 from node.spool import Spool
 from workers.encode.measure import measure_segments
+from workers.encode.registered import build_registered_prior
 from workers.encode.seg import EmptyResultError, build_seg
 from workers.encode.sr import build_sr
 from workers.load import load_series
@@ -71,7 +72,7 @@ def encode_results(
     if "SEG" in objects and any(s.mask.any() for s in result.segments):
         seg = build_seg(sources, result, software_version=sw)
         out.append(seg)
-    if "SR" in objects:
+    if "SR" in objects or ("REG" in objects and result.registration is not None):
         measurements = measure_segments(volume, result.segments) if seg is not None else ()
         try:
             out.append(build_sr(sources, result, seg=seg, measurements=measurements, software_version=sw,
@@ -94,12 +95,22 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
         paths = [ctx.spool.path(i.path) for i in ctx.catalog.instances_of_series(job.series_id)]
         volume, sources = load_series(paths)
         model.check(volume)
+        prior_sources: list[Dataset] = []
+        if is_pair_model(model):
+            prior = ctx.catalog.prior_series(job)
+            if prior is None:
+                raise UnsuitableInput("no earlier study of this patient with this modality in the catalog")
+            prior_volume, prior_sources = load_series(
+                [ctx.spool.path(i.path) for i in ctx.catalog.instances_of_series(prior.id)])
+            model.check(prior_volume)
         t1 = time.monotonic()
-        result = model.run(volume)
+        result = model.run_pair(volume, prior_volume) if is_pair_model(model) else model.run(volume)
         t2 = time.monotonic()
         previous = ctx.catalog.previous_result(job, "SR")
         predecessor = pydicom.dcmread(ctx.spool.path(previous.path)) if previous is not None else None
         datasets = encode_results(model, sources, volume, result, predecessor)
+        if "REG" in model.manifest.objects and result.registration is not None:
+            datasets += build_registered_prior(sources, prior_sources, result, software_version=software_version())
         study_uid = str(sources[0].StudyInstanceUID)
         written: list[tuple[str, str, str, str]] = []
         for ds in datasets:

@@ -13,6 +13,7 @@ catalog row committed. Failures get the DICOM status a sending modality understa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import socket
@@ -116,6 +117,15 @@ def _series_attributes(ds: Dataset, calling_ae: str) -> dict[str, Any]:
         with contextlib.suppress(TypeError, ValueError):
             out["SliceThickness"] = float(ds.SliceThickness)
     return out
+
+
+def patient_key(ds: Dataset) -> str | None:
+    """A one-way key of Patient ID + Issuer (to find a patient's prior studies); None without an ID."""
+    pid = str(ds.get("PatientID", "") or "").strip()
+    if not pid:
+        return None
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    return hashlib.sha256(f"{issuer}\x00{pid}".encode("utf-8", "replace")).hexdigest()
 
 
 def pixel_data_problem(ds: Dataset, transfer_syntax: str) -> str | None:
@@ -228,6 +238,8 @@ class Receiver:
                 size=stored.size,
                 series_attributes=attributes,
                 now=self.clock(),
+                patient_key=patient_key(ds),
+                study_datetime=f"{ds.get('StudyDate', '')}{ds.get('StudyTime', '')}"[:32],
             )
         except SpoolError as exc:
             log.error("spool error: %s", exc)

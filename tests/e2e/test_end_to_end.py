@@ -293,3 +293,51 @@ def test_detection_and_classification_reach_the_pacs(tmp_path: Path) -> None:
     finally:
         for _ in stack_gen:  # runs the generator's clean-up
             pass
+
+
+def test_registration_of_the_prior_study(tmp_path: Path) -> None:
+    """A patient's second study: the prior is found in the catalog, registered, and sent back as a
+    derived series on the current frame of reference plus an SR with the residual."""
+    stack_gen = _start(tmp_path, redis_mode=False, models=("ct-registration",))
+    stack = next(stack_gen)
+    try:
+        kw = {"n_slices": 40, "rows": 128, "cols": 128, "pixel_mm": 3.0, "slice_mm": 2.5}
+        prior = make_ct_phantom(seed=31, **kw)  # type: ignore[arg-type]
+        current = make_ct_phantom(seed=32, shift_mm=(6.0, -4.0, 5.0), rotation_deg=4.0, **kw)  # type: ignore[arg-type]
+        prior_files = write_ct_series(prior, tmp_path / "prior", uid_seed="reg-prior", patient_id="REG-1")
+        current_files = write_ct_series(current, tmp_path / "current", uid_seed="reg-current", patient_id="REG-1")
+        assert storescu(stack.node_port, tmp_path / "prior").returncode == 0
+        wait_for(lambda: _status(stack)["jobs"] == {"skipped": 1}, 120, what="the first study skipped: no prior")
+        assert storescu(stack.node_port, tmp_path / "current").returncode == 0
+        study_uid = str(pydicom.dcmread(current_files[0], stop_before_pixels=True).StudyInstanceUID)
+        try:
+            wait_for(lambda: stack.orthanc.modalities_of_study(study_uid) == {"CT": 40, "SR": 1}, 300,
+                     what="registered prior series + SR")
+        except TimeoutError:
+            print(stack.logs()[-5000:])
+            raise
+        registered = sorted((pydicom.dcmread(io.BytesIO(b)) for b in stack.orthanc.instance_files(study_uid, "CT")),
+                            key=lambda d: float(d.ImagePositionPatient[2]))
+        _validate(tmp_path, "registered.dcm", stack.orthanc.instance_files(study_uid, "CT")[0])
+        cur = sorted((pydicom.dcmread(f) for f in current_files), key=lambda d: float(d.ImagePositionPatient[2]))
+        assert {d.FrameOfReferenceUID for d in registered} == {cur[0].FrameOfReferenceUID}
+        assert [d.ImagePositionPatient for d in registered] == [d.ImagePositionPatient for d in cur]
+        reg = np.stack([d.pixel_array.astype(np.float32) for d in registered])
+        now = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in cur])
+        before = np.stack([pydicom.dcmread(f).pixel_array * 1.0 - 1024 for f in sorted(
+            prior_files, key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))])
+        inner = (slice(8, -8), slice(16, -16), slice(16, -16))  # away from the field-of-view edge
+        err_registered = float(np.abs(reg[inner] - now[inner]).mean())
+        err_unregistered = float(np.abs(before[inner] - now[inner]).mean())
+        print(f"mean |HU difference| to the current study: {err_unregistered:.1f} before, "
+              f"{err_registered:.1f} after registration")
+        assert err_registered < 0.5 * err_unregistered
+        [sr] = [pydicom.dcmread(io.BytesIO(b)) for b in stack.orthanc.instance_files(study_uid, "SR")]
+        report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+        assert isinstance(report, hd.sr.MeasurementReport)
+        [group] = report.get_image_measurement_groups()
+        [residual] = group.get_measurements(name=Code("121206", "DCM", "Distance"))
+        assert 0 <= float(residual.value) < 5.0
+    finally:
+        for _ in stack_gen:
+            pass
