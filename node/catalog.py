@@ -365,11 +365,13 @@ class Catalog:
         with self.session() as s:
             return list(s.scalars(select(Job).where(Job.state.in_(states)).order_by(Job.id)))
 
-    def jobs_to_enqueue(self, now: float) -> list[int]:
+    def jobs_to_enqueue(self, now: float) -> list[tuple[int, str]]:
+        """(job id, model) of queued jobs that have no queue message yet and are due."""
         with self.session() as s:
-            return list(s.scalars(
-                select(Job.id).where(Job.state == "queued", Job.enqueued_at.is_(None), Job.not_before <= now)
-            ))
+            rows = s.execute(
+                select(Job.id, Job.model).where(Job.state == "queued", Job.enqueued_at.is_(None), Job.not_before <= now)
+            )
+            return [(job_id, model) for job_id, model in rows]
 
     def forget_enqueued(self) -> int:
         """Mark queued jobs as not yet sent, so the node sends them again (after a restart)."""

@@ -34,7 +34,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     from models import registry  # the registry is light: models import their code lazily
 
-    registry.validate_names([m for rule in settings.rules for m in rule.models])
+    registry.validate_names([m for rule in settings.rules for m in rule.models] + list(settings.models))
     return settings
 
 
@@ -120,7 +120,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "worker",
         "--pool=prefork",
         f"--concurrency={concurrency}",
-        f"--queues={args.queues or DEFAULT_QUEUE}",
+        f"--queues={args.queues or ','.join(sorted({DEFAULT_QUEUE, *(m.queue for m in settings.models.values())}))}",
         f"--loglevel={settings.logging.level}",
         f"--hostname=dicom-node-worker-{os.getpid()}@%h",
         "--without-gossip",
@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     w = with_config(sub.add_parser("worker", help="run a Celery worker (for queue.broker_url = redis://...)"))
     w.add_argument("--concurrency", type=int, default=0, help="worker processes (default: from config)")
-    w.add_argument("--queues", default="", help="comma-separated queues to consume (default: cpu)")
+    w.add_argument("--queues", default="",
+                   help="comma-separated queues to consume (default: cpu and every queue named under models:); "
+                   "a GPU machine runs `--queues gpu --concurrency 1` per GPU")
     w.set_defaults(func=cmd_worker)
     c = with_config(sub.add_parser("check-config", help="validate the configuration and exit"))
     c.set_defaults(func=cmd_check_config)

@@ -170,6 +170,20 @@ class Rule(_Frozen):
         return v
 
 
+class ModelSettings(_Frozen):
+    """Per-model options (``models:`` section, keyed by model name)."""
+
+    path: Path | None = None
+    """A site's MONAI bundle directory or TorchScript file (deep-learning models; only this path
+    is loaded: bundles are code). None = the weights shipped with the model."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when a GPU is visible to the worker, else cpu."""
+    batch_size: int = Field(4, ge=1, le=256)
+    precision: Literal["fp32", "amp"] = "fp32"
+    queue: str = Field("cpu", pattern=r"^[a-z0-9_-]{1,32}$")
+    """Celery queue its jobs go to: run GPU models on ``gpu`` workers (concurrency 1 per GPU)."""
+
+
 class LoggingSettings(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -182,6 +196,7 @@ class Settings(_Frozen):
     send: SendSettings = Field(default_factory=SendSettings)
     destinations: list[Destination] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=list)
+    models: dict[str, ModelSettings] = Field(default_factory=dict)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
@@ -201,6 +216,9 @@ class Settings(_Frozen):
             if d.name == name:
                 return d
         raise KeyError(name)
+
+    def model_settings(self, name: str) -> ModelSettings:
+        return self.models.get(name) or ModelSettings()
 
     @property
     def embedded_broker(self) -> bool:

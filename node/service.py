@@ -40,7 +40,8 @@ class NodeService:
         self.stow = self._stow_server() if settings.stow.enabled else None
         self.assembler = Assembler(self.catalog, settings.assembly.study_quiet_seconds, clock)
         self.router = Router(self.catalog, settings.rules, clock)
-        self.enqueuer = Enqueuer(create_app(settings), self.catalog, clock)
+        self.enqueuer = Enqueuer(create_app(settings), self.catalog, clock,
+                                 queue_of=lambda model: settings.model_settings(model).queue)
         self.deliverer = Deliverer(settings, self.catalog, self.spool, clock, sender_factory)
         self.job_policy = job_policy(settings)
         self._stop = threading.Event()

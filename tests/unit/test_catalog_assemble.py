@@ -134,7 +134,7 @@ def test_failed_attempts_back_off_then_dead_letter_then_retry(catalog: Catalog) 
             assert state == "queued" and catalog.jobs_to_enqueue(clock.t) == []  # not before the backoff
             delays.append(job.not_before - clock.t)
             clock.t = job.not_before
-            assert catalog.jobs_to_enqueue(clock.t) == [job_id]
+            assert catalog.jobs_to_enqueue(clock.t) == [(job_id, "m")]
         else:
             assert state == "failed" and job.error == "RuntimeError: boom"
     assert delays == [10, 15]  # doubling, capped
