@@ -1,6 +1,6 @@
 """Inference time per study for each registered model (CPU here; CUDA when a GPU is present).
 
-Run by hand:  .venv/bin/python bench/models.py [--slices 300] [--size 512] [--model NAME ...]
+Run by hand:  .venv/bin/python bench/model_inference.py [--slices 300] [--size 512] [--model NAME ...]
 
 Each model is loaded once (as a worker keeps it warm), then timed on a generated chest phantom of
 the given size; registration models get a shifted, rotated prior of the same size. Prints the
