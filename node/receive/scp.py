@@ -34,7 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.catalog import Catalog
 from node.config import Settings
 from node.logutil import ref
-from node.spool import Spool, SpoolError, is_valid_uid
+from node.spool import Spool, SpoolError, Stored, is_valid_uid
 
 log = logging.getLogger("node.receive")
 
@@ -207,6 +207,8 @@ class Receiver:
             sop_uid, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
             problem = pixel_data_problem(ds, transfer_syntax)
             attributes = _series_attributes(ds, source)
+            patient = patient_key(ds)
+            study_datetime = f"{ds.get('StudyDate', '')}{ds.get('StudyTime', '')}"[:32]
         except (Exception, RecursionError) as exc:  # anything the parser throws is the sender's fault
             log.warning("cannot parse instance: %s", type(exc).__name__)
             return Received(STATUS_CANNOT_PARSE, *(request or (None, None)))
@@ -225,6 +227,7 @@ class Receiver:
             log.warning("instance refused: %s", problem)
             return replace(uids, status=STATUS_INVALID)
         assert isinstance(study_uid, str) and isinstance(series_uid, str) and isinstance(sop_uid, str)
+        stored: Stored | None = None
         try:
             rel = self.spool.instance_relpath(study_uid, series_uid, sop_uid)
             stored = self.spool.write(rel, encoded)  # an existing file (duplicate) is kept as it is
@@ -238,14 +241,16 @@ class Receiver:
                 size=stored.size,
                 series_attributes=attributes,
                 now=self.clock(),
-                patient_key=patient_key(ds),
-                study_datetime=f"{ds.get('StudyDate', '')}{ds.get('StudyTime', '')}"[:32],
+                patient_key=patient,
+                study_datetime=study_datetime,
             )
         except SpoolError as exc:
             log.error("spool error: %s", exc)
             return replace(uids, status=STATUS_OUT_OF_RESOURCES)
         except Exception:
             log.exception("catalog error while storing an instance")
+            if stored is not None and stored.new:  # answered failure: keep no file for it
+                stored.path.unlink(missing_ok=True)
             return replace(uids, status=STATUS_OUT_OF_RESOURCES)
         if recorded.study_event == "new":
             log.info("study #%d (%s): receiving", recorded.study_id, ref(study_uid))

@@ -215,7 +215,7 @@ def test_pacs_down_then_back(tmp_path: Path, cleanup: list[Any]) -> None:
     wait_for(retrying, 120, what="deliveries failing and retried")
     node.orthanc.start()
     node.wait_results(study_of(files))
-    assert node.catalog().counts()["deliveries"] == {"sent": 2}
+    wait_for(lambda: node.catalog().counts()["deliveries"] == {"sent": 2}, 30, what="deliveries marked sent")
 
 
 def test_split_study_and_duplicate_push_give_one_job(tmp_path: Path, cleanup: list[Any]) -> None:

@@ -70,3 +70,15 @@ def test_below_free_space_floor_is_a700(tmp_path: Path) -> None:
     data = encode(ct_slice("1.2.3", "1.2.3.4", "1.2.3.4.9"))
     assert r.store(data, CT, "1.2.3.4.9", "S") == STATUS_OUT_OF_RESOURCES
     assert not list((tmp_path / "instances").rglob("*.dcm"))
+
+
+def test_catalog_failure_leaves_no_file(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance answered with a failure status is not kept in the spool."""
+
+    def broken(**kwargs: object) -> None:
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(receiver.catalog, "record_instance", broken)
+    data = encode(ct_slice("1.2.3", "1.2.3.4", "1.2.3.4.50"))
+    assert receiver.store(data, CT, "1.2.3.4.50", "S") == STATUS_OUT_OF_RESOURCES
+    assert not list((receiver.spool.root / "instances").rglob("*.dcm"))
