@@ -50,12 +50,53 @@ def _ct_registration() -> Model:
     return CtRegistration()
 
 
+# --- Deep-learning models (torch + MONAI, imported only when a factory runs) ------------------
+# Demo weights ship as MONAI-style bundles in models/dl_<name>/ (trained on phantoms by
+# tools/train_demo_models.py); the classes in models.dl.* also take a site's bundle directory or
+# TorchScript file, device, batch size and precision.
+
+
+def _dl_ct_segmentation() -> Model:
+    from models.dl.segmentation import DlCtSegmentation
+
+    return DlCtSegmentation()
+
+
+def _dl_lung_nodule_detection() -> Model:
+    from models.dl.detection import DlNoduleDetection
+
+    return DlNoduleDetection()
+
+
+def _dl_emphysema_classification() -> Model:
+    from models.dl.classification import DlEmphysemaClassification
+
+    return DlEmphysemaClassification()
+
+
+def _dl_ct_registration() -> Model:
+    # A PairModel (models.base.is_pair_model): its run() refuses a single series.
+    from models.dl.registration import DlCtRegistration
+
+    return DlCtRegistration()
+
+
+_DL_MODELS: dict[str, Callable[[], Model]] = {
+    "dl-ct-segmentation": _dl_ct_segmentation,
+    "dl-lung-nodule-detection": _dl_lung_nodule_detection,
+    "dl-emphysema-classification": _dl_emphysema_classification,
+    "dl-ct-registration": _dl_ct_registration,
+}
+# --- end of deep-learning models ----------------------------------------------------------------
+
+
 REGISTRY: Mapping[str, Callable[[], Model]] = MappingProxyType(
     {
         "ct-hu-segmentation": _ct_hu_segmentation,
         "ct-lung-nodules": _ct_lung_nodules,
         "ct-emphysema": _ct_emphysema,
         "ct-registration": _ct_registration,
+        **_DL_MODELS,
     }
 )
 

@@ -172,6 +172,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         from models.evaluate import evaluate, format_table
 
         rows = evaluate(args.family or None, seed=args.seed)
+        if args.dl:
+            from models.dl.evaluate import evaluate_dl
+
+            rows += evaluate_dl(seed=args.seed)
         print(format_table(rows))
         print("Accuracy on generated phantoms (held-out seeds), not on patients: see README.")
         return 0
@@ -219,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("action", nargs="?", choices=["list", "evaluate"], default="list")
     m.add_argument("--family", action="append", help="evaluate only this family (repeatable)")
     m.add_argument("--seed", type=int, default=0, help="first phantom seed of the held-out set")
+    m.add_argument("--dl", action="store_true", help="also evaluate the deep-learning demo models (needs torch)")
     m.set_defaults(func=cmd_models)
     return p
 

@@ -1,0 +1,126 @@
+"""``dl-emphysema-classification``: emphysema grade (None/Mild/Moderate/Severe) from a lung-masked CT.
+
+Pipeline of :meth:`DlEmphysemaClassification.run`:
+
+1. Lungs come from :class:`models.dl.segmentation.DlCtSegmentation` (right and left lung).
+2. In canonical orientation, the lungs' bounding box (plus ``margin_mm``) is cut out and
+   area-averaged to ``in_shape`` (48^3 in the demo bundle) as two channels: HU clipped to
+   ``hu_window`` and scaled to [0, 1] times the lung mask, and the lung mask.
+3. A small MONAI ``Classifier`` (3-D CNN) gives one logit per grade; the grade is the argmax.
+
+Grades and their codes are those of ``ct-emphysema`` (:data:`models.ct_emphysema.GRADES`: low-
+attenuation lung below 5 % absent, 5-15 % mild, 15-25 % moderate, 25 % or more severe); the
+network learnt them from synthetic emphysema (-980 HU patches). It does not estimate LAA%:
+``Classification.score`` is the softmax probability of the reported grade (unit ``1``, not
+calibrated); ``details`` gives every grade's probability and the lung volume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from pydantic import Field
+
+from models.base import Classification, ModelResult, UnsuitableInput, Volume
+from models.ct_emphysema import GRADES
+from models.dl.core import DlModel, Params
+from models.dl.runtime import Orientation, Precision, hu_to_unit, resample
+from models.dl.segmentation import OUT_LEFT, OUT_RIGHT, DlCtSegmentation
+
+
+class ClsParams(Params):
+    """``dicom_node`` parameters of a classification bundle."""
+
+    in_shape: tuple[int, int, int, int] = (2, 48, 48, 48)
+    hu_window: tuple[float, float] = (-1024.0, -600.0)
+    margin_mm: float = Field(5.0, ge=0.0)
+    grades: tuple[str, ...] = tuple(g.meaning for g in GRADES)
+    min_lung_ml: float = Field(100.0, ge=0.0)
+
+
+def classifier_input(
+    hu: npt.NDArray[np.generic], lung: npt.NDArray[np.bool_], spacing: tuple[float, float, float], params: ClsParams
+) -> torch.Tensor:
+    """The network input (1, 2, *in_shape[1:]) from canonical HU and lung mask (shared with training)."""
+    idx = (
+        np.nonzero(lung.any(axis=(1, 2)))[0],
+        np.nonzero(lung.any(axis=(0, 2)))[0],
+        np.nonzero(lung.any(axis=(0, 1)))[0],
+    )
+    box = []
+    for a in range(3):
+        pad = int(np.ceil(params.margin_mm / spacing[a]))
+        box.append(slice(max(0, int(idx[a][0]) - pad), min(lung.shape[a], int(idx[a][-1]) + 1 + pad)))
+    sub = torch.from_numpy(np.ascontiguousarray(hu[tuple(box)], dtype=np.float32))
+    mask = torch.from_numpy(np.ascontiguousarray(lung[tuple(box)])).float()
+    x = torch.stack([hu_to_unit(sub, params.hu_window) * mask, mask])[None]
+    return resample(x, params.in_shape[1:]).contiguous()
+
+
+class DlEmphysemaClassification(DlModel):
+    """The ``dl-emphysema-classification`` model (see the module docstring); stateless between calls.
+
+    ``segmenter`` supplies the lung masks (default: a :class:`DlCtSegmentation` with
+    ``segmentation_bundle``, or the shipped one, on the same device, batch size and precision).
+    """
+
+    PACKAGE = "dl_emphysema_classification"
+
+    def __init__(
+        self,
+        bundle: str | Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        batch_size: int = 4,
+        precision: Precision = "fp32",
+        segmenter: DlCtSegmentation | None = None,
+        segmentation_bundle: str | Path | None = None,
+    ) -> None:
+        super().__init__(bundle, device=device, batch_size=batch_size, precision=precision)
+        self.params = self.parse_params(ClsParams)
+        expected = tuple(g.meaning for g in GRADES)
+        if tuple(self.params.grades) != expected:
+            raise ValueError(f"{self.loaded.source}: grades must be {list(expected)}, got {list(self.params.grades)}")
+        if [o.name for o in self.manifest.outputs] != ["Emphysema"]:
+            raise ValueError(f"{self.manifest.name}: the manifest must declare the single output 'Emphysema'")
+        self._label = self.manifest.outputs[0]
+        self.segmenter = segmenter or DlCtSegmentation(
+            segmentation_bundle, device=self.device, batch_size=batch_size, precision=precision
+        )
+        self.expect_output(torch.zeros(1, *self.params.in_shape), len(GRADES))
+
+    def run(self, volume: Volume) -> ModelResult:
+        """Grade emphysema in ``volume`` (one :class:`Classification`)."""
+        self.check(volume)
+        labels = self.segmenter.label_map(volume)
+        lung = (labels == OUT_RIGHT) | (labels == OUT_LEFT)
+        lung_ml = float(lung.sum()) * volume.voxel_volume_ml
+        if lung_ml < self.params.min_lung_ml:
+            raise UnsuitableInput(f"{self.manifest.name}: only {lung_ml:.0f} ml of lung found")
+        orient = Orientation.of(volume.affine)
+        x = classifier_input(
+            orient.to_canonical(volume.voxels), orient.to_canonical(lung), orient.canonical_spacing(), self.params
+        )
+        with torch.no_grad(), self.autocast():
+            logits = self.network(x.to(self.device))
+        prob = torch.softmax(logits.float()[0], dim=0).cpu().numpy()
+        grade = int(np.argmax(prob))
+        details = {f"P({g})": float(p) for g, p in zip(self.params.grades, prob, strict=True)}
+        details["lung volume (ml)"] = lung_ml
+        cls = Classification(
+            name=self._label.name,
+            concept=self._label.type,
+            value=GRADES[grade],
+            score=float(prob[grade]),
+            score_unit="1",
+            details=details,
+        )
+        notes = (
+            self.note(),
+            f"lung masks from {self.segmenter.manifest.name}: {self.segmenter.note()}",
+            f"{lung_ml:.0f} ml lung: {GRADES[grade].meaning} (p = {prob[grade]:.2f})",
+        )
+        return ModelResult(self.manifest.name, self.manifest.version, notes=notes, classifications=(cls,))
