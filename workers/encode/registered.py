@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from models.base import ModelResult
+from workers.encode.series import series_description, series_number
 from workers.encode.uids import derive_uid, input_fingerprint, result_uids
 
 REGISTERED_KIND = "REGISTERED-PRIOR"
@@ -26,8 +27,8 @@ HU_MIN, HU_MAX = -32768, 32767
 
 
 def build_registered_prior(
-    current: Sequence[Dataset], prior: Sequence[Dataset], result: ModelResult, *, series_number: int = 902,
-    software_version: str, manufacturer: str = "dicom-ai-node",
+    current: Sequence[Dataset], prior: Sequence[Dataset], result: ModelResult, *,
+    series_number: int = series_number(REGISTERED_KIND), software_version: str, manufacturer: str = "dicom-ai-node",
 ) -> list[Dataset]:
     """Images of the resampled prior, one per ``current`` slice (``current`` in the volume's k order)."""
     reg = result.registration
@@ -55,7 +56,7 @@ def build_registered_prior(
         ds.SeriesInstanceUID = uids.series_uid
         ds.SeriesNumber = series_number
         ds.InstanceNumber = k + 1
-        ds.SeriesDescription = f"AI registered prior {result.model_name}"[:64]
+        ds.SeriesDescription = series_description(REGISTERED_KIND, result.model_name)
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"] if template.get("Modality") == "CT" else [
             "DERIVED", "SECONDARY"]
         ds.DerivationDescription = (

@@ -12,6 +12,7 @@ from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 
 from models.base import Code, ModelResult, Segment
+from workers.encode.series import series_description, series_number
 from workers.encode.uids import device_uid, input_fingerprint, result_uids, segment_tracking_uid
 
 SEG_KIND = "SEG"
@@ -95,7 +96,7 @@ def build_seg(
     sources: Sequence[pydicom.Dataset],
     result: ModelResult,
     *,
-    series_number: int = 900,
+    series_number: int = series_number(SEG_KIND),
     manufacturer: str = DEFAULT_MANUFACTURER,
     software_version: str,
     transfer_syntax_uid: str = ExplicitVRLittleEndian,
@@ -183,7 +184,7 @@ def build_seg(
         software_versions=software_version,
         device_serial_number=device_uid(manufacturer, result.model_name, result.model_version),
         content_description=f"{result.model_name} {result.model_version}"[:_LO_MAX],
-        series_description=f"AI SEG {result.model_name}"[:_LO_MAX],
+        series_description=series_description(SEG_KIND, result.model_name),
         transfer_syntax_uid=transfer_syntax_uid,
         omit_empty_frames=True,
         workers=workers,

@@ -37,6 +37,7 @@ from pydicom.uid import SegmentationStorage
 from models.base import Code, ModelResult
 from workers.encode.measure import SegmentMeasurement
 from workers.encode.seg import DEFAULT_MANUFACTURER, EmptyResultError, to_pydicom_code
+from workers.encode.series import series_description, series_number
 from workers.encode.sr_content import (
     HOUNSFIELD_UNIT,
     MEAN,
@@ -177,7 +178,7 @@ def build_sr(
     *,
     seg: pydicom.Dataset | None = None,
     measurements: Sequence[SegmentMeasurement] = (),
-    series_number: int = 901,
+    series_number: int = series_number("SR"),
     manufacturer: str = DEFAULT_MANUFACTURER,
     software_version: str,
     procedure_reported: Code | None = None,
@@ -263,7 +264,7 @@ def build_sr(
         is_complete=True,
         is_final=False,  # unreviewed AI output: PRELIMINARY
         previous_versions=previous,
-        series_description=f"AI SR {result.model_name}"[:64],
+        series_description=series_description("SR", result.model_name),
         manufacturer_model_name=result.model_name,
         software_versions=software_version,
         device_serial_number=algorithm_device_uid,
