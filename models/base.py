@@ -19,7 +19,9 @@ import numpy as np
 import numpy.typing as npt
 
 Family = Literal["segmentation", "detection", "classification", "registration"]
-OutputObject = Literal["SEG", "SR", "SC", "REG"]  # REG: Spatial Registration
+OutputObject = Literal["SEG", "SR", "SC", "PDF", "REG"]
+"""What a model's results become (workers/outputs.py): SEG, TID 1500 SR, key-image Secondary
+Captures, an Encapsulated PDF report, REG = registered prior series + Spatial Registration."""
 
 
 class ModelError(Exception):
@@ -49,6 +51,10 @@ class Volume:
         modality: DICOM Modality of the source series (``CT``, ``MR``...).
         sop_instance_uids: the source instance of each slice, in k order.
         frame_of_reference_uid: the source Frame of Reference UID.
+        source_frames: when the series is ONE multi-frame image (Enhanced or Legacy Converted
+            Enhanced CT/MR...): the 1-based frame number of each slice, in k order (a permutation of
+            1..slices; frames are sorted along the slice normal like single-frame slices). None for
+            single-frame slices.
     """
 
     voxels: npt.NDArray[np.float32]
@@ -56,6 +62,7 @@ class Volume:
     modality: str
     sop_instance_uids: tuple[str, ...]
     frame_of_reference_uid: str
+    source_frames: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.voxels.ndim != 3:
@@ -64,6 +71,9 @@ class Volume:
             raise ValueError("affine must be 4x4")
         if len(self.sop_instance_uids) != self.voxels.shape[0]:
             raise ValueError("one SOP Instance UID per slice is required")
+        frames = self.source_frames
+        if frames is not None and sorted(frames) != list(range(1, self.voxels.shape[0] + 1)):
+            raise ValueError("source_frames must give each slice its frame: a permutation of 1..slices")
 
     @property
     def spacing(self) -> tuple[float, float, float]:

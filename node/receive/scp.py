@@ -53,6 +53,7 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
     sc.LegacyConvertedEnhancedCTImageStorage,
     sc.MRImageStorage,
     sc.EnhancedMRImageStorage,
+    sc.LegacyConvertedEnhancedMRImageStorage,
     sc.PositronEmissionTomographyImageStorage,
     sc.EnhancedPETImageStorage,
     sc.ComputedRadiographyImageStorage,

@@ -31,6 +31,8 @@ def build_registered_prior(
     series_number: int = series_number(REGISTERED_KIND), software_version: str, manufacturer: str = "dicom-ai-node",
 ) -> list[Dataset]:
     """Images of the resampled prior, one per ``current`` slice (``current`` in the volume's k order)."""
+    if any("PerFrameFunctionalGroupsSequence" in d or int(d.get("NumberOfFrames") or 1) > 1 for d in current):
+        raise ValueError("the registered prior needs single-frame current images as templates (one per slice)")
     reg = result.registration
     if reg is None:
         raise ValueError("the result has no registration")

@@ -3,7 +3,8 @@
 One builder per kind of finding:
 
 * :func:`detection_group`: TID 1410 Planar ROI group, a circle (or ellipse) on the source image
-  nearest to the detection centre, with Diameter and Certainty of Finding;
+  (or frame of a multi-frame source) nearest to the detection centre, with Diameter and Certainty
+  of Finding;
 * :func:`segment_group`: TID 1411 Volumetric ROI group referencing a SEG segment, with Volume,
   Mean and Standard Deviation;
 * :func:`classification_group`: TID 1501 group with the score and the category (qualitative
@@ -124,27 +125,71 @@ def nearest_slice(detection: Detection, n_slices: int) -> int:
     return index
 
 
-def pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float]:
-    """(between rows, between columns) in mm of a single-frame image."""
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        raise ValueError("detections need single-frame source images (one per slice)")
-    if "PixelSpacing" not in ds:
+def is_multiframe_source(sources: Sequence[pydicom.Dataset]) -> bool:
+    """True for one multi-frame image (frames described by functional groups) as the only source."""
+    if len(sources) != 1:
+        return False
+    ds = sources[0]
+    return "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1
+
+
+def source_of_slice(
+    sources: Sequence[pydicom.Dataset], k: int, source_frames: Sequence[int] | None
+) -> tuple[pydicom.Dataset, int | None]:
+    """The image holding volume slice ``k``, and its 1-based frame number for a multi-frame source."""
+    if not is_multiframe_source(sources):
+        if source_frames is not None:
+            raise ValueError("source_frames is only for one multi-frame source image")
+        return sources[k], None
+    if source_frames is None:
+        raise ValueError("a multi-frame source needs source_frames (Volume.source_frames) to place detections")
+    frame = int(source_frames[k])
+    n = int(sources[0].get("NumberOfFrames", 1) or 1)
+    if not 1 <= frame <= n:
+        raise ValueError(f"source frame {frame} outside the {n} frames of the source image")
+    return sources[0], frame
+
+
+def _slice_count(sources: Sequence[pydicom.Dataset], source_frames: Sequence[int] | None) -> int:
+    if not is_multiframe_source(sources):
+        return len(sources)
+    return len(source_frames) if source_frames is not None else int(sources[0].get("NumberOfFrames", 1) or 1)
+
+
+def pixel_spacing(ds: pydicom.Dataset, frame: int | None = None) -> tuple[float, float]:
+    """(between rows, between columns) in mm of a single-frame image, or of frame ``frame`` (1-based)
+    of a multi-frame image (Pixel Measures functional group, per-frame or shared)."""
+    holder: pydicom.Dataset = ds
+    if frame is None:
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            raise ValueError("a multi-frame source image needs the frame number of the slice")
+    else:
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+        shared = ds.get("SharedFunctionalGroupsSequence") or []
+        if not 1 <= frame <= len(per_frame):
+            raise ValueError(f"source {ds.SOPInstanceUID} has no per-frame functional groups for frame {frame}")
+        groups = [g for g in (per_frame[frame - 1], *shared[:1]) if g.get("PixelMeasuresSequence")]
+        if not groups:
+            raise ValueError(f"source {ds.SOPInstanceUID} frame {frame} has no Pixel Measures")
+        holder = groups[0].PixelMeasuresSequence[0]
+    if "PixelSpacing" not in holder:
         raise ValueError(f"source {ds.SOPInstanceUID} has no Pixel Spacing")
-    row, col = (float(v) for v in ds.PixelSpacing)
+    row, col = (float(v) for v in holder.PixelSpacing)
     if not (row > 0 and col > 0):
-        raise ValueError(f"source {ds.SOPInstanceUID}: invalid Pixel Spacing {ds.PixelSpacing}")
+        raise ValueError(f"source {ds.SOPInstanceUID}: invalid Pixel Spacing {holder.PixelSpacing}")
     return row, col
 
 
 def detection_outline(
-    detection: Detection, image: pydicom.Dataset
+    detection: Detection, image: pydicom.Dataset, frame: int | None = None
 ) -> tuple[hd.sr.GraphicTypeValues, npt.NDArray[np.float64]]:
-    """SCOORD graphic type and data (column, row) of the detection's equivalent circle on ``image``.
+    """SCOORD graphic type and data (column, row) of the detection's equivalent circle on ``image``
+    (on its frame ``frame``, 1-based, for a multi-frame image).
 
     A CIRCLE (centre, point on the perimeter) for square pixels, else an axis-aligned ELLIPSE (major
     then minor axis end points); the radius is ``diameter_mm / 2`` in pixels.
     """
-    row_mm, col_mm = pixel_spacing(image)
+    row_mm, col_mm = pixel_spacing(image, frame)
     cx, cy = detection.centre_ijk[0] + 0.5, detection.centre_ijk[1] + 0.5
     radius_mm = detection.diameter_mm / 2.0
     if not radius_mm > 0:
@@ -164,18 +209,24 @@ def detection_group(
     result: ModelResult,
     algorithm: hd.sr.AlgorithmIdentification,
     finding_site: Code | None = None,
+    source_frames: Sequence[int] | None = None,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 group of one detection on the source image nearest its centre.
+    """TID 1410 group of one detection on the source image (or frame) nearest its centre.
 
-    The outline is both the group's Image Region and the source of the Diameter ("inferred from"),
-    the layout viewers such as OHIF list in their measurement panel.
+    ``sources`` are single-frame images in k order, or one multi-frame image whose frame
+    ``source_frames[k]`` (1-based, ``Volume.source_frames``) holds slice k; the SCOORD then
+    references that frame. The outline is both the group's Image Region and the source of the
+    Diameter ("inferred from"), the layout viewers such as OHIF list in their measurement panel.
     """
-    image = sources[nearest_slice(detection, len(sources))]
-    graphic_type, graphic_data = detection_outline(detection, image)
+    k = nearest_slice(detection, _slice_count(sources, source_frames))
+    image, frame = source_of_slice(sources, k, source_frames)
+    graphic_type, graphic_data = detection_outline(detection, image, frame)
 
     def source_image() -> hd.sr.SourceImageForRegion:  # one content item per place in the tree
         return hd.sr.SourceImageForRegion(
-            referenced_sop_class_uid=image.SOPClassUID, referenced_sop_instance_uid=image.SOPInstanceUID
+            referenced_sop_class_uid=image.SOPClassUID,
+            referenced_sop_instance_uid=image.SOPInstanceUID,
+            referenced_frame_numbers=[frame] if frame is not None else None,
         )
 
     source_series_uid = str(sources[0].SeriesInstanceUID)
