@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Float,
@@ -26,6 +26,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     update,
 )
@@ -50,7 +51,9 @@ class Study(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
     state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
-    """receiving -> ready -> routed | unrouted; back to receiving when late instances arrive."""
+    """receiving -> ready -> routed | unrouted; back to receiving when late instances arrive.
+    ready -> awaiting-prior -> ready while its prior is fetched from the PACS (node.retrieve);
+    receiving -> prior for a study fetched as a prior (stored, never routed)."""
     generation: Mapped[int] = mapped_column(Integer, default=1)
     """Incremented when instances arrive after routing; jobs of the new generation supersede."""
     first_received_at: Mapped[float] = mapped_column(Float)
@@ -84,6 +87,27 @@ class Instance(Base):
     size: Mapped[int] = mapped_column(Integer)
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[float] = mapped_column(Float)
+
+
+class PriorFetch(Base):
+    """One attempt to fetch a study's prior from the PACS (node.retrieve); one per study generation.
+
+    A study whose UID is ``prior_study_uid`` of any row becomes ``prior`` instead of ``ready``: it is
+    recorded here before its retrieval starts, so its instances are never routed."""
+
+    __tablename__ = "prior_fetches"
+    __table_args__ = (UniqueConstraint("study_id", "generation"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    """The current study that needs the prior."""
+    generation: Mapped[int] = mapped_column(Integer)
+    modality: Mapped[str] = mapped_column(String(16))
+    prior_study_uid: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    """retrieving -> retrieved | partial | failed; or not-found / no-query without a retrieval."""
+    note: Mapped[str | None] = mapped_column(Text, default=None)
+    """Why it failed (no tag values)."""
+    updated_at: Mapped[float] = mapped_column(Float)
 
 
 class Job(Base):
@@ -120,6 +144,10 @@ class Result(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
+    variant: Mapped[str] = mapped_column(String(16), default="")
+    """"" for every destination; ``labelmap`` / ``binary`` for the two alternative SEG (+ SR)
+    encodings of one result: a destination gets the labelmap set if it accepts the Label Map
+    Segmentation SOP class, else the binary set (see :mod:`node.send.dimse`)."""
 
 
 class Delivery(Base):
@@ -129,11 +157,22 @@ class Delivery(Base):
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    """pending -> sent; stays pending (with backoff) while the destination fails."""
+    """pending -> sent, or pending -> not-needed (the destination took the other variant); stays
+    pending (with backoff) while the destination fails."""
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     sent_at: Mapped[float | None] = mapped_column(Float, default=None)
+
+
+class ResultFile(NamedTuple):
+    """One result object written by a worker, for :meth:`Catalog.record_results`."""
+
+    kind: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str
+    variant: str = ""
 
 
 @dataclass(frozen=True)
@@ -206,6 +245,32 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Upgrade a catalog written by an earlier version in place: add the columns it lacks.
+
+    Only additive changes are made this way (a new column must have a scalar default); anything
+    else needs a migration of its own. Returns ``table.column`` of each column added.
+    """
+    added: list[str] = []
+    with engine.begin() as conn:
+        inspector = inspect(conn)
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                default = getattr(column.default, "arg", None)
+                if callable(default) or (default is None and not column.nullable):
+                    raise RuntimeError(f"catalog table {table.name} lacks column {column.name} and it cannot "
+                                       "be added automatically; move the old catalog aside")
+                ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
+                if default is not None:
+                    ddl += " DEFAULT " + (f"'{default}'" if isinstance(default, str) else repr(default))
+                conn.exec_driver_sql(ddl)
+                added.append(f"{table.name}.{column.name}")
+    return added
+
+
 def catalog_url(storage_dir: Path) -> str:
     return f"sqlite:///{storage_dir / 'catalog.sqlite3'}"
 
@@ -216,6 +281,7 @@ class Catalog:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
+        add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
@@ -305,7 +371,8 @@ class Catalog:
 
     # ---- assemble --------------------------------------------------------------------------
     def mark_quiet_studies_ready(self, quiet_before: float) -> list[int]:
-        """Studies still receiving whose last instance came before ``quiet_before`` become ready."""
+        """Studies still receiving whose last instance came before ``quiet_before`` become ready
+        (a study fetched as a prior becomes ``prior`` instead and is not returned)."""
         with self.session() as s:
             ids = list(
                 s.scalars(
@@ -313,7 +380,11 @@ class Catalog:
                 )
             )
             if ids:
+                priors = set(s.scalars(select(Study.id).where(
+                    Study.id.in_(ids), Study.study_uid.in_(select(PriorFetch.prior_study_uid)))))
+                ids = [i for i in ids if i not in priors]
                 s.execute(update(Study).where(Study.id.in_(ids)).values(state="ready"))
+                s.execute(update(Study).where(Study.id.in_(list(priors))).values(state="prior"))
             return ids
 
     def studies_in_state(self, state: str) -> list[Study]:
@@ -323,6 +394,40 @@ class Catalog:
     def series_of_study(self, study_id: int) -> list[Series]:
         with self.session() as s:
             return list(s.scalars(select(Series).where(Series.study_id == study_id).order_by(Series.id)))
+
+    # ---- priors from the PACS (node.retrieve) ----------------------------------------------
+    def move_study(self, study_id: int, generation: int, from_state: str, to_state: str) -> bool:
+        """``from_state`` -> ``to_state`` if the study is still in that state and generation."""
+        with self.session() as s:
+            res = s.execute(update(Study).where(Study.id == study_id, Study.generation == generation,
+                                                Study.state == from_state).values(state=to_state))
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    def has_prior(self, study_id: int, series_id: int) -> bool:
+        """Whether :meth:`prior_series` would find a prior for this series."""
+        return self.prior_series(Job(study_id=study_id, series_id=series_id)) is not None
+
+    def known_study_uids(self, uids: Sequence[str]) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(Study.study_uid).where(Study.study_uid.in_(list(uids)))))
+
+    def prior_fetch(self, study_id: int, generation: int) -> PriorFetch | None:
+        with self.session() as s:
+            return s.scalar(select(PriorFetch).where(PriorFetch.study_id == study_id,
+                                                     PriorFetch.generation == generation))
+
+    def record_prior_fetch(self, study_id: int, generation: int, modality: str, state: str, now: float, *,
+                           prior_study_uid: str | None = None, note: str | None = None) -> None:
+        """Create or update the fetch row of (study, generation); a prior UID once set is kept."""
+        with self.session() as s:
+            row = s.scalar(select(PriorFetch).where(PriorFetch.study_id == study_id,
+                                                    PriorFetch.generation == generation))
+            if row is None:
+                row = PriorFetch(study_id=study_id, generation=generation, modality=modality)
+                s.add(row)
+            row.state, row.note, row.updated_at = state, None if note is None else note[:500], now
+            if prior_study_uid is not None:
+                row.prior_study_uid = prior_study_uid
 
     # ---- route / jobs ----------------------------------------------------------------------
     def create_jobs(self, study_id: int, generation: int, specs: list[tuple[int, str, str, list[str]]],
@@ -469,17 +574,20 @@ class Catalog:
             return s.get_one(Series, series_id)
 
     # ---- results / deliveries --------------------------------------------------------------
-    def record_results(self, job_id: int, results: list[tuple[str, str, str, str]], destinations: list[str],
-                       now: float) -> None:
-        """Record result objects (kind, sop_instance_uid, sop_class_uid, path) and their deliveries,
-        and mark the job done, in one transaction. A rerun with the same UIDs replaces the files but
-        keeps one result row; its deliveries go back to pending so the PACS gets the new version."""
+    def record_results(self, job_id: int, results: Sequence[ResultFile | tuple[str, str, str, str]],
+                       destinations: list[str], now: float) -> None:
+        """Record result objects (kind, sop_instance_uid, sop_class_uid, path[, variant]) and their
+        deliveries, and mark the job done, in one transaction. A rerun with the same UIDs replaces the
+        files but keeps one result row; its deliveries go back to pending so the PACS gets the new
+        version."""
         with self.session() as s:
-            for kind, sop_uid, sop_class, path in results:
+            for item in results:
+                kind, sop_uid, sop_class, path = item[:4]
+                variant = item.variant if isinstance(item, ResultFile) else ""
                 row = s.scalar(select(Result).where(Result.sop_instance_uid == sop_uid))
                 if row is None:
                     row = Result(job_id=job_id, kind=kind, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
-                                 path=path)
+                                 path=path, variant=variant)
                     s.add(row)
                     s.flush()
                 rerun = row.job_id != job_id
@@ -488,7 +596,7 @@ class Catalog:
                     d = s.scalar(select(Delivery).where(Delivery.result_id == row.id, Delivery.destination == dest))
                     if d is None:
                         s.add(Delivery(result_id=row.id, destination=dest, next_attempt_at=now))
-                    elif rerun and d.state == "sent":
+                    elif rerun and d.state in ("sent", "not-needed"):
                         d.state, d.next_attempt_at = "pending", now
             s.execute(update(Job).where(Job.id == job_id).values(state="done", error=None, updated_at=now))
 
@@ -510,15 +618,17 @@ class Catalog:
                     if json.loads(se.attributes).get("Modality") == modality]
             return max(same, key=lambda t: t[:3])[3] if same else None
 
-    def previous_result(self, job: Job, kind: str) -> Result | None:
+    def previous_result(self, job: Job, kind: str, variant: str = "") -> Result | None:
         """The newest ``kind`` result of an earlier generation of the same series and model (for a
-        rerun's Predecessor Documents)."""
+        rerun's Predecessor Documents); ``variant`` ``binary`` looks among BINARY fallbacks only,
+        any other value among the rest."""
+        same_variant = Result.variant == "binary" if variant == "binary" else Result.variant != "binary"
         with self.session() as s:
             return s.scalars(
                 select(Result)
                 .join(Job, Job.id == Result.job_id)
                 .where(Job.series_id == job.series_id, Job.model == job.model, Job.generation < job.generation,
-                       Result.kind == kind)
+                       Result.kind == kind, same_variant)
                 .order_by(Job.generation.desc(), Result.id.desc())
                 .limit(1)
             ).first()
@@ -543,6 +653,12 @@ class Catalog:
                 .where(Delivery.id == delivery_id)
                 .values(state="sent", sent_at=now, attempts=Delivery.attempts + 1, last_error=None)
             )
+
+    def delivery_not_needed(self, delivery_id: int, now: float) -> None:
+        """The destination took the other variant of this result (e.g. LABELMAP, not BINARY)."""
+        with self.session() as s:
+            s.execute(update(Delivery).where(Delivery.id == delivery_id)
+                      .values(state="not-needed", sent_at=now, last_error=None))
 
     def delivery_failed(self, delivery_id: int, error: str, next_attempt_at: float) -> int:
         """Record a failed attempt; returns the number of attempts so far."""

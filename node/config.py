@@ -92,6 +92,8 @@ class QueueSettings(_Frozen):
     """Empty: embedded file-system broker under storage_dir (no server). ``redis://...`` for Redis."""
     worker_concurrency: int = Field(1, ge=1, le=64)
     """Worker processes started by ``dicom-node run`` / ``dicom-node worker``."""
+    torch_threads: int | None = Field(None, ge=1, le=256)
+    """torch threads per worker process; None: ``OMP_NUM_THREADS`` if set, else CPUs / worker_concurrency."""
     embedded_workers: bool = True
     """``dicom-node run`` starts its own worker processes (set false when workers run elsewhere)."""
     job_time_limit_seconds: int = Field(1800, ge=10)
@@ -125,6 +127,26 @@ class DimseDestination(_Frozen):
 
 
 Destination = Annotated[DimseDestination, Field(discriminator="type")]
+
+
+class PriorSettings(_Frozen):
+    """Prior studies from a PACS for registration models (``priors:``; absent = the catalog only).
+
+    When a study is routed to a registration model and the catalog holds no earlier study of that
+    patient with that modality, the node C-FINDs the patient's most recent earlier study at
+    ``source`` and retrieves it before the job is queued (``node.retrieve``).
+    """
+
+    source: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Name of a ``destinations`` entry (type dimse): the PACS queried and retrieved from (its AE
+    title, host, port and calling AE title)."""
+    method: Literal["move", "get"] = "move"
+    """``move``: C-MOVE to ``node.ae_title`` (the PACS must know the node's AE title, host and port);
+    ``get``: C-GET over the query association (no inbound connection needed)."""
+    max_age_days: int | None = Field(None, ge=1)
+    """Only studies at most this many days older than the current one; None = any age."""
+    timeout_seconds: float = Field(300, gt=0)
+    """Cap on one retrieval (C-FIND + C-MOVE/C-GET); the study is routed without the prior after it."""
 
 
 class RegexMatch(_Frozen):
@@ -197,6 +219,7 @@ class Settings(_Frozen):
     destinations: list[Destination] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=list)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
+    priors: PriorSettings | None = None
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
@@ -209,6 +232,8 @@ class Settings(_Frozen):
             missing = [n for n in rule.send_to if n not in names]
             if missing:
                 raise ValueError(f"rules[{rule.name}].send_to: unknown destinations {missing}")
+        if self.priors is not None and self.priors.source not in names:
+            raise ValueError(f"priors.source: unknown destination {self.priors.source!r}")
         return self
 
     def destination(self, name: str) -> DimseDestination:

@@ -19,6 +19,7 @@ from node.config import Settings
 from node.enqueue import Enqueuer
 from node.receive.scp import Receiver
 from node.receive.stow import StowServer, receiver_store
+from node.retrieve import PriorRetriever
 from node.route import Router
 from node.send.deliver import Deliverer, SenderFactory
 from node.spool import Spool
@@ -39,6 +40,7 @@ class NodeService:
         self.receiver = Receiver(settings, self.catalog, self.spool, clock)
         self.stow = self._stow_server() if settings.stow.enabled else None
         self.assembler = Assembler(self.catalog, settings.assembly.study_quiet_seconds, clock)
+        self.retriever = PriorRetriever.from_settings(settings, self.catalog, self.spool, self.receiver, clock)
         self.router = Router(self.catalog, settings.rules, clock)
         self.enqueuer = Enqueuer(create_app(settings), self.catalog, clock,
                                  queue_of=lambda model: settings.model_settings(model).queue)
@@ -55,10 +57,14 @@ class NodeService:
     def reconcile(self) -> None:
         removed = self.spool.clean_temp()
         requeued = self.catalog.forget_enqueued()
+        if self.retriever is not None and (n := self.retriever.reconcile()):
+            log.info("reconciled: %d study(ies) awaiting a prior from the PACS ready again", n)
         log.info("reconciled: %d temp file(s) removed, %d unfinished job(s) to enqueue again", removed, requeued)
 
     def pipeline_tick(self) -> None:
         self.assembler.tick()
+        if self.retriever is not None:  # holds back studies whose prior is being fetched from the PACS
+            self.retriever.tick()
         self.router.route_ready()
         for job_id in self.catalog.requeue_abandoned(self.clock(), self.job_policy):
             log.warning("job #%d lost its worker; queued again (or failed if out of attempts)", job_id)
@@ -93,5 +99,7 @@ class NodeService:
         if self.stow is not None:
             self.stow.stop()
         self.receiver.stop()
+        if self.retriever is not None:
+            self.retriever.stop()
         for t in self._threads:
             t.join(timeout=30)

@@ -1,0 +1,437 @@
+"""Prior studies from the PACS for registration models: C-FIND, then C-MOVE or C-GET.
+
+A registration (pair) model needs the patient's earlier study of the same modality; the worker takes
+it from the catalog (``Catalog.prior_series``). With ``priors:`` configured, a study that would be
+routed to such a model while the catalog holds no earlier study gets its prior from the PACS first:
+
+    ready --(tick, pipeline loop)--> awaiting-prior --(retrieval thread)--> ready --> routed as usual
+
+The retrieval thread reads Patient ID (+ Issuer) and Study Date/Time from one spooled instance of
+the series (never logged), C-FINDs studies at STUDY level (PatientID, ModalitiesInStudy, StudyDate up
+to the current one, ``max_age_days`` back), and takes the newest earlier study the catalog does not
+hold. Its UID is recorded in ``prior_fetches`` *before* the retrieval starts, so its instances become
+a ``prior`` study (stored and cataloged, never routed, no results sent). Only its series of that
+modality are fetched (SERIES-level C-FIND, then one SERIES-level C-MOVE or C-GET each: a prior's SR,
+SEG or other series are neither needed nor accepted by the node), by C-MOVE to ``node.ae_title`` (the
+instances come in through the Storage SCP) or by C-GET (each instance goes through ``Receiver.store``,
+the same door: validated, fsynced, cataloged identically).
+
+One attempt per study generation, bounded by ``priors.timeout_seconds`` (the association is aborted
+then). Whatever happens (PACS down, nothing found, timeout) the study goes back to ``ready`` and is
+routed; the registration job then skips with "no earlier study", as without ``priors:``. One thread
+fetches, one study at a time: receive threads never wait, and other studies keep being routed. A
+study left ``awaiting-prior`` by a crash goes back to ``ready`` at start-up and is fetched again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, cast
+
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+
+from node.catalog import Catalog, Study
+from node.config import DimseDestination, Settings
+from node.logutil import ref
+from node.receive.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, Receiver
+from node.route import plan_jobs
+from node.spool import Spool
+
+log = logging.getLogger("node.retrieve")
+
+AWAITING = "awaiting-prior"
+"""Study state while its prior is being fetched (the router ignores it)."""
+PENDING = (0xFF00, 0xFF01)
+WILDCARDS = re.compile(r"[*?\\]")
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+
+StoreFn = Callable[[bytes, str, str, str], int]
+"""``Receiver.store(encoded, sop_class_uid, sop_instance_uid, calling_ae) -> status``."""
+
+
+class PriorSourceError(Exception):
+    """The PACS could not be queried or retrieved from; the message carries no tag values."""
+
+
+@dataclass(frozen=True)
+class PriorQuery:
+    """What identifies the current study's patient and date (PHI: never log it)."""
+
+    patient_id: str
+    issuer: str
+    modality: str
+    study_uid: str
+    study_date: str
+    """YYYYMMDD."""
+    study_time: str
+    max_age_days: int | None = None
+
+    @property
+    def datetime(self) -> str:
+        return f"{self.study_date}{self.study_time}"
+
+    def date_range(self) -> str:
+        """The C-FIND StudyDate range: ``[current - max_age_days]-current``."""
+        if self.max_age_days is None:
+            return f"-{self.study_date}"
+        first = dt.datetime.strptime(self.study_date, "%Y%m%d").date() - dt.timedelta(days=self.max_age_days)
+        return f"{first:%Y%m%d}-{self.study_date}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One C-FIND match."""
+
+    study_uid: str
+    patient_id: str
+    study_date: str
+    study_time: str = ""
+    issuer: str = ""
+
+    @property
+    def datetime(self) -> str:
+        return f"{self.study_date}{self.study_time}"
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """Final C-MOVE/C-GET sub-operation counts."""
+
+    completed: int
+    failed: int = 0
+    warning: int = 0
+
+
+class PriorSource(Protocol):
+    """The transport seam: a PACS that answers C-FIND and C-MOVE/C-GET (tests plug in a fake)."""
+
+    def find(self, query: PriorQuery, timeout: float) -> list[Candidate]:
+        """Studies of the patient with the modality in the date range; raise PriorSourceError."""
+
+    def find_series(self, study_uid: str, modality: str, timeout: float) -> list[str]:
+        """Series Instance UIDs of ``modality`` in the study; raise PriorSourceError."""
+
+    def retrieve(self, study_uid: str, series_uids: list[str], timeout: float) -> Retrieved:
+        """Bring the series into the node (through ``Receiver.store``); raise PriorSourceError."""
+
+
+def find_identifier(query: PriorQuery) -> Dataset:
+    """The STUDY-level C-FIND identifier (matching and return keys)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = query.patient_id
+    ds.IssuerOfPatientID = ""
+    ds.StudyInstanceUID = ""
+    ds.StudyDate = query.date_range()
+    ds.StudyTime = ""
+    ds.ModalitiesInStudy = query.modality
+    return ds
+
+
+def choose_prior(query: PriorQuery, candidates: list[Candidate], known: set[str]) -> Candidate | None:
+    """The newest match of the same patient dated no later than the current study, that is neither
+    the current study nor one the catalog already holds (fetching more of a routed study would
+    re-open it)."""
+    lowest = query.date_range().split("-")[0]
+    eligible = [
+        c for c in candidates
+        if c.study_uid != query.study_uid and c.study_uid not in known
+        and c.patient_id == query.patient_id  # a PACS may match loosely: insist on the exact ID
+        and (not c.issuer or not query.issuer or c.issuer == query.issuer)
+        and re.fullmatch(r"\d{8}", c.study_date) is not None
+        and lowest <= c.study_date and c.datetime <= query.datetime
+    ]
+    return max(eligible, key=lambda c: (c.datetime, c.study_uid)) if eligible else None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip()
+
+
+class DimsePriorSource:
+    """C-FIND + C-MOVE (to our own AE title) or C-GET (storing through ``store``) against one PACS."""
+
+    def __init__(self, destination: DimseDestination, calling_ae_title: str, method: Literal["move", "get"],
+                 store: StoreFn, *, move_destination: str, acse_timeout: float = 30) -> None:
+        self.destination = destination
+        self.calling = destination.calling_ae_title or calling_ae_title
+        self.method = method
+        self.store = store
+        self.move_destination = move_destination
+        self.acse_timeout = acse_timeout
+
+    @contextmanager
+    def _association(self, ae: AE, timeout: float, **kwargs: Any) -> Iterator[tuple[Association, threading.Event]]:
+        """An association that is aborted after ``timeout`` seconds (the event tells it was)."""
+        ae.acse_timeout = min(self.acse_timeout, timeout)
+        ae.dimse_timeout = ae.network_timeout = timeout
+        d = self.destination
+        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, **kwargs)
+        if not assoc.is_established:
+            raise PriorSourceError(f"no association with {d.name} ({d.host}:{d.port})")
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            assoc.abort()
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield assoc, expired
+        finally:
+            timer.cancel()
+            if assoc.is_established:
+                assoc.release()
+
+    def _final(self, what: str, responses: Iterator[tuple[Dataset, Dataset | None]], expired: threading.Event,
+               timeout: float, on_match: Callable[[Dataset], None] | None = None) -> Dataset:
+        """Consume the responses; return the final status dataset, or raise PriorSourceError."""
+        for status, identifier in responses:
+            if "Status" not in status:
+                if expired.is_set():
+                    raise PriorSourceError(f"{what}: timed out after {timeout:g} s")
+                raise PriorSourceError(f"{what}: no response (association lost)")
+            code = int(status.Status)
+            if code in PENDING:
+                if on_match is not None and identifier is not None:
+                    on_match(identifier)
+                continue
+            if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
+                return status
+            raise PriorSourceError(f"{what}: failure status 0x{code:04X}")
+        raise PriorSourceError(f"{what}: no final response")
+
+    def _find(self, ident: Dataset, timeout: float) -> list[Dataset]:
+        ae = AE(ae_title=self.calling)
+        ae.add_requested_context(STUDY_ROOT_FIND)
+        found: list[Dataset] = []
+        with self._association(ae, timeout) as (assoc, expired):
+            self._final("C-FIND", assoc.send_c_find(ident, STUDY_ROOT_FIND), expired, timeout, found.append)
+        return found
+
+    def find(self, query: PriorQuery, timeout: float) -> list[Candidate]:
+        return [Candidate(_text(m, "StudyInstanceUID"), _text(m, "PatientID"), _text(m, "StudyDate"),
+                          _text(m, "StudyTime"), _text(m, "IssuerOfPatientID"))
+                for m in self._find(find_identifier(query), timeout) if _text(m, "StudyInstanceUID")]
+
+    def find_series(self, study_uid: str, modality: str, timeout: float) -> list[str]:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "SERIES"
+        ident.StudyInstanceUID = study_uid
+        ident.SeriesInstanceUID = ""
+        ident.Modality = modality
+        found = [m for m in self._find(ident, timeout) if _text(m, "Modality") in ("", modality)]
+        return list(dict.fromkeys(uid for m in found if (uid := _text(m, "SeriesInstanceUID"))))
+
+    def retrieve(self, study_uid: str, series_uids: list[str], timeout: float) -> Retrieved:
+        """One association; one C-MOVE (or C-GET) per series, at SERIES level."""
+        ae = AE(ae_title=self.calling)
+        kwargs: dict[str, Any] = {}
+        if self.method == "move":
+            ae.add_requested_context(STUDY_ROOT_MOVE)
+        else:
+            ae.add_requested_context(STUDY_ROOT_GET)
+            for sop_class in STORAGE_SOP_CLASSES:  # uncompressed first: the PACS picks one per class
+                ae.add_requested_context(sop_class, list(TRANSFER_SYNTAXES))
+            kwargs["ext_neg"] = [build_role(c, scp_role=True) for c in STORAGE_SOP_CLASSES]
+            kwargs["evt_handlers"] = [(evt.EVT_C_STORE, self._handle_store)]
+        total = Retrieved(0)
+        with self._association(ae, timeout, **kwargs) as (assoc, expired):
+            for msg_id, series_uid in enumerate(series_uids, start=1):
+                ident = Dataset()
+                ident.QueryRetrieveLevel = "SERIES"
+                ident.StudyInstanceUID = study_uid
+                ident.SeriesInstanceUID = series_uid
+                if self.method == "move":
+                    responses = assoc.send_c_move(ident, self.move_destination, STUDY_ROOT_MOVE, msg_id=msg_id)
+                else:
+                    responses = assoc.send_c_get(ident, STUDY_ROOT_GET, msg_id=msg_id)
+                final = self._final(f"C-{self.method.upper()}", responses, expired, timeout)
+                total = Retrieved(total.completed + int(final.get("NumberOfCompletedSuboperations", 0) or 0),
+                                  total.failed + int(final.get("NumberOfFailedSuboperations", 0) or 0),
+                                  total.warning + int(final.get("NumberOfWarningSuboperations", 0) or 0))
+        return total
+
+    def _handle_store(self, event: evt.Event) -> int:
+        request = cast(C_STORE, event.request)
+        return self.store(event.encoded_dataset(include_meta=True), str(request.AffectedSOPClassUID),
+                          str(request.AffectedSOPInstanceUID), self.destination.ae_title)
+
+
+class PriorRetriever:
+    """Holds back studies that need a prior from the PACS, and fetches it on its own thread."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, spool: Spool, source: PriorSource,
+                 clock: Callable[[], float], submit: Callable[[Callable[[], object]], object] | None = None) -> None:
+        assert settings.priors is not None
+        self.settings = settings
+        self.priors = settings.priors
+        self.catalog = catalog
+        self.spool = spool
+        self.source = source
+        self.clock = clock
+        self._pair: dict[str, bool] = {}
+        self._submit = submit or self._enqueue
+        self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, catalog: Catalog, spool: Spool, receiver: Receiver,
+                      clock: Callable[[], float]) -> PriorRetriever | None:
+        """None without a ``priors:`` section (priors come from the catalog only)."""
+        if settings.priors is None:
+            return None
+        source = DimsePriorSource(settings.destination(settings.priors.source), settings.node.ae_title,
+                                  settings.priors.method, receiver.store, move_destination=settings.node.ae_title,
+                                  acse_timeout=settings.node.acse_timeout_seconds)
+        return cls(settings, catalog, spool, source, clock)
+
+    def reconcile(self) -> int:
+        """Studies left awaiting their prior by a crash go back to ready (they are fetched again)."""
+        studies = self.catalog.studies_in_state(AWAITING)
+        return sum(self.catalog.move_study(s.id, s.generation, AWAITING, "ready") for s in studies)
+
+    def _enqueue(self, task: Callable[[], object]) -> None:
+        """Run ``task`` on the retrieval thread (a daemon: a fetch in flight at exit is redone at start-up)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="priors", daemon=True)
+            self._thread.start()
+        self._queue.put(task)
+
+    def _run(self) -> None:
+        while (task := self._queue.get()) is not None:
+            try:
+                task()
+            except Exception:  # fetch() handles its own errors; this keeps the thread alive regardless
+                log.exception("prior fetch crashed")
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+
+    def is_pair_model(self, name: str) -> bool:
+        """Family ``registration`` in the model's manifest (read without importing the model)."""
+        if name not in self._pair:
+            from models import registry  # light: manifests only, never torch
+
+            try:
+                self._pair[name] = registry.manifest(name).family == "registration"
+            except Exception:  # an unknown model is refused at start-up; here it is just not a pair model
+                self._pair[name] = False
+        return self._pair[name]
+
+    def wanted(self, study: Study) -> tuple[int, str] | None:
+        """(series id, modality) of a series routed to a registration model that lacks its prior in
+        the catalog; None when nothing is to be fetched for this generation of the study."""
+        fetch = self.catalog.prior_fetch(study.id, study.generation)
+        if fetch is not None and fetch.state != "retrieving":
+            return None  # tried for this generation already; "retrieving" = cut short by a crash
+        attributes = {s.id: {**_json(s.attributes), "NumberOfInstances": s.instance_count}
+                      for s in self.catalog.series_of_study(study.id)}
+        for spec in plan_jobs(self.settings.rules, list(attributes.items())):
+            modality = str(attributes[spec.series_id].get("Modality") or "")
+            if modality and self.is_pair_model(spec.model) and (
+                    fetch is not None or not self.catalog.has_prior(study.id, spec.series_id)):
+                return spec.series_id, modality
+        return None
+
+    def tick(self) -> list[int]:
+        """Hand every ready study that needs a prior to the retrieval thread; returns their ids."""
+        handed: list[int] = []
+        for study in self.catalog.studies_in_state("ready"):
+            want = self.wanted(study)
+            if want is None or not self.catalog.move_study(study.id, study.generation, "ready", AWAITING):
+                continue
+            log.info("study #%d (%s): no earlier %s study in the catalog; asking %s for the prior",
+                     study.id, ref(study.study_uid), want[1], self.priors.source)
+            self._submit(functools.partial(self.fetch, study.id, study.generation, *want))
+            handed.append(study.id)
+        return handed
+
+    def query_for(self, series_id: int, modality: str) -> PriorQuery | None:
+        """The C-FIND keys, from one spooled instance of the series; None if it lacks them."""
+        instances = self.catalog.instances_of_series(series_id)
+        if not instances:
+            return None
+        ds = pydicom.dcmread(self.spool.path(instances[0].path), stop_before_pixels=True,
+                             specific_tags=["PatientID", "IssuerOfPatientID", "StudyInstanceUID", "StudyDate",
+                                            "StudyTime"])
+        pid, date = _text(ds, "PatientID"), _text(ds, "StudyDate")
+        if not pid or WILDCARDS.search(pid) or re.fullmatch(r"\d{8}", date) is None:
+            return None
+        return PriorQuery(pid, _text(ds, "IssuerOfPatientID"), modality, _text(ds, "StudyInstanceUID"), date,
+                          _text(ds, "StudyTime"), self.priors.max_age_days)
+
+    def fetch(self, study_id: int, generation: int, series_id: int, modality: str) -> str:
+        """Find and retrieve the prior, then release the study to routing; returns the fetch state."""
+        t0 = time.monotonic()
+        timeout = self.priors.timeout_seconds
+        state, note, detail = "failed", "", ""
+        try:
+            query = self.query_for(series_id, modality)
+            if query is None:
+                state, note = "no-query", "no usable Patient ID or Study Date in the instance"
+            else:
+                candidates = self.source.find(query, timeout)
+                known = self.catalog.known_study_uids([c.study_uid for c in candidates])
+                earlier = self.catalog.prior_fetch(study_id, generation)
+                if earlier is not None and earlier.prior_study_uid:  # cut short by a crash: fetch it again
+                    known.discard(earlier.prior_study_uid)
+                chosen = choose_prior(query, candidates, known)
+                if chosen is None:
+                    state, note = "not-found", f"{len(candidates)} match(es), none earlier and not yet here"
+                else:
+                    self.catalog.record_prior_fetch(study_id, generation, modality, "retrieving", self.clock(),
+                                                    prior_study_uid=chosen.study_uid)
+                    left = max(1.0, timeout - (time.monotonic() - t0))
+                    series = self.source.find_series(chosen.study_uid, modality, left)
+                    if not series:
+                        state, note = "not-found", f"no {modality} series in the chosen study"
+                    else:
+                        left = max(1.0, timeout - (time.monotonic() - t0))
+                        got = self.source.retrieve(chosen.study_uid, series, left)
+                        state = "retrieved" if got.failed == 0 else "partial"
+                        detail = f"prior {ref(chosen.study_uid)}: {got.completed} instance(s) in {len(series)} series"
+                        note = f"{got.failed} sub-operation(s) failed" if got.failed else ""
+        except PriorSourceError as exc:
+            note = str(exc)
+        except Exception as exc:  # a bug or an unreadable file must not keep the study from routing
+            note = f"{type(exc).__name__}"
+            log.debug("study #%d: prior fetch traceback", study_id, exc_info=True)
+        finally:
+            self.catalog.record_prior_fetch(study_id, generation, modality, state, self.clock(), note=note or None)
+            released = self.catalog.move_study(study_id, generation, AWAITING, "ready")
+        took = time.monotonic() - t0
+        if state in ("retrieved", "partial"):
+            level = logging.INFO if state == "retrieved" else logging.WARNING
+            log.log(level, "study #%d: %s from %s in %.1f s%s", study_id, detail, self.priors.source, took,
+                    f" ({note})" if note else "")
+        else:
+            log.warning("study #%d: no prior from %s (%s: %s); routed without it", study_id, self.priors.source,
+                        state, note)
+        if not released:
+            log.info("study #%d changed while its prior was fetched (late instances); routed when ready", study_id)
+        return state
+
+
+def _json(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {}
