@@ -35,6 +35,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     from models import registry  # the registry is light: models import their code lazily
 
     registry.validate_names([m for rule in settings.rules for m in rule.models] + list(settings.models))
+    for name, ms in settings.models.items():  # static checks only: a remote worker may hold the path
+        registry.check_options(name, registry.ModelOptions(path=ms.path, device=ms.device, batch_size=ms.batch_size,
+                                                           precision=ms.precision))
     return settings
 
 
@@ -229,10 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models.registry import ModelOptionsError  # light: no model code, no torch
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, ModelOptionsError) as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2
     except KeyError as exc:  # unknown model name from the registry

@@ -8,19 +8,97 @@ timeout longer than the longest job for Redis (or Redis redelivers a job still r
 The embedded broker is kombu's ``filesystem://`` transport in ``<storage_dir>/queue``: no server,
 messages are files (so they survive a restart), and the worker is the same prefork Celery worker
 that runs against Redis, so the embedded default and production share one code path.
+
+Worker processes. ``dicom-node worker`` is Celery's prefork parent: it forks ``concurrency``
+children that run the jobs. The parent never imports torch (so it can never initialise CUDA, which
+does not survive a fork); models, and with them torch and CUDA, are built lazily in each child on
+its first job (``workers.pipeline.WorkerContext.model``). At ``worker_process_init`` each child
+caps torch's intra-op threads (:func:`torch_threads`: ``queue.torch_threads`` when the settings
+have it, else ``OMP_NUM_THREADS``, else the CPUs this worker may use divided by the concurrency),
+so N children do not each start one thread per core; torch is imported there only if installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_init, worker_process_init
 
 from node.config import Settings
+
+log = logging.getLogger("workers.celery_app")
 
 TASK_NAME = "dicom_node.run_job"
 DEFAULT_QUEUE = "cpu"
 """Queue for CPU models; GPU models get their own queue so GPU workers run with concurrency 1."""
+
+
+TORCH_THREADS_CONF = "dicom_node_torch_threads"
+"""App setting carrying ``queue.torch_threads`` (None: automatic) from the settings to the worker."""
+PROC_ALIVE_TIMEOUT_SECONDS = 60.0
+"""How long a new pool child may take to start (Celery's default, 4 s, is short for importing torch)."""
+
+_child_torch_threads: int | None = None
+"""Set in the prefork parent at ``worker_init``, applied in each child at ``worker_process_init``."""
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def torch_threads(
+    cpus: int, concurrency: int, configured: int | None = None, environ: Mapping[str, str] | None = None
+) -> int:
+    """Intra-op threads for torch in one of ``concurrency`` worker children sharing ``cpus`` CPUs.
+
+    ``configured`` (from the settings) wins; then a positive integer ``OMP_NUM_THREADS`` in
+    ``environ``; else ``cpus // concurrency``. Never less than 1.
+    """
+    if configured is not None:
+        return max(1, int(configured))
+    omp = (environ or {}).get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return max(1, cpus // max(1, concurrency))
+
+
+@worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """In the worker's main process, before the pool forks: decide the children's torch threads."""
+    global _child_torch_threads
+    app = getattr(sender, "app", None)
+    if app is None or app.main != "dicom_node":
+        return
+    if "torch" in sys.modules:  # nothing in the worker's main process imports it; keep it so
+        log.warning("torch was imported before the worker pool forked; CUDA must not be initialised here")
+    concurrency = getattr(sender, "concurrency", None)
+    configured = app.conf.get(TORCH_THREADS_CONF)
+    _child_torch_threads = torch_threads(
+        available_cpus(), concurrency if isinstance(concurrency, int) else 1, configured, os.environ
+    )
+
+
+@worker_process_init.connect
+def _on_worker_process_init(**_: Any) -> None:
+    """In each pool child, right after the fork: cap torch's threads (if torch is installed)."""
+    threads = _child_torch_threads
+    if threads is None or importlib.util.find_spec("torch") is None:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+    log.info("worker process %d: torch uses %d thread(s)", os.getpid(), threads)
 
 
 def queue_dir(settings: Settings) -> Path:
@@ -42,6 +120,8 @@ def create_app(settings: Settings) -> Celery:
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
+        "worker_proc_alive_timeout": PROC_ALIVE_TIMEOUT_SECONDS,
+        TORCH_THREADS_CONF: settings.queue.torch_threads,  # None: automatic, see torch_threads
     }
     if settings.embedded_broker:
         q = queue_dir(settings)

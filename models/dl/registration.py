@@ -244,9 +244,14 @@ def resample_to(
     cur_aff = array_affine(current.affine)
     k, j, i = current.voxels.shape
     out = np.empty((k, j, i), dtype=np.float32)
+    # Slabs of ``chunk`` slices; a last slab of one slice joins the previous one (a unit-size grid
+    # axis is a special case of affine_grid that torch warns about).
+    starts = list(range(0, k, chunk))
+    if len(starts) > 1 and k - starts[-1] == 1:
+        starts.pop()
     with torch.no_grad():
-        for k0 in range(0, k, chunk):
-            k1 = min(k, k0 + chunk)
+        for n, k0 in enumerate(starts):
+            k1 = starts[n + 1] if n + 1 < len(starts) else k
             shift = np.eye(4)
             shift[0, 3] = k0
             g = torch.as_tensor(cur_aff @ shift, dtype=torch.float64, device=device)[None]

@@ -30,10 +30,20 @@ G = TypeVar("G", bound=np.generic)
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else ``cuda`` when available, else ``cpu``."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` if given, else ``cuda`` when available, else ``cpu``.
+
+    Raises ``ValueError`` when ``device`` asks for CUDA and this process sees no CUDA device
+    (rather than failing later, deep inside a forward pass).
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r} requested but no CUDA device is available to this process")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(dev)!r} requested but only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[object]:

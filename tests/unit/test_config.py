@@ -72,3 +72,18 @@ def test_relative_storage_dir_is_relative_to_config(tmp_path: Path) -> None:
     data["node"]["storage_dir"] = "spool"
     s = load_settings(_write(tmp_path, data), environ={})
     assert s.node.storage_dir == (tmp_path / "spool").resolve()
+
+
+def test_check_config_refuses_options_a_model_cannot_honour(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from node.cli import main
+
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"node": {"storage_dir": str(tmp_path / "s")},
+                                   "models": {"ct-hu-segmentation": {"path": str(tmp_path / "weights.pt")}}}))
+    assert main(["check-config", "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "models.ct-hu-segmentation" in err and "path" in err
+    cfg.write_text(yaml.safe_dump({"node": {"storage_dir": str(tmp_path / "s")},
+                                   "queue": {"torch_threads": 2},
+                                   "models": {"dl-ct-segmentation": {"device": "cpu", "batch_size": 2}}}))
+    assert main(["check-config", "-c", str(cfg)]) == 0

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
 from models.base import UnsuitableInput, Volume, is_pair_model  # noqa: E402
-from models.dl.registration import DlCtRegistration, grid_affine, rigid_from_params  # noqa: E402
+from models.dl.registration import DlCtRegistration, grid_affine, resample_to, rigid_from_params  # noqa: E402
 from models.dl.synth import RigidPair, rigid_matrix, rigid_pair  # noqa: E402
 from models.evaluate import body_points, target_errors  # noqa: E402
 
@@ -78,3 +78,18 @@ def test_rigid_parameters_match_the_numpy_convention() -> None:
     g = grid_affine(centre, (5, 7, 9), 2.0)
     assert np.allclose(g @ [2, 3, 4, 1], [*centre, 1])  # the grid centre is the middle voxel
     assert np.allclose(g @ [0, 0, 1, 1] - g @ [0, 0, 0, 1], [2.0, 0, 0, 0])  # last array axis is +x
+
+
+@pytest.mark.parametrize("slices", [33, 17, 16, 3])
+def test_resampling_in_slabs_matches_one_pass(slices: int) -> None:
+    """Slab by slab (a last slab of one slice is merged: a unit-size grid axis used to resample it
+    wrongly, with a torch warning) gives what one pass over the whole grid gives."""
+    from models.phantom import make_ct_phantom
+
+    current = make_ct_phantom(slices, 48, 48, pixel_mm=6.0, slice_mm=6.0, seed=2, nodules=0).to_volume()
+    prior = make_ct_phantom(20, 40, 40, pixel_mm=7.0, slice_mm=8.0, seed=2, nodules=0).to_volume()
+    motion = rigid_matrix((2.0, -3.0, 8.0), (5.0, -4.0, 3.0), (0.0, 0.0, 0.0))
+    cpu = torch.device("cpu")
+    whole = resample_to(prior, current, motion, device=cpu, chunk=1000)
+    assert whole.shape == current.voxels.shape
+    np.testing.assert_allclose(resample_to(prior, current, motion, device=cpu, chunk=16), whole, atol=0.05)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,7 +59,7 @@ def test_unknown_name_lists_known_models() -> None:
 def test_hu_manifest_loads() -> None:
     m = registry.manifest("ct-hu-segmentation")
     assert (m.name, m.version, m.family) == ("ct-hu-segmentation", "1.0.0", "segmentation")
-    assert m.modalities == ("CT",) and m.min_slices == 3 and m.objects == ("SEG", "SR")
+    assert m.modalities == ("CT",) and m.min_slices == 3 and m.objects == ("SEG", "SR", "SC", "PDF")
     by_name = {o.name: o for o in m.outputs}
     assert list(by_name) == ["Body", "Right Lung", "Left Lung", "Bone"]
     anatomical = Code("123037004", "SCT", "Anatomical Structure")
@@ -89,7 +94,7 @@ def test_good_manifest(tmp_path: Path) -> None:
         (GOOD.replace("meaning: Lung}", "meaning: Lung, extra: 1}"), "outputs.0.type.extra"),
         (GOOD.replace('value: "39607008"', "value: 39607008"), "outputs.0.type.value"),  # unquoted code
         (GOOD.replace("family: segmentation", "family: magic"), "family"),
-        (GOOD.replace("objects: [SEG]", "objects: [PDF]"), "objects.0"),
+        (GOOD.replace("objects: [SEG]", "objects: [MPEG]"), "objects.0"),
         (GOOD.replace("min_slices: 1", "min_slices: 0"), "min_slices"),
         (GOOD.replace("version: 0.1.0", "version: 1.0"), "version"),
         (GOOD.replace("name: test-model\n", ""), "name"),
@@ -110,3 +115,112 @@ def test_bad_manifest_gives_clear_error(tmp_path: Path, text: str, needle: str) 
 def test_missing_manifest_file(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="cannot read"):
         load_manifest(tmp_path / "nope.yaml")
+
+
+# --- per-model options (ModelOptions) ---------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_model_options_are_validated() -> None:
+    assert registry.ModelOptions() == registry.DEFAULT_OPTIONS
+    assert registry.ModelOptions(path="/x/y").path == Path("/x/y")  # type: ignore[arg-type]
+    for bad in ({"device": "tpu"}, {"precision": "fp16"}, {"batch_size": 0}, {"batch_size": True}):
+        with pytest.raises(registry.ModelOptionsError):
+            registry.ModelOptions(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["ct-hu-segmentation", "ct-lung-nodules", "ct-emphysema", "ct-registration"])
+def test_classical_models_refuse_what_they_cannot_honour(name: str, tmp_path: Path) -> None:
+    assert not registry.is_deep_learning(name)
+    for options, needle in (
+        (registry.ModelOptions(path=tmp_path), f"path ({tmp_path})"),
+        (registry.ModelOptions(device="cuda"), "device: cuda"),
+        (registry.ModelOptions(precision="amp"), "precision: amp"),
+    ):
+        with pytest.raises(registry.ModelOptionsError) as info:
+            registry.load(name, options)
+        assert f"models.{name}" in str(info.value) and needle in str(info.value)
+    # device auto/cpu and a batch size (the configuration's default is 4) are accepted and ignored
+    registry.check_options(name, registry.ModelOptions(device="cpu", batch_size=16))
+    assert registry.load(name, registry.ModelOptions(device="auto", batch_size=4)).manifest.name == name
+
+
+def test_dl_model_options_are_checked_without_torch(tmp_path: Path) -> None:
+    """check_options (for start-up) does not look at files; load refuses a missing path before importing
+    torch, naming the path."""
+    missing = tmp_path / "no-such-bundle"
+    code = (
+        "import sys, pathlib; from models import registry as r; "
+        f"o = r.ModelOptions(path=pathlib.Path({str(missing)!r}), device='cuda', precision='amp'); "
+        "[r.check_options(n, o) for n in r.available() if r.is_deep_learning(n)]\n"
+        "try:\n    r.load('dl-ct-segmentation', o)\nexcept r.ModelOptionsError as e:\n    print(e)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60, capture_output=True,
+                         text=True).stdout
+    assert f"models.dl-ct-segmentation.path: {missing} does not exist" in out
+
+
+def _site_copy(dest: Path) -> Path:
+    from models.dl.core import bundle_dir
+
+    for part in ("configs", "models"):
+        shutil.copytree(bundle_dir("dl_ct_segmentation") / part, dest / part)
+    return dest
+
+
+def test_dl_model_is_built_from_the_configured_path_with_the_options(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("monai")
+    site = _site_copy(tmp_path / "site-seg")
+    options = registry.ModelOptions(path=site, device="cpu", batch_size=2, precision="amp")
+    with caplog.at_level(logging.INFO, logger="models.registry"):
+        model = registry.load("dl-ct-segmentation", options)
+    assert model.loaded.source == site / "models" / "model.pt"  # type: ignore[attr-defined]
+    assert (model.device.type, model.batch_size, model.precision) == ("cpu", 2, "amp")  # type: ignore[attr-defined]
+    [record] = [r for r in caplog.records if r.name == "models.registry"]
+    assert str(site) in record.getMessage() and "batch size 2" in record.getMessage()
+    # the classifier takes the options too (and gives them to its lung segmenter)
+    cls = registry.load("dl-emphysema-classification", registry.ModelOptions(device="cpu", batch_size=3))
+    assert cls.batch_size == 3 and cls.segmenter.batch_size == 3  # type: ignore[attr-defined]
+    # a broken copy: the error names the file
+    (site / "models" / "model.pt").write_bytes(b"not a state dict")
+    with pytest.raises(ValueError, match=re.escape(str(site / "models" / "model.pt"))):
+        registry.load("dl-ct-segmentation", options)
+
+
+def test_dl_model_refuses_cuda_without_a_gpu() -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("monai")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        registry.load("dl-ct-registration", registry.ModelOptions(device="cuda"))
+
+
+def test_worker_builds_models_with_the_site_settings(tmp_path: Path) -> None:
+    """workers.pipeline.WorkerContext.model turns ``models.<name>`` settings into ModelOptions."""
+    pytest.importorskip("torch")
+    pytest.importorskip("monai")
+    from node.config import parse_settings
+    from workers.pipeline import WorkerContext
+
+    site = _site_copy(tmp_path / "site-seg")
+    settings = parse_settings({
+        "node": {"storage_dir": str(tmp_path / "storage")},
+        "models": {
+            "dl-ct-segmentation": {"path": str(site), "device": "cpu", "batch_size": 2, "precision": "fp32"},
+            "ct-hu-segmentation": {"batch_size": 8},
+            "ct-emphysema": {"path": str(site)},
+        },
+    })
+    ctx = WorkerContext.from_settings(settings)
+    model = ctx.model("dl-ct-segmentation")
+    assert ctx.model("dl-ct-segmentation") is model  # kept warm
+    assert model.loaded.source.parent.parent == site and model.batch_size == 2  # type: ignore[attr-defined]
+    assert ctx.model("ct-hu-segmentation").manifest.name == "ct-hu-segmentation"
+    with pytest.raises(registry.ModelOptionsError, match="classical model"):
+        ctx.model("ct-emphysema")
