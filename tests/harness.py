@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,6 +251,27 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     return [x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")]
 
 
+def dcentvfy(paths: list[Path]) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of dicom3tools' dcentvfy over a set of files: patient/study/series
+    attributes consistent across instances, and every referenced instance present in the set."""
+    exe = shutil.which("dcentvfy", path=str(VENV_BIN)) or "dcentvfy"
+    out = subprocess.run([exe, *map(str, paths)], capture_output=True, text=True, timeout=300, check=False)
+    lines = (out.stdout + out.stderr).splitlines()
+    return [x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")]
+
+
+def study_files(orthanc: Orthanc, study_uid: str, out_dir: Path) -> list[Path]:
+    """Every instance Orthanc holds for the study, written to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for series in orthanc.series_of_study(study_uid):
+        for instance in series["Instances"]:
+            path = out_dir / f"{instance}.dcm"
+            path.write_bytes(orthanc.get_bytes(f"/instances/{instance}/file"))
+            paths.append(path)
+    return paths
+
+
 def c_store(port: int, files: list[Path], *, stop_after: int | None = None) -> dict[str, int]:
     """Send files over one association with pynetdicom; returns SOP Instance UID -> status
     (-1: no response). Stops early when the association dies (a killed peer)."""
@@ -275,4 +298,18 @@ def c_store(port: int, files: list[Path], *, stop_after: int | None = None) -> d
     finally:
         if assoc.is_established:
             assoc.release()
+    return out
+
+
+def pdf_text(pdf: bytes) -> list[str]:
+    """The strings shown (Tj) in the page's Flate-compressed content streams (how ReportLab writes text)."""
+    out: list[str] = []
+    for m in re.finditer(rb"<<([^<>]*)>>\s*stream\r?\n", pdf):
+        header = m.group(1)
+        if b"/FlateDecode" not in header or b"/Image" in header:
+            continue
+        length = int(re.search(rb"/Length (\d+)", header).group(1))  # type: ignore[union-attr]
+        content = zlib.decompress(pdf[m.end() : m.end() + length])
+        for s in re.findall(rb"\(((?:[^()\\]|\\.)*)\)\s*Tj", content):
+            out.append(re.sub(rb"\\(.)", rb"\1", s).decode("latin-1"))
     return out

@@ -18,15 +18,14 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from models import registry
-from models.base import Model, ModelError, ModelResult, UnsuitableInput, Volume, is_pair_model
-from node.catalog import Catalog, job_policy, worker_identity
+from models.base import Model, ModelError, UnsuitableInput, is_pair_model
+from models.registry import ModelOptions
+from node.catalog import Catalog, ResultFile, job_policy, worker_identity
 from node.config import Settings
+from node.send.base import BINARY_VARIANT
 from node.spool import Spool
-from workers.encode.measure import measure_segments
-from workers.encode.registered import build_registered_prior
-from workers.encode.seg import EmptyResultError, build_seg
-from workers.encode.sr import build_sr
 from workers.load import load_series
+from workers.outputs import encode_results
 
 log = logging.getLogger("workers.pipeline")
 
@@ -53,33 +52,13 @@ class WorkerContext:
         return cls(settings, Catalog.for_storage(settings.node.storage_dir), Spool(settings.node.storage_dir))
 
     def model(self, name: str) -> Model:
+        """The warm instance of model ``name``, built on first use with the site's ``models.<name>``
+        settings (built lazily, in the worker child process: CUDA must not be initialised before a fork)."""
         if name not in self.models:
-            self.models[name] = registry.load(name)
+            s = self.settings.model_settings(name)
+            options = ModelOptions(path=s.path, device=s.device, batch_size=s.batch_size, precision=s.precision)
+            self.models[name] = registry.load(name, options)
         return self.models[name]
-
-
-def encode_results(
-    model: Model, sources: list[Dataset], volume: Volume, result: ModelResult, predecessor: Dataset | None = None
-) -> list[Dataset]:
-    """The DICOM objects the model's manifest promises, for this result ([] when it found nothing).
-
-    ``predecessor`` is the SR of an earlier run on this series that the new SR supersedes.
-    """
-    objects = model.manifest.objects
-    out: list[Dataset] = []
-    sw = software_version()
-    seg: Dataset | None = None
-    if "SEG" in objects and any(s.mask.any() for s in result.segments):
-        seg = build_seg(sources, result, software_version=sw)
-        out.append(seg)
-    if "SR" in objects or ("REG" in objects and result.registration is not None):
-        measurements = measure_segments(volume, result.segments) if seg is not None else ()
-        try:
-            out.append(build_sr(sources, result, seg=seg, measurements=measurements, software_version=sw,
-                                predecessor=predecessor))
-        except EmptyResultError:
-            log.info("model %s found nothing to report; no SR written", model.manifest.name)
-    return out
 
 
 def run_job(ctx: WorkerContext, job_id: int) -> str:
@@ -97,6 +76,9 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
         model.check(volume)
         prior_sources: list[Dataset] = []
         if is_pair_model(model):
+            if volume.source_frames is not None:
+                raise UnsuitableInput("registration onto a multi-frame series is not supported yet (the registered "
+                                      "prior is written as single-frame images on the current geometry)")
             prior = ctx.catalog.prior_series(job)
             if prior is None:
                 raise UnsuitableInput("no earlier study of this patient with this modality in the catalog")
@@ -106,17 +88,21 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
         t1 = time.monotonic()
         result = model.run_pair(volume, prior_volume) if is_pair_model(model) else model.run(volume)
         t2 = time.monotonic()
-        previous = ctx.catalog.previous_result(job, "SR")
-        predecessor = pydicom.dcmread(ctx.spool.path(previous.path)) if previous is not None else None
-        datasets = encode_results(model, sources, volume, result, predecessor)
-        if "REG" in model.manifest.objects and result.registration is not None:
-            datasets += build_registered_prior(sources, prior_sources, result, software_version=software_version())
+        predecessors = {}
+        for variant in ("", BINARY_VARIANT):
+            previous = ctx.catalog.previous_result(job, "SR", variant)
+            if previous is not None:
+                predecessors[variant] = pydicom.dcmread(ctx.spool.path(previous.path))
+        encoded = encode_results(model, sources, volume, result, software_version=software_version(),
+                                 predecessors=predecessors, prior_sources=prior_sources)
         study_uid = str(sources[0].StudyInstanceUID)
-        written: list[tuple[str, str, str, str]] = []
-        for ds in datasets:
+        written: list[ResultFile] = []
+        for item in encoded:
+            ds = item.dataset
             rel = ctx.spool.result_relpath(study_uid, str(ds.SOPInstanceUID))
             ctx.spool.write(rel, _to_bytes(ds), replace=True)
-            written.append((str(ds.Modality), str(ds.SOPInstanceUID), str(ds.SOPClassUID), rel))
+            written.append(ResultFile(str(ds.Modality), str(ds.SOPInstanceUID), str(ds.SOPClassUID), rel,
+                                      item.variant))
         t3 = time.monotonic()
     except UnsuitableInput as exc:
         ctx.catalog.finish_job(job_id, "skipped", ctx.clock(), error=str(exc))

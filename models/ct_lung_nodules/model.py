@@ -60,6 +60,7 @@ from models.base import (
     Detection,
     Manifest,
     ModelResult,
+    Segment,
     UnsuitableInput,
     Volume,
     check_input,
@@ -97,6 +98,8 @@ class NoduleParams:
     min_confidence: float = 0.4
     solid_hu: float = -400.0
     max_detections: int = 50
+    max_segmented: int = 10
+    """Candidates also returned as segments (each a full-size mask), most confident first."""
     airways: AirwayParams = field(default_factory=AirwayParams)
     segmentation: HuSegParams = field(default_factory=HuSegParams)
 
@@ -117,6 +120,8 @@ class Candidate:
     sphericity: float
     lung_surround: float
     compactness: float
+    voxels_kji: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros((0, 3), np.intp), compare=False)
+    """(n, 3) indices of the segmented solid core."""
 
     @property
     def confidence(self) -> float:
@@ -171,12 +176,31 @@ class CtLungNodules:
                 )
             )
         notes.append(f"{len(detections)} nodule candidate(s) in {lung_ml:.0f} ml of lung")
+        segments = self._segments(candidates[: p.max_segmented], detections, volume.voxels.shape)
+        if len(candidates) > len(segments):
+            notes.append(f"the {len(segments)} most confident candidates are segmented")
         return ModelResult(
             model_name=self.manifest.name,
             model_version=self.manifest.version,
             notes=tuple(notes),
             detections=tuple(detections),
+            segments=segments,
         )
+
+    def _segments(self, candidates: list[Candidate], detections: list[Detection],
+                  shape: tuple[int, ...]) -> tuple[Segment, ...]:
+        """One segment per candidate, named like its detection; a voxel goes to the more confident
+        candidate, so segments never overlap (a LABELMAP SEG can hold them)."""
+        out = []
+        taken = np.zeros(shape, dtype=bool)
+        output = self.manifest.outputs[0]
+        for cand, det in zip(candidates, detections, strict=False):
+            mask = np.zeros(shape, dtype=bool)
+            mask[tuple(cand.voxels_kji.T)] = True
+            mask &= ~taken
+            taken |= mask
+            out.append(Segment(det.label, output.category, output.type, mask))
+        return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,6 +251,7 @@ def detect_nodules(
             centre_kji=_f3(np.asarray(measured[index].centre_kji) + shift),
             bbox_min_kji=_i3(np.asarray(measured[index].bbox_min_kji) + shift),
             bbox_max_kji=_i3(np.asarray(measured[index].bbox_max_kji) + shift),
+            voxels_kji=measured[index].voxels_kji + shift,
         )
         for index in final[: p.max_detections]
     ]
@@ -454,6 +479,7 @@ def _measure(
     comp2 = np.isin(lab2, ids2[ids2 > 0])
     compactness = float(nodule.sum()) / float(comp2.sum())
     return Candidate(
+        voxels_kji=(where + lo).astype(np.intp),
         centre_kji=_f3(where.mean(axis=0) + lo),
         bbox_min_kji=_i3(where.min(axis=0) + lo),
         bbox_max_kji=_i3(where.max(axis=0) + lo),

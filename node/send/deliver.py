@@ -47,16 +47,22 @@ class Deliverer:
         """Attempt every due delivery once; returns the number sent."""
         due = self.catalog.due_deliveries(self.clock())
         by_dest: dict[str, list[tuple[int, Path, int]]] = defaultdict(list)
+        variants: dict[str, dict[Path, str]] = defaultdict(dict)
         studies: dict[str, set[int]] = defaultdict(set)
         for d, r, study_id in due:
-            by_dest[d.destination].append((d.id, self.spool.path(r.path), d.attempts))
+            path = self.spool.path(r.path)
+            by_dest[d.destination].append((d.id, path, d.attempts))
+            if r.variant:
+                variants[d.destination][path] = r.variant
             studies[d.destination].add(study_id)
         sent_total = 0
         for dest, items in by_dest.items():
+            not_needed: set[Path] = set()
             try:
-                report = self.sender_factory(dest).send([p for _, p, _ in items])
+                report = self.sender_factory(dest).send([p for _, p, _ in items], variants[dest])
                 failures = report.failed
                 sent = set(report.sent)
+                not_needed = set(report.not_needed)
             except SendError as exc:
                 failures = {p: str(exc) for _, p, _ in items}
                 sent = set()
@@ -68,6 +74,8 @@ class Deliverer:
                 if path in sent:
                     self.catalog.delivery_sent(delivery_id, self.clock())
                     sent_total += 1
+                elif path in not_needed:
+                    self.catalog.delivery_not_needed(delivery_id, self.clock())
                 else:
                     reason = failures.get(path, "not sent")
                     delay = self.backoff(attempts + 1)

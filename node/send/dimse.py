@@ -3,12 +3,16 @@
 For each SOP class we propose the file's own transfer syntax plus Explicit and Implicit VR Little
 Endian; if the destination accepts only an uncompressed syntax for a compressed file, the file is
 decompressed before sending, so a PACS that lacks a codec still gets the object.
+
+Label map SEGs (SOP class 1.2.840.10008.5.1.4.1.1.66.7) are newer than most PACS: when a batch
+holds both variants of a result, the labelmap set is sent if the destination accepted that class
+in this association, else the binary set; the other set is reported as not needed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pydicom
@@ -17,13 +21,14 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 
 from node.config import DimseDestination
-from node.send.base import DestinationUnreachable, SendReport
+from node.send.base import BINARY_VARIANT, LABELMAP_VARIANT, DestinationUnreachable, SendReport
 
 log = logging.getLogger("node.send.dimse")
 
 MAX_CONTEXTS = 128
 """DICOM's limit of presentation contexts per association."""
 UNCOMPRESSED = (tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian)
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
 
 class DimseSender:
@@ -32,7 +37,8 @@ class DimseSender:
         self.calling = destination.calling_ae_title or calling_ae_title
         self.timeout = timeout_seconds
 
-    def send(self, files: Sequence[Path]) -> SendReport:
+    def send(self, files: Sequence[Path], variants: Mapping[Path, str] | None = None) -> SendReport:
+        variants = variants or {}
         report = SendReport()
         datasets: list[tuple[Path, Dataset]] = []
         for path in files:
@@ -44,27 +50,33 @@ class DimseSender:
             return report
         ae = AE(ae_title=self.calling)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        wanted: dict[str, list[str]] = {}
+        # One context per (SOP class, compressed syntax) and one uncompressed context per SOP class:
+        # an SCP picks one syntax per context, often uncompressed when offered in the same list.
+        wanted: dict[tuple[str, tuple[str, ...]], None] = {}
         for _, ds in datasets:
             ts = str(ds.file_meta.TransferSyntaxUID)
-            syntaxes = wanted.setdefault(str(ds.SOPClassUID), [])
-            for s in (ts, *UNCOMPRESSED):
-                if s not in syntaxes:
-                    syntaxes.append(s)
+            if ts not in UNCOMPRESSED:
+                wanted[(str(ds.SOPClassUID), (ts,))] = None
+            wanted[(str(ds.SOPClassUID), UNCOMPRESSED)] = None
         if len(wanted) > MAX_CONTEXTS:
-            raise DestinationUnreachable(f"{len(wanted)} SOP classes exceed one association")
-        for sop_class, syntaxes in wanted.items():
-            ae.add_requested_context(sop_class, syntaxes)
+            raise DestinationUnreachable(f"{len(wanted)} presentation contexts exceed one association")
+        for sop_class, syntaxes in wanted:
+            ae.add_requested_context(sop_class, list(syntaxes))
         d = self.destination
         assoc = ae.associate(d.host, d.port, ae_title=d.ae_title)
         if not assoc.is_established:
             raise DestinationUnreachable(f"no association with {d.name} ({d.host}:{d.port})")
+        labelmap_ok = any(cx.abstract_syntax == LABEL_MAP_SEGMENTATION_STORAGE for cx in assoc.accepted_contexts)
+        skip = BINARY_VARIANT if labelmap_ok else LABELMAP_VARIANT
         try:
             for path, ds in datasets:
+                if variants.get(path) == skip:
+                    report.not_needed.append(path)
+                    continue
                 self._store_one(assoc, path, ds, report)
                 if not assoc.is_established:
                     for p, _ in datasets:
-                        if p not in report.sent and p not in report.failed:
+                        if p not in report.sent and p not in report.failed and p not in report.not_needed:
                             report.failed[p] = "association lost"
                     break
         finally:

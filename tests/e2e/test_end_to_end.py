@@ -11,7 +11,7 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,18 +22,21 @@ import pytest
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from models.phantom import make_ct_phantom
+from models.phantom import Phantom, make_ct_phantom
 from node.receive.stow import stow_request
 from tests.harness import (
     VENV_BIN,
     Orthanc,
     Redis,
+    dcentvfy,
     dciodvfy,
     free_port,
     node_config,
+    pdf_text,
     start_node_process,
     stop_process,
     storescu,
+    study_files,
     wait_for,
 )
 from workers.synthetic import write_ct_series
@@ -97,9 +100,9 @@ def _push_and_wait(stack: Stack, series_dir: Path, *storescu_args: str) -> tuple
     assert out.returncode == 0, out.stderr
     pushed = time.monotonic()
 
-    def results_ready() -> bool:
+    def results_ready() -> bool:  # SEG, SR, key images (OT) and the PDF (DOC) of one job
         mods = stack.orthanc.modalities_of_study(study_uid)
-        return mods.get("SEG", 0) >= 1 and mods.get("SR", 0) >= 1
+        return all(mods.get(m, 0) >= 1 for m in ("SEG", "SR", "OT", "DOC"))
 
     try:
         wait_for(results_ready, 240, interval=0.25, what="SEG and SR in Orthanc")
@@ -194,7 +197,57 @@ def _check_phantom_roundtrip(stack: Stack, tmp_path: Path) -> float:
         assert ml == pytest.approx(masks[name].sum() * voxel_ml, rel=1e-9), name
     _check_no_phi_in_logs(stack, "Phantom^Test", "PHANTOM-001")
     assert study_uid == str(sources[0].StudyInstanceUID)
+    _check_key_images_and_pdf(stack, study_uid, tmp_path, sources, EXPECTED_SEGMENTS)
+    _check_study_consistency(stack, study_uid, files, tmp_path)
     return latency
+
+
+def _check_key_images_and_pdf(stack: Stack, study_uid: str, tmp_path: Path, sources: Sequence[pydicom.Dataset],
+                              names: set[str]) -> None:
+    """Key images: valid RGB SCs on source slices with the SEG colours drawn; the PDF names the segments."""
+    key_images = [pydicom.dcmread(io.BytesIO(b)) for b in stack.orthanc.instance_files(study_uid, "OT")]
+    assert 1 <= len(key_images) <= 4
+    source_uids = {str(d.SOPInstanceUID) for d in sources}
+    for i, sc in enumerate(key_images):
+        _validate(tmp_path, f"sc-{i}.dcm", _bytes(sc))
+        assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in source_uids
+        rgb = sc.pixel_array.reshape(-1, 3)
+        coloured = np.abs(rgb.astype(int) - rgb.mean(axis=1, keepdims=True)).max(axis=1) > 40
+        assert coloured.mean() > 0.001, "no outline drawn"  # grey CT + colour outlines and legend
+    [pdf_bytes] = stack.orthanc.instance_files(study_uid, "DOC")
+    _validate(tmp_path, "report.dcm", pdf_bytes)
+    pdf = pydicom.dcmread(io.BytesIO(pdf_bytes))
+    document = bytes(pdf.EncapsulatedDocument)[: int(pdf.EncapsulatedDocumentLength)]
+    assert document.startswith(b"%PDF") and document.rstrip().endswith(b"%%EOF")
+    text = " ".join(pdf_text(document))
+    for name in names:
+        assert name in text, name
+    assert "not" in text.lower() and "diagnos" in text.lower()  # the disclaimer
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _check_study_consistency(stack: Stack, study_uid: str, source_files: list[Path], tmp_path: Path,
+                             extra: Sequence[Path] = ()) -> None:
+    """dcentvfy over the source series plus every result Orthanc holds for the study: 0 errors in
+    our objects (a real scanner series may itself reference instances nobody sent, e.g. localizers)."""
+    results = study_files(stack.orthanc, study_uid, tmp_path / f"study-{study_uid[-8:]}")
+    errors, warnings = dcentvfy([*source_files, *results, *extra])
+    inherited = [e for e in errors if "Missing SOPInstanceUID that was referenced" in e
+                 and any(f"<{f}>" in e for f in [*source_files, *extra])]
+    if inherited:
+        print(f"dcentvfy: {len(inherited)} missing reference(s) inherited from the source files, e.g. {inherited[0]}")
+    errors = [e for e in errors if e not in inherited]
+    print(f"dcentvfy over {len(source_files) + len(results) + len(extra)} files: {len(errors)} error(s), "
+          f"{len(warnings)} warning(s)")
+    for w in sorted({re.sub(r" for file .*", "", w) for w in warnings}):
+        print("  ", w)
+    assert errors == [], errors[:10]
 
 
 def test_embedded_phantom_and_real_ct(embedded: Stack, tmp_path: Path) -> None:
@@ -221,7 +274,10 @@ def test_embedded_phantom_and_real_ct(embedded: Stack, tmp_path: Path) -> None:
     time.sleep(QUIET_SECONDS + 2)
     status = _status(embedded)
     assert status["jobs"] == jobs_before and status["instances"]["total"] == 48 + 20
-    assert embedded.orthanc.modalities_of_study(study_uid) == {"SEG": 1, "SR": 1}
+    results = embedded.orthanc.modalities_of_study(study_uid)
+    assert results["SEG"] == 1 and results["SR"] == 1 and results["DOC"] == 1 and set(results) == {
+        "SEG", "SR", "OT", "DOC"}
+    _check_study_consistency(embedded, study_uid, sorted(REAL_CT.iterdir()), tmp_path)
 
 
 @pytest.mark.redis
@@ -238,8 +294,8 @@ def test_stow_rs_door(embedded: Stack, tmp_path: Path) -> None:
     status, body = stow_request(f"http://127.0.0.1:{embedded.stow_port}/dicom-web", [f.read_bytes() for f in files])
     assert status == 200 and len(body["00081199"]["Value"]) == 30
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    wait_for(lambda: embedded.orthanc.modalities_of_study(study_uid) == {"SEG": 1, "SR": 1}, 240,
-             what="SEG and SR from the STOW-RS study")
+    wait_for(lambda: {"SEG": 1, "SR": 1, "DOC": 1}.items() <= embedded.orthanc.modalities_of_study(study_uid).items(),
+             240, what="SEG, SR and PDF from the STOW-RS study")
 
 
 def test_detection_and_classification_reach_the_pacs(tmp_path: Path) -> None:
@@ -253,20 +309,34 @@ def test_detection_and_classification_reach_the_pacs(tmp_path: Path) -> None:
         files = write_ct_series(phantom, tmp_path / "chest", uid_seed="chest-families")
         study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         assert storescu(stack.node_port, tmp_path / "chest").returncode == 0
+        def all_results() -> bool:  # SEG of the organs and of the nodules; an SR and a PDF per model
+            mods = stack.orthanc.modalities_of_study(study_uid)
+            return {"SEG": 2, "SR": 3, "DOC": 3}.items() <= mods.items() and mods.get("OT", 0) >= 3
+
         try:
-            wait_for(lambda: stack.orthanc.modalities_of_study(study_uid) == {"SEG": 1, "SR": 3}, 300,
-                     what="SEG + 3 SR")
+            wait_for(all_results, 300, what="2 SEG + 3 SR + 3 PDF + key images")
         except TimeoutError:
             print(stack.logs()[-5000:])
             raise
+        time.sleep(1.0)  # nothing more should come
         sr_files = stack.orthanc.instance_files(study_uid, "SR")
-        for i, data in enumerate(sr_files):
-            _validate(tmp_path, f"sr-{i}.dcm", data)
+        for modality in ("SEG", "SR", "OT", "DOC"):
+            for i, data in enumerate(stack.orthanc.instance_files(study_uid, modality)):
+                _validate(tmp_path, f"{modality}-{i}.dcm", data)
+        _check_study_consistency(stack, study_uid, files, tmp_path)
+        # Orthanc (1.10) does not accept Label Map Segmentation: the nodules came as the BINARY fallback
+        segs = {str(ds.SeriesDescription): ds for ds in
+                (pydicom.dcmread(io.BytesIO(b)) for b in stack.orthanc.instance_files(study_uid, "SEG"))}
+        nodule_seg = segs["AI SEG ct-lung-nodules"]
+        assert nodule_seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+        assert _status(stack)["deliveries"].get("not-needed") == 1  # the LABELMAP SEG
         srs = [pydicom.dcmread(io.BytesIO(b)) for b in sr_files]
         reports = {str(ds.SeriesDescription): hd.sr.Comprehensive3DSR.from_dataset(ds) for ds in srs}
 
         nodules = reports["AI SR ct-lung-nodules"].content
         assert isinstance(nodules, hd.sr.MeasurementReport)
+        # findings only (their cores are in the SEG): OHIF cannot open planar + volumetric groups
+        assert nodules.get_volumetric_roi_measurement_groups() == []
         planar = nodules.get_planar_roi_measurement_groups()
         source_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
         big = [n for n in phantom.nodules if n.diameter_mm >= 6]
@@ -295,6 +365,13 @@ def test_detection_and_classification_reach_the_pacs(tmp_path: Path) -> None:
             pass
 
 
+def _lung_centroid(phantom: Phantom) -> np.ndarray:
+    """LPS centroid (mm) of the phantom's true lungs (the table does not move with the patient)."""
+    k, j, i = np.nonzero(phantom.truth("Right Lung") | phantom.truth("Left Lung"))
+    ijk1 = np.stack([i, j, k, np.ones_like(i)]).astype(float)
+    return (phantom.affine @ ijk1)[:3].mean(axis=1)
+
+
 def test_registration_of_the_prior_study(tmp_path: Path) -> None:
     """A patient's second study: the prior is found in the catalog, registered, and sent back as a
     derived series on the current frame of reference plus an SR with the residual."""
@@ -310,12 +387,32 @@ def test_registration_of_the_prior_study(tmp_path: Path) -> None:
         wait_for(lambda: _status(stack)["jobs"] == {"skipped": 1}, 120, what="the first study skipped: no prior")
         assert storescu(stack.node_port, tmp_path / "current").returncode == 0
         study_uid = str(pydicom.dcmread(current_files[0], stop_before_pixels=True).StudyInstanceUID)
+        expected = {"CT": 40, "SR": 1, "REG": 1, "DOC": 1}
         try:
-            wait_for(lambda: stack.orthanc.modalities_of_study(study_uid) == {"CT": 40, "SR": 1}, 300,
-                     what="registered prior series + SR")
+            wait_for(lambda: expected.items() <= stack.orthanc.modalities_of_study(study_uid).items(), 300,
+                     what="registered prior series, SR, spatial registration and PDF")
         except TimeoutError:
             print(stack.logs()[-5000:])
             raise
+        time.sleep(1.0)
+        assert set(stack.orthanc.modalities_of_study(study_uid)) == {*expected, "OT"}
+        [reg_bytes] = stack.orthanc.instance_files(study_uid, "REG")
+        _validate(tmp_path, "spatial-registration.dcm", reg_bytes)
+        sro = pydicom.dcmread(io.BytesIO(reg_bytes))
+        prior_ds = pydicom.dcmread(prior_files[0], stop_before_pixels=True)
+        current_ds = pydicom.dcmread(current_files[0], stop_before_pixels=True)
+        assert sro.FrameOfReferenceUID == current_ds.FrameOfReferenceUID
+        [prior_item] = [r for r in sro.RegistrationSequence if r.FrameOfReferenceUID == prior_ds.FrameOfReferenceUID]
+        matrix = np.array(
+            prior_item.MatrixRegistrationSequence[0].MatrixSequence[0].FrameOfReferenceTransformationMatrix,
+            dtype=float).reshape(4, 4)
+        # the phantoms share their anatomy: the prior's lung centroid maps onto the current one's
+        assert np.allclose(matrix[3], [0, 0, 0, 1])
+        mapped = matrix @ np.append(_lung_centroid(prior), 1.0)
+        distance = float(np.linalg.norm(mapped[:3] - _lung_centroid(current)))
+        print(f"spatial registration: prior lung centroid lands {distance:.2f} mm from the current one")
+        assert distance < 3.0
+        _check_study_consistency(stack, study_uid, current_files, tmp_path, extra=prior_files)
         registered = sorted((pydicom.dcmread(io.BytesIO(b)) for b in stack.orthanc.instance_files(study_uid, "CT")),
                             key=lambda d: float(d.ImagePositionPatient[2]))
         _validate(tmp_path, "registered.dcm", stack.orthanc.instance_files(study_uid, "CT")[0])

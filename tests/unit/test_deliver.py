@@ -1,10 +1,10 @@
 """Deliverer with a fake sender (the transport seam): backoff, retry, never dropped."""
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from node.catalog import Catalog
+from node.catalog import Catalog, Job, ResultFile
 from node.config import Settings
 from node.send.base import DestinationUnreachable, SendReport
 from node.send.deliver import Deliverer
@@ -16,7 +16,7 @@ class FlakySender:
         self.fail_times = fail_times
         self.calls: list[list[Path]] = []
 
-    def send(self, files: Sequence[Path]) -> SendReport:
+    def send(self, files: Sequence[Path], variants: Mapping[Path, str] | None = None) -> SendReport:
         self.calls.append(list(files))
         if len(self.calls) <= self.fail_times:
             raise DestinationUnreachable("connection refused")
@@ -60,7 +60,7 @@ def test_retries_with_capped_backoff_until_sent(tmp_path: Path) -> None:
 
 def test_partial_failure_keeps_failed_pending(tmp_path: Path) -> None:
     class Rejecting:
-        def send(self, files: Sequence[Path]) -> SendReport:
+        def send(self, files: Sequence[Path], variants: Mapping[Path, str] | None = None) -> SendReport:
             return SendReport(failed={f: "status 0xA700" for f in files})
 
     d, catalog, now = setup(tmp_path, FlakySender(0))
@@ -68,3 +68,48 @@ def test_partial_failure_keeps_failed_pending(tmp_path: Path) -> None:
     assert d.tick() == 0
     [(delivery, _, _)] = catalog.due_deliveries(now[0] + 10)
     assert delivery.state == "pending" and delivery.last_error == "status 0xA700" and delivery.attempts == 1
+
+
+def test_variants_reach_the_sender_and_the_other_set_is_not_needed(tmp_path: Path) -> None:
+    """A destination that takes the LABELMAP set: the BINARY set is marked not-needed, not retried."""
+    seen: list[dict[Path, str]] = []
+
+    class LabelmapCapable:
+        def send(self, files: Sequence[Path], variants: Mapping[Path, str] | None = None) -> SendReport:
+            marks = dict(variants or {})
+            seen.append(marks)
+            return SendReport(sent=[f for f in files if marks.get(f) != "binary"],
+                              not_needed=[f for f in files if marks.get(f) == "binary"])
+
+    d, catalog, now = setup(tmp_path, FlakySender(0))
+    catalog.record_results(1, [  # job #1 of setup()
+        ResultFile("SEG", "1.10", "1.2.840.10008.5.1.4.1.1.66.7", "results/1.2/1.10.dcm", "labelmap"),
+        ResultFile("SEG", "1.11", "1.2.840.10008.5.1.4.1.1.66.4", "results/1.2/1.11.dcm", "binary"),
+    ], ["pacs"], 0.0)
+    d.sender_factory = lambda name: LabelmapCapable()
+    assert d.tick() == 2  # the plain SEG of setup() and the labelmap one
+    assert seen[0][tmp_path / "results/1.2/1.10.dcm"] == "labelmap"
+    assert seen[0][tmp_path / "results/1.2/1.11.dcm"] == "binary"
+    assert tmp_path / "results/1.2/1.9.dcm" not in seen[0]
+    assert catalog.counts()["deliveries"] == {"sent": 2, "not-needed": 1}
+    now[0] += 1000
+    assert d.tick() == 0 and len(seen) == 1  # nothing left to send
+
+
+def test_rerun_reopens_not_needed_deliveries(tmp_path: Path) -> None:
+    """A rerun (another job writing the same UID) may change what the destination needs."""
+    _d, catalog, _now = setup(tmp_path, FlakySender(0))
+    files = [ResultFile("SEG", "1.11", "1.2.840.10008.5.1.4.1.1.66.4", "results/1.2/1.11.dcm", "binary")]
+    catalog.record_results(1, files, ["pacs"], 0.0)
+    [(delivery, result, _)] = [x for x in catalog.due_deliveries(0.0) if x[1].sop_instance_uid == "1.11"]
+    assert result.variant == "binary"
+    catalog.delivery_not_needed(delivery.id, 0.0)
+    assert catalog.counts()["deliveries"] == {"pending": 1, "not-needed": 1}
+    with catalog.session() as s:  # a later generation's job of the same series and model
+        job = Job(study_id=1, series_id=1, generation=2, model="m", rule="r", destinations='["pacs"]',
+                  created_at=1.0, updated_at=1.0)
+        s.add(job)
+        s.flush()
+        rerun = job.id
+    catalog.record_results(rerun, files, ["pacs"], 1.0)
+    assert catalog.counts()["deliveries"] == {"pending": 2}

@@ -126,7 +126,9 @@ def test_detection_groups(
     groups = report.get_planar_roi_measurement_groups()
     series = sources[0].SeriesInstanceUID
     for group, det, slice_index in zip(groups, detections, (7, 13), strict=True):
-        assert group.tracking_identifier == det.tracking_id
+        # the identifier OHIF needs to list the finding; the finding's own identity is the UID
+        assert group.tracking_identifier in ("Cornerstone3DTools@^0.1.0:CircleROI",
+                                             "Cornerstone3DTools@^0.1.0:EllipticalROI")
         assert group.tracking_uid == detection_tracking_uid(series, MODEL, det.tracking_id)
         assert group.tracking_uid != segment_tracking_uid(series, MODEL, det.tracking_id)
         assert group.finding_type is not None and _code(group.finding_type) == (SCT_NODULE.value, "SCT")

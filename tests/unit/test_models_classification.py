@@ -60,7 +60,7 @@ def test_manifest_and_registry(model: CtEmphysema) -> None:
         "1.0.0",
         "classification",
         ("CT",),
-        ("SR",),
+        ("SR", "SC", "PDF"),
     )
     assert [o.type for o in m.outputs] == [Code("87433001", "SCT", "Pulmonary emphysema")]
     assert registry.load("ct-emphysema").manifest == m == model.manifest

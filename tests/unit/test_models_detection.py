@@ -58,10 +58,10 @@ def test_manifest_and_registry(model: CtLungNodules) -> None:
     m = registry.manifest("ct-lung-nodules")
     assert (m.name, m.version, m.family, m.modalities, m.objects) == (
         "ct-lung-nodules",
-        "1.0.0",
+        "1.1.0",
         "detection",
         ("CT",),
-        ("SR",),
+        ("SEG", "SR", "SC", "PDF"),
     )
     assert [o.type for o in m.outputs] == [Code("27925004", "SCT", "Nodule")]
     assert m.outputs[0].category == Code("49755003", "SCT", "Morphologically Abnormal Structure")
@@ -102,7 +102,7 @@ def test_accuracy_on_phantoms_with_vessels(runs: list[tuple[Phantom, ModelResult
 def test_detection_fields(runs: list[tuple[Phantom, ModelResult]]) -> None:
     p, result = runs[0]
     volume = p.to_volume()
-    assert result.detections and not result.segments and not result.classifications and result.registration is None
+    assert result.detections and result.segments and not result.classifications and result.registration is None
     confidences = [d.confidence for d in result.detections]
     assert confidences == sorted(confidences, reverse=True)
     assert len({d.tracking_id for d in result.detections}) == len(result.detections)
@@ -234,3 +234,20 @@ def test_phantom_vessels_are_inside_the_lungs_and_off_by_default() -> None:
         inv = np.linalg.inv(with_vessels.affine)
         i, j, k = np.rint(inv[:3, :3] @ nod.center_lps + inv[:3, 3]).astype(int)
         assert with_vessels.truth("Nodules")[k, j, i]
+
+
+def test_candidates_are_segmented_without_overlap() -> None:
+    """Each segmented candidate's core lies at its detection, and no voxel has two nodules."""
+    phantom = make_ct_phantom(seed=SEEDS[0])
+    volume = phantom.to_volume()
+    result = CtLungNodules().run(volume)
+    assert result.segments, "the phantom's nodules should be segmented"
+    assert [s.name for s in result.segments] == [d.label for d in result.detections[: len(result.segments)]]
+    total = np.zeros(volume.voxels.shape, dtype=np.uint8)
+    for segment, detection in zip(result.segments, result.detections, strict=False):
+        total += segment.mask
+        k, j, i = np.argwhere(segment.mask).mean(axis=0)
+        assert np.allclose((i, j, k), detection.centre_ijk, atol=1.5)
+        volume_mm3 = segment.mask.sum() * float(np.prod(volume.spacing))
+        assert abs(np.cbrt(6 * volume_mm3 / np.pi) - detection.diameter_mm) < 0.5
+    assert total.max() == 1

@@ -87,7 +87,7 @@ def test_manifest_registry_and_protocol(model: CtRegistration) -> None:
         "1.0.0",
         "registration",
         ("CT", "MR"),
-        ("REG",),
+        ("REG", "SC", "PDF"),
     )
     assert m.outputs[0].category == Code("125024", "DCM", "Image Content-based Alignment")
     loaded = registry.load("ct-registration")

@@ -6,7 +6,7 @@ Content tree (every group carries a Tracking Identifier, a Tracking UID and the 
       Language, Observer = the model as a device, Procedure reported
       Imaging Measurements
         1. per detection, TID 1410 Planar ROI group: Finding = Detection.type, [Finding site],
-           Image Region = CIRCLE/ELLIPSE (SCOORD) on the source slice nearest the centre,
+           Image Region = CIRCLE/ELLIPSE (SCOORD) on the source slice (or frame) nearest the centre,
            Diameter (mm, INFERRED FROM the same SCOORD), Certainty of Finding (%)
         2. per non-empty segment, TID 1411 Volumetric ROI group: Referenced Segment (the SEG),
            Volume (ml), Mean, Standard Deviation (HU for CT)
@@ -26,17 +26,24 @@ the SCOORD pixel convention: see :mod:`workers.encode.sr_content`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
-from pydicom.uid import SegmentationStorage
 
 from models.base import Code, ModelResult
 from workers.encode.measure import SegmentMeasurement
-from workers.encode.seg import DEFAULT_MANUFACTURER, EmptyResultError, to_pydicom_code
+from workers.encode.seg import (
+    DEFAULT_MANUFACTURER,
+    LABEL_MAP_SEGMENTATION_STORAGE,
+    SEGMENTATION_STORAGE,
+    EmptyResultError,
+    binary_fallback_uid,
+    to_pydicom_code,
+)
 from workers.encode.series import series_description, series_number
 from workers.encode.sr_content import (
     HOUNSFIELD_UNIT,
@@ -107,7 +114,7 @@ def _check_seg(
         if any(bool(np.any(segment.mask)) for segment in result.segments):
             raise ValueError("the result has non-empty segments: pass the SEG built from it (seg=...)")
         return
-    if seg.get("SOPClassUID") != SegmentationStorage:
+    if seg.get("SOPClassUID") not in (SEGMENTATION_STORAGE, LABEL_MAP_SEGMENTATION_STORAGE):
         raise ValueError(f"seg is not a Segmentation Storage instance (SOP Class {seg.get('SOPClassUID')})")
     if seg.StudyInstanceUID != sources[0].StudyInstanceUID:
         raise ValueError("seg and sources belong to different studies")
@@ -147,6 +154,7 @@ def _groups(
     seg: pydicom.Dataset | None,
     measurements: Sequence[SegmentMeasurement],
     finding_site: Code | None,
+    source_frames: Sequence[int] | None = None,
 ) -> list[Group]:
     """All measurement groups, in report order (planar first)."""
     _check_unique("detection tracking ids", [d.tracking_id for d in result.detections])
@@ -155,7 +163,8 @@ def _groups(
     modality = str(sources[0].Modality)
     algorithm = algorithm_of(result)
     groups: list[Group] = [
-        detection_group(detection, sources, result, algorithm, finding_site) for detection in result.detections
+        detection_group(detection, sources, result, algorithm, finding_site, source_frames)
+        for detection in result.detections
     ]
     if seg is not None:
         groups.extend(
@@ -184,12 +193,15 @@ def build_sr(
     procedure_reported: Code | None = None,
     predecessor: pydicom.Dataset | None = None,
     finding_site: Code | None = None,
+    source_frames: Sequence[int] | None = None,
+    fallback_for: str | None = None,
 ) -> pydicom.Dataset:
     """Encode ``result`` as a TID 1500 Measurement Report (layout: see the module docstring).
 
     Args:
         sources: the source images in the volume's k order (only attributes are read); detections
-            are drawn on ``sources[round(centre k)]``.
+            are drawn on ``sources[round(centre k)]``. Or one multi-frame image: detections are
+            then drawn on its frame ``source_frames[round(centre k)]``.
         result: the model result: detections, segments, classifications, registration.
         seg: the SEG built by :func:`workers.encode.seg.build_seg` for ``result``; required when
             the result has non-empty segments, which are reported only with it.
@@ -203,6 +215,11 @@ def build_sr(
             instances arrived); referenced in Predecessor Documents Sequence. Ignored when it has
             the SOP Instance UID this SR gets (a rerun on the same input replaces it in place).
         finding_site: anatomic location of every detection (e.g. SCT 39607008 Lung), optional.
+        source_frames: with one multi-frame source, the 1-based frame of each volume slice
+            (``Volume.source_frames``); required when there are detections, else unused.
+        fallback_for: SOP Instance UID of the SR this one stands in for, when ``seg`` is the BINARY
+            fallback of a LABELMAP SEG: the same report citing the other SEG, in the same series,
+            with its own instance UID (``binary_fallback_uid`` of that SR's).
 
     Raises:
         EmptyResultError: nothing to report (every segment empty, no detection, classification or
@@ -215,7 +232,7 @@ def build_sr(
     _check_seg(sources, seg, result, measurements)
     if predecessor is not None:
         _check_predecessor(predecessor, sources)
-    groups = _groups(sources, result, seg, measurements, finding_site)
+    groups = _groups(sources, result, seg, measurements, finding_site, source_frames)
     if not groups:
         raise EmptyResultError(
             "every segment is empty and there is no detection, classification or registration to report"
@@ -226,6 +243,8 @@ def build_sr(
         str(sources[0].SeriesInstanceUID), result.model_name, result.model_version, SR_KIND,
         input_fingerprint(str(ds.SOPInstanceUID) for ds in sources),
     )
+    if fallback_for is not None:
+        uids = replace(uids, sop_instance_uid=binary_fallback_uid(fallback_for))
     algorithm_device_uid = device_uid(manufacturer, result.model_name, result.model_version)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=algorithm_device_uid,

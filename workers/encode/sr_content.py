@@ -203,6 +203,19 @@ def detection_outline(
     return hd.sr.GraphicTypeValues.ELLIPSE, np.array([*major, *minor])
 
 
+VIEWER_TOOL_PREFIX = "Cornerstone3DTools@^0.1.0:"
+"""Tracking Identifier prefix of the measurements OHIF (dcmjs/cornerstone3D adapters) writes and
+reads back: OHIF 3.12 lists a planar ROI in its measurement panel only when the identifier names one
+of its tools (``...:CircleROI``, ``...:EllipticalROI``); anything else is drawn but not listed. The
+identifier is free text (LO) in TID 1410; the per-finding identity is the Tracking UID."""
+
+
+def viewer_tracking_identifier(graphic_type: hd.sr.GraphicTypeValues) -> str:
+    """``Cornerstone3DTools@^0.1.0:CircleROI`` for a CIRCLE, ``...:EllipticalROI`` for an ELLIPSE."""
+    tool = "CircleROI" if graphic_type == hd.sr.GraphicTypeValues.CIRCLE else "EllipticalROI"
+    return VIEWER_TOOL_PREFIX + tool
+
+
 def detection_group(
     detection: Detection,
     sources: Sequence[pydicom.Dataset],
@@ -234,7 +247,7 @@ def detection_group(
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=detection_tracking_uid(source_series_uid, result.model_name, detection.tracking_id),
-            identifier=_identifier(detection.tracking_id),
+            identifier=viewer_tracking_identifier(graphic_type),
         ),
         referenced_region=hd.sr.ImageRegion(
             graphic_type=graphic_type, graphic_data=graphic_data, source_image=source_image()
