@@ -14,6 +14,7 @@ import argparse
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def main() -> None:
         measurements = measure_segments(volume, seg_result.segments)
         add("SR TID 1500, segmentation", lambda: build_sr(sources, seg_result, seg=seg, measurements=measurements,
                                                           software_version=sw))
-        add("SR TID 1500, nodules", lambda: build_sr(sources, results["ct-lung-nodules"], software_version=sw))
+        findings = replace(results["ct-lung-nodules"], segments=())  # as workers/outputs.py: findings only
+        add("SR TID 1500, nodules", lambda: build_sr(sources, findings, software_version=sw))
         add("SR TID 1500, emphysema", lambda: build_sr(sources, results["ct-emphysema"], software_version=sw))
         add("SR TID 1500, registration", lambda: build_sr(sources, results["ct-registration"], software_version=sw))
         for extra in _extra_objects(sources, prior_sources, volume, results, seg_result, measurements, sw):

@@ -15,7 +15,6 @@ Common modules, deterministic UIDs of kind ``PDF`` and Series Number/Description
 
 from __future__ import annotations
 
-import copy
 import datetime
 import io
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from reportlab.lib.units import mm
 from reportlab.platypus import Flowable, Image, KeepInFrame, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from models.base import ModelResult, Volume
+from workers.encode.header import copy_patient_and_study
 from workers.encode.measure import SegmentMeasurement, measure_segments
 from workers.encode.render import has_content, render_key_images, source_slice_labels
 from workers.encode.seg import DEFAULT_MANUFACTURER, EmptyResultError
@@ -51,17 +51,6 @@ DISCLAIMER = (
     "reviewed by a physician; verify every finding against the images."
 )
 _LO_MAX = 64
-_PATIENT_STUDY = (
-    # Patient (Type 2 first), General Study, Patient Study; copied when the source has them.
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "IssuerOfPatientID",
-    "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence", "StudyInstanceUID", "StudyDate", "StudyTime",
-    "ReferringPhysicianName", "StudyID", "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyDescription",
-    "PatientAge", "PatientSize", "PatientWeight",
-)
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-          "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-
 def build_pdf_report(
     sources: Sequence[Dataset],
     volume: Volume,
@@ -246,13 +235,7 @@ def _encapsulate(
     )
     now = datetime.datetime.now()
     ds = Dataset()
-    if "SpecificCharacterSet" in first:
-        ds.SpecificCharacterSet = first.SpecificCharacterSet
-    for keyword in _PATIENT_STUDY:
-        if keyword in first:
-            ds.add(copy.deepcopy(first[keyword]))
-        elif keyword in _TYPE2:
-            setattr(ds, keyword, None)
+    copy_patient_and_study(ds, first)
     # Encapsulated Document Series
     ds.Modality = "DOC"
     ds.SeriesInstanceUID = uids.series_uid

@@ -21,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DS
 
 from models.base import ModelResult, Volume
+from workers.encode.header import copy_body_part_and_laterality
 from workers.encode.render import KeyImage, render_key_images, source_slice_labels
 from workers.encode.seg import DEFAULT_MANUFACTURER, EmptyResultError
 from workers.encode.series import series_description, series_number
@@ -32,33 +33,11 @@ _LO_MAX = 64
 _SOURCE_IMAGE_PURPOSE = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
 _LPS_LETTERS = (("R", "L"), ("A", "P"), ("F", "H"))  # negative, positive direction along x, y, z
 #: Body Part Examined defined terms (PS3.16 CID 4031) of unpaired structures: no Laterality then.
-UNPAIRED_BODY_PARTS = frozenset({
-    "ABDOMEN", "ABDOMENPELVIS", "BLADDER", "BRAIN", "CHEST", "CHESTABDOMEN", "CHESTABDPELVIS", "COLON", "CSPINE",
-    "HEAD", "HEADNECK", "HEART", "LIVER", "LSPINE", "NECK", "PANCREAS", "PELVIS", "PROSTATE", "SPINE", "SPLEEN",
-    "SSPINE", "STOMACH", "TSPINE", "UTERUS", "WHOLEBODY",
-})
-
-
 def orientation_letter(direction: npt.ArrayLike) -> str:
     """The patient direction (R/L, A/P, F/H) closest to an LPS ``direction`` vector."""
     v = np.asarray(direction, dtype=np.float64)
     axis = int(np.argmax(np.abs(v)))
     return _LPS_LETTERS[axis][int(v[axis] > 0)]
-
-
-def copy_body_part_and_laterality(ds: Dataset, source: Dataset) -> None:
-    """Body Part Examined and Laterality (General Series, Type 3 and 2C) as the source series has them.
-
-    Laterality is copied when the source has it, else written empty (unknown) unless the body part is
-    known to be unpaired (then it must be absent).
-    """
-    body_part = str(source.get("BodyPartExamined", "") or "").upper()
-    if body_part:
-        ds.BodyPartExamined = body_part
-    if source.get("Laterality"):
-        ds.Laterality = source.Laterality
-    elif body_part not in UNPAIRED_BODY_PARTS:
-        ds.Laterality = None
 
 
 def key_image_uid(sc_sop_instance_uid: str, index: int) -> str:

@@ -35,7 +35,6 @@ SOP Instance UIDs of both series); Content Date/Time are the encoding time.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -47,6 +46,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
 from models.base import ModelResult, Registration
+from workers.encode.header import copy_body_part_and_laterality, copy_patient_and_study
 from workers.encode.seg import DEFAULT_MANUFACTURER
 from workers.encode.series import series_description, series_number
 from workers.encode.uids import device_uid, input_fingerprint, result_uids
@@ -61,30 +61,6 @@ _LO_MAX = 64
 #: CID 7100 "RCS Registration Method" codes (CodeValue, CodingSchemeDesignator, CodeMeaning).
 FRAME_OF_REFERENCE_IDENTITY = ("125021", "DCM", "Frame of Reference Identity")
 IMAGE_CONTENT_BASED_ALIGNMENT = ("125024", "DCM", "Image Content-based Alignment")
-
-UNPAIRED_BODY_PARTS = frozenset({
-    "ABDOMEN", "ABDOMENPELVIS", "BLADDER", "BRAIN", "CHEST", "CHESTABDOMEN", "CHESTABDPELVIS", "COLON", "CSPINE",
-    "HEAD", "HEADNECK", "HEART", "LIVER", "LSPINE", "NECK", "PANCREAS", "PELVIS", "PROSTATE", "SPINE", "SPLEEN",
-    "SSPINE", "STOMACH", "TSPINE", "UTERUS", "WHOLEBODY",
-})
-"""Body Part Examined defined terms (PS3.16 CID 4031) of unpaired structures: no Laterality then."""
-
-_PATIENT_STUDY_KEYWORDS = (
-    # Patient (C.7.1.1); Type 2 ones are written empty when the source lacks them.
-    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "PatientBirthDate",
-    "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence", "PatientIdentityRemoved", "DeidentificationMethod",
-    "DeidentificationMethodCodeSequence",
-    # General Study (C.7.2.1)
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-    "IssuerOfAccessionNumberSequence", "StudyDescription",
-    # Patient Study (C.7.2.2)
-    "PatientAge", "PatientSize", "PatientWeight",
-)
-_TYPE_2 = frozenset({
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-    "ReferringPhysicianName", "StudyID", "AccessionNumber",
-})
-
 
 def build_spatial_registration(
     current: Sequence[Dataset], prior: Sequence[Dataset], result: ModelResult, *,
@@ -127,23 +103,16 @@ def build_spatial_registration(
     ds.file_meta.MediaStorageSOPInstanceUID = UID(uids.sop_instance_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     # SOP Common
-    if "SpecificCharacterSet" in first:
-        ds.SpecificCharacterSet = first.SpecificCharacterSet
     ds.SOPClassUID = UID(SPATIAL_REGISTRATION_STORAGE)
     ds.SOPInstanceUID = UID(uids.sop_instance_uid)
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    # Patient, General Study, Patient Study: from the current series
-    for keyword in _PATIENT_STUDY_KEYWORDS:
-        if keyword in first:
-            ds.add(copy.deepcopy(first[keyword]))
-        elif keyword in _TYPE_2:
-            setattr(ds, keyword, None)
+    copy_patient_and_study(ds, first)  # Patient, General Study, Patient Study: from the current series
     # General Series, Spatial Registration Series
     ds.Modality = "REG"
     ds.SeriesInstanceUID = UID(uids.series_uid)
     ds.SeriesNumber = series_number(SRO_KIND)
     ds.SeriesDescription = series_description(SRO_KIND, result.model_name)
-    _add_body_part_and_laterality(ds, first)
+    copy_body_part_and_laterality(ds, first)
     # Frame of Reference: the Registered RCS is the current series' frame
     ds.FrameOfReferenceUID = current_frame
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", None)
@@ -244,21 +213,6 @@ def _check_same_patient(current: Dataset, prior: Dataset) -> None:
     a, b = str(current.get("PatientID", "") or ""), str(prior.get("PatientID", "") or "")
     if a and b and a != b:
         raise ValueError(f"the prior series belongs to another patient ({b!r}, current {a!r})")
-
-
-def _add_body_part_and_laterality(ds: Dataset, source: Dataset) -> None:
-    """Body Part Examined and Laterality (General Series, Type 3 and 2C) as the current series has them.
-
-    Laterality is required for a paired body part: copied when the source has it, else written empty
-    (unknown) unless the body part is known to be unpaired (then it must be absent).
-    """
-    body_part = str(source.get("BodyPartExamined", "") or "").upper()
-    if body_part:
-        ds.BodyPartExamined = body_part
-    if source.get("Laterality"):
-        ds.Laterality = source.Laterality
-    elif body_part not in UNPAIRED_BODY_PARTS:
-        ds.Laterality = None
 
 
 def _code_item(code: tuple[str, str, str]) -> Dataset:
