@@ -36,6 +36,7 @@ import numpy.typing as npt
 from scipy import ndimage as ndi
 
 from models.base import Manifest, ModelResult, Segment, Volume, check_input
+from models.ct_hu_segmentation.airways import AirwayParams, find_airways
 from models.manifest import MANIFEST_FILENAME, ManifestFile, load_manifest_file
 
 MANIFEST_PATH = Path(__file__).with_name(MANIFEST_FILENAME)
@@ -68,6 +69,10 @@ class HuSegParams:
     max_bone_hole_cm2: float = 20.0
 
 
+SEGMENT_NAMES = ("Body", "Right Lung", "Left Lung", "Bone", "Airway")
+"""The model's segments, in SEG order (Airway: trachea and main bronchi, taken out of the lungs)."""
+
+
 class CtHuSegmentation:
     """The ``ct-hu-segmentation`` model (stateless between calls; safe to reuse)."""
 
@@ -75,9 +80,10 @@ class CtHuSegmentation:
         spec: ManifestFile = load_manifest_file(manifest_path)
         self.manifest: Manifest = spec.to_manifest()
         self.params = params or HuSegParams()
+        self.airways = AirwayParams()
         self._labels = {o.name: o for o in self.manifest.outputs}
         self._laterality = {o.name: spec.laterality(o.name) for o in self.manifest.outputs}
-        expected = {"Body", "Right Lung", "Left Lung", "Bone"}
+        expected = set(SEGMENT_NAMES)
         if set(self._labels) != expected:
             raise ValueError(f"{manifest_path}: outputs must be {sorted(expected)}, got {sorted(self._labels)}")
 
@@ -89,8 +95,13 @@ class CtHuSegmentation:
         """Segment ``volume``; every declared segment is returned (empty ones are noted)."""
         self.check(volume)
         masks, notes = segment_ct(volume, self.params)
+        airway, note = find_airways(volume.voxels, masks["Right Lung"], masks["Left Lung"], volume, self.airways)
+        notes.append(note)
+        masks["Airway"] = airway  # the trachea and main bronchi are not lung
+        masks["Right Lung"] = masks["Right Lung"] & ~airway
+        masks["Left Lung"] = masks["Left Lung"] & ~airway
         segments = []
-        for name in ("Body", "Right Lung", "Left Lung", "Bone"):
+        for name in SEGMENT_NAMES:
             label = self._labels[name]
             mask = masks[name]
             if not mask.any():

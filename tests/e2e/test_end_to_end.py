@@ -45,7 +45,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 REAL_CT = Path(__file__).resolve().parents[1] / "data" / "ct-real-20"
 QUIET_SECONDS = 2.0
-EXPECTED_SEGMENTS = {"Body", "Right Lung", "Left Lung", "Bone"}
+EXPECTED_SEGMENTS = {"Body", "Right Lung", "Left Lung", "Bone", "Airway"}
 
 
 @dataclass

@@ -58,10 +58,10 @@ def test_unknown_name_lists_known_models() -> None:
 
 def test_hu_manifest_loads() -> None:
     m = registry.manifest("ct-hu-segmentation")
-    assert (m.name, m.version, m.family) == ("ct-hu-segmentation", "1.0.0", "segmentation")
+    assert (m.name, m.version, m.family) == ("ct-hu-segmentation", "1.1.0", "segmentation")
     assert m.modalities == ("CT",) and m.min_slices == 3 and m.objects == ("SEG", "SR", "SC", "PDF")
     by_name = {o.name: o for o in m.outputs}
-    assert list(by_name) == ["Body", "Right Lung", "Left Lung", "Bone"]
+    assert list(by_name) == ["Body", "Right Lung", "Left Lung", "Bone", "Airway"]
     anatomical = Code("123037004", "SCT", "Anatomical Structure")
     assert by_name["Body"].category == anatomical and by_name["Body"].type == Code("38266002", "SCT", "Entire body")
     assert by_name["Right Lung"].type == Code("3341006", "SCT", "Right lung")
