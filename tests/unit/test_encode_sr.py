@@ -290,3 +290,31 @@ def test_all_empty_raises(
 def test_dciodvfy_no_errors(sr_bytes: bytes, tmp_path: Path) -> None:
     errors, _warnings = run_dciodvfy(sr_bytes, tmp_path, "sr.dcm")
     assert errors == []
+
+
+def test_each_volume_is_inferred_from_a_point_inside_its_segment(
+    sr_bytes: bytes, sources: list[pydicom.Dataset], result_on_ct: ModelResult
+) -> None:
+    """OHIF (3.12) needs image coordinates in every group: the Volume carries a SCOORD POINT that
+    lies inside the segment on the source image it names."""
+    ds = read_bytes(sr_bytes)
+    by_uid = {str(s.SOPInstanceUID): k for k, s in enumerate(sources)}
+    masks = {s.name: s.mask for s in result_on_ct.segments}
+    checked = 0
+    for container in ds.ContentSequence:
+        for group in container.get("ContentSequence", []):
+            items = group.get("ContentSequence", [])
+            names = [i.TextValue for i in items if i.ConceptNameCodeSequence[0].CodeValue == "112039"]
+            volumes = [i for i in items
+                       if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "118565006"]
+            if not names or not volumes:
+                continue
+            [scoord] = volumes[0].ContentSequence
+            assert scoord.ValueType == "SCOORD" and scoord.GraphicType == "POINT"
+            assert scoord.RelationshipType == "INFERRED FROM"
+            [image] = scoord.ContentSequence
+            k = by_uid[str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)]
+            column, row = (float(v) for v in scoord.GraphicData)
+            assert masks[names[0]][k, int(row), int(column)], names[0]
+            checked += 1
+    assert checked == sum(1 for s in result_on_ct.segments if s.mask.any()) > 0

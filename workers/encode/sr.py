@@ -168,7 +168,7 @@ def _groups(
     ]
     if seg is not None:
         groups.extend(
-            segment_group(segment, measurement, seg, source_series_uid, result, algorithm, modality)
+            segment_group(segment, measurement, seg, sources, result, algorithm, modality, source_frames)
             for segment, measurement in zip(result.segments, measurements, strict=True)
             if not measurement.is_empty
         )

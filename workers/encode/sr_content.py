@@ -290,20 +290,39 @@ def _segment_finding_sites(segment: Segment) -> list[hd.sr.FindingSite] | None:
     ]
 
 
+def segment_anchor(mask: npt.NDArray[np.bool_]) -> tuple[int, float, float]:
+    """(k, column, row) of a point inside the segment: on its largest slice, the segment voxel
+    nearest that slice's centroid (pixel centre, SCOORD convention: 0.5 = centre of the first)."""
+    k = int(np.argmax(mask.sum(axis=(1, 2))))
+    rows, cols = np.nonzero(mask[k])
+    if rows.size == 0:
+        raise ValueError("empty segment has no anchor")
+    nearest = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
+    return k, float(cols[nearest]) + 0.5, float(rows[nearest]) + 0.5
+
+
 def segment_group(
     segment: Segment,
     measurement: SegmentMeasurement,
     seg: pydicom.Dataset,
-    source_series_uid: str,
+    sources: Sequence[pydicom.Dataset],
     result: ModelResult,
     algorithm: hd.sr.AlgorithmIdentification,
     modality: str,
+    source_frames: Sequence[int] | None = None,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """TID 1411 group of one non-empty segment: Volume (ml), Mean and Standard Deviation."""
+    """TID 1411 group of one non-empty segment: Volume (ml), Mean and Standard Deviation.
+
+    The Volume is also "inferred from" a SCOORD POINT inside the segment on a source image: TID 300
+    allows it, and OHIF (3.12) crashes on any SR group that has no image coordinates at all; with
+    the point it opens the report and shows the values there.
+    """
     if measurement.mean is None or measurement.sd is None:
         raise ValueError(f"segment {segment.name!r}: non-empty but mean/sd missing")
     unit = intensity_unit(modality)
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+    source_series_uid = str(sources[0].SeriesInstanceUID)
+    volume = hd.sr.Measurement(name=VOLUME, value=float(measurement.volume_ml), unit=MILLILITER)
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=segment_tracking_uid(source_series_uid, result.model_name, segment.name),
             identifier=segment.name,
@@ -319,11 +338,31 @@ def segment_group(
         finding_sites=_segment_finding_sites(segment),
         algorithm_id=algorithm,
         measurements=[
-            hd.sr.Measurement(name=VOLUME, value=float(measurement.volume_ml), unit=MILLILITER),
+            volume,
             hd.sr.Measurement(name=MEAN, value=float(measurement.mean), unit=unit),
             hd.sr.Measurement(name=STANDARD_DEVIATION, value=float(measurement.sd), unit=unit),
         ],
     )
+    k, column, row = segment_anchor(segment.mask)
+    image, frame = source_of_slice(sources, k, source_frames)
+    # highdicom takes no coordinates under a TID 1411 group's numeric items: add them afterwards.
+    volume[0].ContentSequence = hd.sr.Measurement(
+        name=VOLUME,
+        value=float(measurement.volume_ml),
+        unit=MILLILITER,
+        referenced_coordinates=[
+            hd.sr.CoordinatesForMeasurement(
+                graphic_type=hd.sr.GraphicTypeValues.POINT,
+                graphic_data=np.array([[column, row]]),
+                source_image=hd.sr.SourceImageForRegion(
+                    referenced_sop_class_uid=image.SOPClassUID,
+                    referenced_sop_instance_uid=image.SOPInstanceUID,
+                    referenced_frame_numbers=[frame] if frame is not None else None,
+                ),
+            )
+        ],
+    )[0].ContentSequence
+    return group
 
 
 # --- classifications and registration (TID 1501) --------------------------------------------------
