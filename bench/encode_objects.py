@@ -83,18 +83,19 @@ def main() -> None:
             rows.append((label, seconds, size))
             return out
 
-        seg = add("SEG BINARY, 4 overlapping segments, uncompressed",
+        n_all, n_organs = len(seg_result.segments), len(organs.segments)
+        seg = add(f"SEG BINARY, {n_all} overlapping segments, uncompressed",
                   lambda: build_seg(sources, seg_result, software_version=sw))
-        add("SEG LABELMAP, 3 organs, RLE Lossless",
+        add(f"SEG LABELMAP, {n_organs} organs, RLE Lossless",
             lambda: build_seg(sources, organs, software_version=sw, segmentation_type="LABELMAP",
                               transfer_syntax_uid=RLELossless))
-        add("SEG LABELMAP, 3 organs, JPEG-LS Lossless",
+        add(f"SEG LABELMAP, {n_organs} organs, JPEG-LS Lossless",
             lambda: build_seg(sources, organs, software_version=sw, segmentation_type="LABELMAP",
                               transfer_syntax_uid=JPEGLSLossless))
-        add("SEG LABELMAP, 3 organs, uncompressed",
+        add(f"SEG LABELMAP, {n_organs} organs, uncompressed",
             lambda: build_seg(sources, organs, software_version=sw, segmentation_type="LABELMAP",
                               transfer_syntax_uid=ExplicitVRLittleEndian))
-        add("SEG BINARY, 3 organs, uncompressed (fallback)",
+        add(f"SEG BINARY, {n_organs} organs, uncompressed (fallback)",
             lambda: build_seg(sources, organs, software_version=sw))
         assert isinstance(seg, Dataset)
         measurements = measure_segments(volume, seg_result.segments)
