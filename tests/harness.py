@@ -291,7 +291,10 @@ def c_store(port: int, files: list[Path], *, stop_after: int | None = None) -> d
             if stop_after is not None and i >= stop_after:
                 break
             uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
-            st = assoc.send_c_store(f)
+            try:
+                st = assoc.send_c_store(f)
+            except RuntimeError:  # the peer went away between the check below and this request
+                break
             out[uid] = int(st.Status) if "Status" in st else -1
             if not assoc.is_established:
                 break
