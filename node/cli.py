@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
 
-from node.config import ConfigError, Settings, load_settings
+from node.config import ConfigError, DicomwebDestination, Settings, load_settings
 from node.logutil import setup_logging
 
 log = logging.getLogger("node.cli")
@@ -136,6 +136,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    unreadable = [f"destinations[{d.name}].{key}: cannot read {path}"
+                  for d in settings.destinations if isinstance(d, DicomwebDestination)
+                  for key, path in (("password_file", d.password_file), ("token_file", d.token_file),
+                                    ("ca_file", d.ca_file))
+                  if path is not None and not os.access(path, os.R_OK)]
+    if unreadable:
+        print("\n".join(unreadable), file=sys.stderr)
+        return 2
     print(f"configuration OK: {len(settings.rules)} rule(s), {len(settings.destinations)} destination(s), "
           f"broker: {'embedded' if settings.embedded_broker else 'external'}")
     return 0

@@ -114,6 +114,7 @@ class SendSettings(_Frozen):
     """Backoff doubles from initial up to this cap; deliveries are retried, never dropped."""
     poll_seconds: float = Field(1.0, gt=0)
     association_timeout_seconds: float = Field(30, gt=0)
+    """DIMSE association/response timeout; for DICOMweb destinations the HTTP connect/read timeout."""
 
 
 class DimseDestination(_Frozen):
@@ -126,7 +127,40 @@ class DimseDestination(_Frozen):
     """Defaults to ``node.ae_title``."""
 
 
-Destination = Annotated[DimseDestination, Field(discriminator="type")]
+class DicomwebDestination(_Frozen):
+    """A DICOMweb service that takes results by STOW-RS (``POST {url}/studies``).
+
+    Secrets never sit in the YAML: basic-auth passwords and bearer tokens are read from files
+    (``password_file``, ``token_file``) each time a batch is sent, so a rotated token is picked up.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    type: Literal["dicomweb"]
+    url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$")
+    """Base URL of the service, the part before ``/studies``, e.g. ``http://pacs:8042/dicom-web``."""
+    username: str | None = None
+    """HTTP basic authentication user; needs ``password_file``."""
+    password_file: Path | None = None
+    token_file: Path | None = None
+    """HTTP bearer token (``Authorization: Bearer ...``), the file's content stripped of whitespace."""
+    ca_file: Path | None = None
+    """PEM bundle trusted for an https ``url``; default: the system's trust store."""
+    accepts_labelmap: bool = False
+    """STOW-RS has no negotiation: set True when the service stores Label Map Segmentation
+    (1.2.840.10008.5.1.4.1.1.66.7); otherwise the BINARY variant of each SEG is sent."""
+    max_request_mb: float = Field(64, gt=0)
+    """Files are batched into multipart requests of at most this size (one file may exceed it)."""
+
+    @model_validator(mode="after")
+    def _auth(self) -> DicomwebDestination:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together (HTTP basic authentication)")
+        if self.username is not None and self.token_file is not None:
+            raise ValueError("choose basic authentication (username) or a bearer token (token_file), not both")
+        return self
+
+
+Destination = Annotated[DimseDestination | DicomwebDestination, Field(discriminator="type")]
 
 
 class PriorSettings(_Frozen):
@@ -232,11 +266,15 @@ class Settings(_Frozen):
             missing = [n for n in rule.send_to if n not in names]
             if missing:
                 raise ValueError(f"rules[{rule.name}].send_to: unknown destinations {missing}")
-        if self.priors is not None and self.priors.source not in names:
-            raise ValueError(f"priors.source: unknown destination {self.priors.source!r}")
+        if self.priors is not None:
+            if self.priors.source not in names:
+                raise ValueError(f"priors.source: unknown destination {self.priors.source!r}")
+            if not isinstance(self.destination(self.priors.source), DimseDestination):
+                raise ValueError(f"priors.source: {self.priors.source!r} must be a dimse destination "
+                                 "(priors are found by C-FIND and retrieved by C-MOVE/C-GET)")
         return self
 
-    def destination(self, name: str) -> DimseDestination:
+    def destination(self, name: str) -> DimseDestination | DicomwebDestination:
         for d in self.destinations:
             if d.name == name:
                 return d

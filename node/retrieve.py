@@ -299,7 +299,9 @@ class PriorRetriever:
         """None without a ``priors:`` section (priors come from the catalog only)."""
         if settings.priors is None:
             return None
-        source = DimsePriorSource(settings.destination(settings.priors.source), settings.node.ae_title,
+        pacs = settings.destination(settings.priors.source)
+        assert isinstance(pacs, DimseDestination)  # Settings validates that priors.source is dimse
+        source = DimsePriorSource(pacs, settings.node.ae_title,
                                   settings.priors.method, receiver.store, move_destination=settings.node.ae_title,
                                   acse_timeout=settings.node.acse_timeout_seconds)
         return cls(settings, catalog, spool, source, clock)

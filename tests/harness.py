@@ -6,6 +6,7 @@ waited for) at teardown. dcmtk and Orthanc run with TCP_NODELAY=1 (Nagle stalls 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -87,6 +88,8 @@ class Orthanc:
     node_port: int
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
+    users: dict[str, str] = field(default_factory=dict)
+    """HTTP basic-auth users (RegisteredUsers); empty: authentication off."""
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Orthanc:
@@ -100,7 +103,8 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "DicomAet": ORTHANC_AE,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomCheckModalityHost": False,
             "DicomModalities": {"node": [NODE_AE, "127.0.0.1", self.node_port]},
             "Plugins": [DICOMWEB_PLUGIN],
@@ -132,18 +136,23 @@ class Orthanc:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"
 
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url(path), timeout=10) as r:
-            return json.loads(r.read())
-
-    def get_bytes(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url(path), timeout=30) as r:
+    def _open(self, path: str, body: Any = None, timeout: float = 10) -> bytes:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url(path), data=data, method="GET" if body is None else "POST")
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return bytes(r.read())
 
+    def get(self, path: str) -> Any:
+        return json.loads(self._open(path))
+
+    def get_bytes(self, path: str) -> bytes:
+        return self._open(path, timeout=30)
+
     def post(self, path: str, body: Any) -> Any:
-        req = urllib.request.Request(self.url(path), data=json.dumps(body).encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())
+        return json.loads(self._open(path, body))
 
     def series_of_study(self, study_uid: str) -> list[dict[str, Any]]:
         """Orthanc series resources (expanded) of a study; [] if the study is not there."""

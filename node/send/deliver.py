@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from node.catalog import Catalog
-from node.config import Settings
+from node.config import DicomwebDestination, Settings
 from node.send.base import Sender, SendError
 from node.send.dimse import DimseSender
+from node.send.stow import StowSender
 from node.spool import Spool
 
 log = logging.getLogger("node.send")
@@ -24,8 +25,10 @@ SenderFactory = Callable[[str], Sender]
 
 def default_sender_factory(settings: Settings) -> SenderFactory:
     def make(name: str) -> Sender:
-        return DimseSender(settings.destination(name), settings.node.ae_title,
-                           settings.send.association_timeout_seconds)
+        destination = settings.destination(name)
+        if isinstance(destination, DicomwebDestination):
+            return StowSender(destination, settings.send.association_timeout_seconds)
+        return DimseSender(destination, settings.node.ae_title, settings.send.association_timeout_seconds)
 
     return make
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import yaml
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
@@ -76,6 +77,11 @@ class Node:
             if p.poll() is None or p.returncode != 0:
                 kill_group(p)  # and any embedded worker left in its group
         self.procs.clear()
+
+    def reconfigure(self, overrides: dict[str, Any]) -> None:
+        """Replace top-level sections of the node's YAML (before start)."""
+        cfg = yaml.safe_load(self.config.read_text())
+        self.config.write_text(yaml.safe_dump({**cfg, **overrides}))
 
     def catalog(self) -> Catalog:
         return Catalog.for_storage(self.storage)
@@ -200,8 +206,14 @@ def test_redis_restart_with_queued_jobs(tmp_path: Path, cleanup: list[Any]) -> N
     assert sorted(j.state for j in node.jobs()) == ["done", "done"]
 
 
-def test_pacs_down_then_back(tmp_path: Path, cleanup: list[Any]) -> None:
+@pytest.mark.parametrize("door", ["dimse", "dicomweb"])
+def test_pacs_down_then_back(tmp_path: Path, cleanup: list[Any], door: str) -> None:
+    """Results wait, retried with backoff, while the PACS is down, and all arrive when it is back:
+    by C-STORE, and by STOW-RS to Orthanc's DICOMweb plugin."""
     node = make_node(tmp_path)
+    if door == "dicomweb":
+        node.reconfigure({"destinations": [{"name": "pacs", "type": "dicomweb",
+                                            "url": node.orthanc.url("/dicom-web")}]})
     cleanup += [node.orthanc, node]
     node.orthanc.stop()
     node.start()

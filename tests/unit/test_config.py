@@ -87,3 +87,16 @@ def test_check_config_refuses_options_a_model_cannot_honour(tmp_path: Path, caps
                                    "queue": {"torch_threads": 2},
                                    "models": {"dl-ct-segmentation": {"device": "cpu", "batch_size": 2}}}))
     assert main(["check-config", "-c", str(cfg)]) == 0
+
+
+def test_check_config_refuses_unreadable_dicomweb_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from node.cli import main
+
+    token = tmp_path / "token"
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"node": {"storage_dir": str(tmp_path / "s")}, "destinations": [
+        {"name": "web", "type": "dicomweb", "url": "https://pacs/dicom-web", "token_file": str(token)}]}))
+    assert main(["check-config", "-c", str(cfg)]) == 2
+    assert f"destinations[web].token_file: cannot read {token}" in capsys.readouterr().err
+    token.write_text("t")
+    assert main(["check-config", "-c", str(cfg)]) == 0
