@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    case,
     create_engine,
     event,
     func,
@@ -146,6 +147,15 @@ def add_missing_columns(engine: Engine) -> list[str]:
 
 def catalog_url(storage_dir: Path) -> str:
     return f"sqlite:///{storage_dir / 'catalog.sqlite3'}"
+
+
+_INCOMPLETE_PRIORS = (
+    select(PriorFetch.prior_study_uid)
+    .where(PriorFetch.prior_study_uid.is_not(None))
+    .group_by(PriorFetch.prior_study_uid)
+    .having(func.sum(case((PriorFetch.state == "retrieved", 1), else_=0)) == 0)
+)
+"""Prior study UIDs with no complete fetch (see :meth:`Catalog.incomplete_prior_uids`)."""
 
 
 class Catalog:
@@ -281,8 +291,16 @@ class Catalog:
         return self.prior_series(Job(study_id=study_id, series_id=series_id)) is not None
 
     def known_study_uids(self, uids: Sequence[str]) -> set[str]:
+        """The UIDs the catalog holds completely (a prior whose fetch was cut short is not known)."""
         with self.session() as s:
-            return set(s.scalars(select(Study.study_uid).where(Study.study_uid.in_(list(uids)))))
+            return set(s.scalars(select(Study.study_uid).where(Study.study_uid.in_(list(uids)),
+                                                               Study.study_uid.not_in(_INCOMPLETE_PRIORS))))
+
+    def incomplete_prior_uids(self) -> set[str]:
+        """Studies fetched as priors whose every fetch failed part-way, was partial or is still under
+        way: their series may lack instances, so no job uses them and the next fetch takes them again."""
+        with self.session() as s:
+            return set(s.scalars(_INCOMPLETE_PRIORS))
 
     def prior_fetch(self, study_id: int, generation: int) -> PriorFetch | None:
         with self.session() as s:
@@ -474,7 +492,8 @@ class Catalog:
             s.execute(update(Job).where(Job.id == job_id).values(state="done", error=None, updated_at=now))
 
     def prior_series(self, job: Job) -> Series | None:
-        """The largest series, of the same modality, in the newest earlier study of the same patient."""
+        """The largest series, of the same modality, in the newest earlier study of the same patient
+        (not one whose fetch from the PACS was cut short: see :meth:`incomplete_prior_uids`)."""
         with self.session() as s:
             current = s.get_one(Study, job.study_id)
             series = s.get_one(Series, job.series_id)
@@ -485,7 +504,8 @@ class Catalog:
                 select(Series, Study)
                 .join(Study, Study.id == Series.study_id)
                 .where(Study.patient_key == current.patient_key, Study.id != current.id,
-                       Study.study_datetime <= current.study_datetime)
+                       Study.study_datetime <= current.study_datetime,
+                       Study.study_uid.not_in(_INCOMPLETE_PRIORS))
             ).all()
             same = [(st.study_datetime, se.instance_count, se.id, se) for se, st in candidates
                     if json.loads(se.attributes).get("Modality") == modality]

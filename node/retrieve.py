@@ -18,7 +18,9 @@ the same door: validated, fsynced, cataloged identically).
 
 One attempt per study generation, bounded by ``priors.timeout_seconds`` (the association is aborted
 then). Whatever happens (PACS down, nothing found, timeout) the study goes back to ``ready`` and is
-routed; the registration job then skips with "no earlier study", as without ``priors:``. One thread
+routed; the registration job then skips with "no earlier study", as without ``priors:``. A prior whose
+retrieval failed part-way (timeout, failed sub-operations) stays stored but is not used by any job and
+is not "known": the next study generation that needs it fetches it again. One thread
 fetches, one study at a time: receive threads never wait, and other studies keep being routed. A
 study left ``awaiting-prior`` by a crash goes back to ``ready`` at start-up and is fetched again.
 """

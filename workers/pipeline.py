@@ -81,7 +81,8 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
                                       "prior is written as single-frame images on the current geometry)")
             prior = ctx.catalog.prior_series(job)
             if prior is None:
-                raise UnsuitableInput("no earlier study of this patient with this modality in the catalog")
+                raise UnsuitableInput("no earlier study of this patient with this modality in the catalog "
+                                      "(a prior whose retrieval from the PACS was cut short is not used)")
             prior_volume, prior_sources = load_series(
                 [ctx.spool.path(i.path) for i in ctx.catalog.instances_of_series(prior.id)])
             model.check(prior_volume)

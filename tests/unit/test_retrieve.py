@@ -127,6 +127,9 @@ class FakePacs:
         self.retrieved.append(study_uid)
         if self.fail == "retrieve":
             raise PriorSourceError("C-MOVE: timed out after 1 s")
+        if self.fail == "cut-short":  # one instance arrives, then the retrieval times out
+            self.store(self.studies[study_uid][1][0], "", "", "PACS")
+            raise PriorSourceError("C-MOVE: timed out after 1 s")
         statuses = [self.store(data, "", "", "PACS") for data in self.studies[study_uid][1]]
         return Retrieved(sum(s == STATUS_SUCCESS for s in statuses))
 
@@ -288,3 +291,28 @@ def test_reconcile_releases_studies_left_waiting(tmp_path: Path) -> None:
     assert len(node.tick()) == 1
     assert node.pacs.retrieved == [prior_uid]  # fetched again although part of it was already here
     assert node.catalog.counts()["instances"]["total"] == 6
+
+
+def test_a_prior_cut_short_is_not_used_and_is_fetched_again(tmp_path: Path) -> None:
+    node = Node(tmp_path, _settings(tmp_path, {"source": "pacs"}))
+    prior_uid, current_uid = generate_uid(), generate_uid()
+    node.pacs.studies[prior_uid] = (Candidate(prior_uid, PATIENT, "20230101"), _series(prior_uid, "20230101"))
+    node.pacs.fail = "cut-short"
+    files = _series(current_uid, "20240101", n=4)
+    node.push(files[:3])
+    [job_id] = node.tick()  # routed without a usable prior
+    job = node.catalog.get_job(job_id)
+    assert job is not None
+    assert node.catalog.counts()["instances"]["total"] == 4  # one instance of the prior arrived
+    assert node.catalog.incomplete_prior_uids() == {prior_uid}
+    assert node.catalog.prior_series(job) is None  # the registration job skips instead of using it
+
+    node.pacs.fail = None
+    node.push(files[3:])  # a late instance: generation 2 asks the PACS again and takes the same study
+    [job_id] = node.tick()
+    assert node.pacs.retrieved == [prior_uid, prior_uid]
+    assert node.catalog.incomplete_prior_uids() == set()
+    job = node.catalog.get_job(job_id)
+    assert job is not None
+    prior = node.catalog.prior_series(job)
+    assert prior is not None and prior.instance_count == 3
