@@ -93,7 +93,8 @@ class QueueSettings(_Frozen):
     worker_concurrency: int = Field(1, ge=1, le=64)
     """Worker processes started by ``dicom-node run`` / ``dicom-node worker``."""
     torch_threads: int | None = Field(None, ge=1, le=256)
-    """torch threads per worker process; None: ``OMP_NUM_THREADS`` if set, else CPUs / worker_concurrency."""
+    """Threads per worker process for torch, SimpleITK and BLAS/OpenMP; None: ``OMP_NUM_THREADS`` if set,
+    else CPUs / worker_concurrency."""
     embedded_workers: bool = True
     """``dicom-node run`` starts its own worker processes (set false when workers run elsewhere)."""
     job_time_limit_seconds: int = Field(1800, ge=10)

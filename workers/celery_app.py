@@ -13,9 +13,10 @@ Worker processes. ``dicom-node worker`` is Celery's prefork parent: it forks ``c
 children that run the jobs. The parent never imports torch (so it can never initialise CUDA, which
 does not survive a fork); models, and with them torch and CUDA, are built lazily in each child on
 its first job (``workers.pipeline.WorkerContext.model``). At ``worker_process_init`` each child
-caps torch's intra-op threads (:func:`torch_threads`: ``queue.torch_threads`` when the settings
-have it, else ``OMP_NUM_THREADS``, else the CPUs this worker may use divided by the concurrency),
-so N children do not each start one thread per core; torch is imported there only if installed.
+caps the threads of torch, SimpleITK and the BLAS/OpenMP pools (:func:`torch_threads`:
+``queue.torch_threads`` when the settings have it, else ``OMP_NUM_THREADS``, else the CPUs this
+worker may use divided by the concurrency), so N children do not each start one thread per core;
+torch is imported there only if installed.
 """
 
 from __future__ import annotations
@@ -91,14 +92,24 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 @worker_process_init.connect
 def _on_worker_process_init(**_: Any) -> None:
-    """In each pool child, right after the fork: cap torch's threads (if torch is installed)."""
+    """In each pool child, right after the fork: cap the threads of torch, SimpleITK and the BLAS /
+    OpenMP pools numpy and scipy use (each only if installed)."""
     threads = _child_torch_threads
-    if threads is None or importlib.util.find_spec("torch") is None:
+    if threads is None:
         return
-    import torch
+    if importlib.util.find_spec("threadpoolctl") is not None:
+        from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(threads)
-    log.info("worker process %d: torch uses %d thread(s)", os.getpid(), threads)
+        threadpool_limits(limits=threads)  # applies now and stays (not used as a context manager)
+    if importlib.util.find_spec("SimpleITK") is not None:
+        import SimpleITK
+
+        SimpleITK.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    log.info("worker process %d: torch, SimpleITK and BLAS use %d thread(s)", os.getpid(), threads)
 
 
 def queue_dir(settings: Settings) -> Path:

@@ -61,7 +61,8 @@ def test_app_settings_for_pool_children(tmp_path: Path) -> None:
 
 def test_parent_never_imports_torch_and_children_cap_threads(tmp_path: Path) -> None:
     """The worker's main process (app, tasks, worker_init) stays free of torch; a forked child caps
-    torch's threads at worker_process_init. Runs in a fresh interpreter (this one may hold torch)."""
+    the threads of torch, SimpleITK and BLAS at worker_process_init. Runs in a fresh interpreter
+    (this one may hold torch)."""
     pytest.importorskip("torch")
     code = f"""
 import os, sys
@@ -86,8 +87,12 @@ pid = os.fork()
 if pid == 0:  # a pool child
     try:
         worker_process_init.send(sender="child")
-        import torch
-        os._exit(0 if torch.get_num_threads() == expected else 3)
+        import SimpleITK, threadpoolctl, torch
+        pools = {{i["internal_api"]: i["num_threads"] for i in threadpoolctl.threadpool_info()}}
+        capped = (torch.get_num_threads() == expected
+                  and SimpleITK.ProcessObject.GetGlobalDefaultNumberOfThreads() == expected
+                  and pools and set(pools.values()) == {{expected}})
+        os._exit(0 if capped else 3)
     except BaseException:
         os._exit(4)
 _, status = os.waitpid(pid, 0)
