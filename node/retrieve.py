@@ -49,6 +49,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from node.catalog import Catalog, Study
 from node.config import DimseDestination, Settings
 from node.logutil import ref
+from node.nodelay import NODELAY_HANDLERS
 from node.receive.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, Receiver
 from node.route import plan_jobs
 from node.spool import Spool
@@ -184,6 +185,7 @@ class DimsePriorSource:
         ae.acse_timeout = min(self.acse_timeout, timeout)
         ae.dimse_timeout = ae.network_timeout = timeout
         d = self.destination
+        kwargs["evt_handlers"] = [*NODELAY_HANDLERS, *kwargs.get("evt_handlers", [])]
         assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, **kwargs)
         if not assoc.is_established:
             raise PriorSourceError(f"no association with {d.name} ({d.host}:{d.port})")

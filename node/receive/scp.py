@@ -34,6 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.catalog import Catalog
 from node.config import Settings
 from node.logutil import ref
+from node.nodelay import NODELAY_HANDLERS
 from node.spool import Spool, SpoolError, Stored, is_valid_uid
 
 log = logging.getLogger("node.receive")
@@ -309,6 +310,7 @@ class Receiver:
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_RELEASED, self._handle_released),
             (evt.EVT_ABORTED, self._handle_released),
+            *NODELAY_HANDLERS,
         ]
         server = self.build_ae().start_server((n.host, n.port), block=False, evt_handlers=handlers)
         assert server is not None  # non-blocking start returns the server

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 
 from node.config import DimseDestination
+from node.nodelay import NODELAY_HANDLERS
 from node.send.base import BINARY_VARIANT, LABELMAP_VARIANT, DestinationUnreachable, SendReport
 
 log = logging.getLogger("node.send.dimse")
@@ -63,7 +64,7 @@ class DimseSender:
         for sop_class, syntaxes in wanted:
             ae.add_requested_context(sop_class, list(syntaxes))
         d = self.destination
-        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title)
+        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=list(NODELAY_HANDLERS))
         if not assoc.is_established:
             raise DestinationUnreachable(f"no association with {d.name} ({d.host}:{d.port})")
         labelmap_ok = any(cx.abstract_syntax == LABEL_MAP_SEGMENTATION_STORAGE for cx in assoc.accepted_contexts)

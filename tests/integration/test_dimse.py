@@ -73,3 +73,32 @@ def test_dimse_sender_to_orthanc(tmp_path: Path) -> None:
         orthanc.stop()
     with pytest.raises(DestinationUnreachable):
         DimseSender(dest, "AI-NODE", 2).send(files)
+
+
+def test_associations_run_without_nagle(receiver: Receiver) -> None:
+    """The SCP's accepted socket has TCP_NODELAY (node.nodelay); so has our SCU's via the same handler."""
+    import socket
+
+    from pynetdicom import AE, evt
+
+    from node.nodelay import NODELAY_HANDLERS
+
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    plain = ae.associate("127.0.0.1", receiver.settings.node.port, ae_title="AI-NODE")
+    ours = ae.associate("127.0.0.1", receiver.settings.node.port, ae_title="AI-NODE",
+                        evt_handlers=[(evt.EVT_CONN_OPEN, handler) for _, handler in NODELAY_HANDLERS])
+    try:
+        assert plain.is_established and ours.is_established
+
+        def nodelay(assoc: object) -> int:
+            return int(assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))  # type: ignore[attr-defined]
+
+        assert nodelay(plain) == 0 and nodelay(ours) != 0  # pynetdicom's default, and with the handler
+        server = receiver._server
+        assert server is not None
+        accepted = list(server.active_associations)
+        assert len(accepted) == 2 and all(nodelay(a) != 0 for a in accepted)
+    finally:
+        plain.release()
+        ours.release()
