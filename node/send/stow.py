@@ -1,10 +1,11 @@
 """STOW-RS sender: results to a DICOMweb service as ``multipart/related; type="application/dicom"``.
 
 One HTTP connection per batch of files; files are grouped into requests of at most
-``max_request_mb``. The answer is read per PS3.18 10.5.3: 200 (all stored), 202 (some failed: the
-Failed SOP Sequence of the response names them), 409 (none stored), other codes fail the whole
-request. Only the UIDs the service confirms (or, on a 200 without a readable body, the whole
-request) count as sent; everything else stays pending and is retried by ``node.send.deliver``.
+``max_request_mb``, and a request the service refuses as too large (413) is split in halves.
+The answer is read per PS3.18 10.5.3: 200 (all stored), 202 (some failed: the Failed SOP
+Sequence of the response names them), 409 (none stored); other codes fail the whole request.
+Only the UIDs the service confirms (on a 200, every file of the request) count as sent;
+everything else stays pending and is retried by ``node.send.deliver``.
 
 The transport is a seam: tests pass ``httpx.MockTransport``; production uses httpx's own.
 """
@@ -160,6 +161,12 @@ class StowSender:
             headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
         )
         code = response.status_code
+        if code == 413 and len(batch) > 1:  # Payload Too Large: the service's limit is below ours
+            half = len(batch) // 2
+            log.debug("STOW-RS to %s: request too large, splitting %d files", self.destination.name, len(batch))
+            self._post(client, batch[:half], report)
+            self._post(client, batch[half:], report)
+            return
         parsed = _uids(response) if code in (200, 202, 409) else None
         stored, failed = parsed if parsed is not None else (set(), {})
         for path, uid, _ in batch:

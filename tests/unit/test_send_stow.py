@@ -96,13 +96,25 @@ def test_409_fails_everything_with_the_reasons_given(tmp_path: Path) -> None:
     assert report.sent == [] and report.failed == {p: "status 0xC000" for p in paths}
 
 
-@pytest.mark.parametrize("code", [400, 401, 403, 404, 413, 415, 500, 503])
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 413, 415, 500, 503])  # 413: one file, nothing to split
 def test_other_http_codes_fail_the_request_without_raising(tmp_path: Path, code: int) -> None:
-    paths = files(tmp_path, 2)
+    paths = files(tmp_path, 1)
     report = StowSender(dest(), 5, httpx.MockTransport(Pacs(http=code))).send(paths)
     assert report.sent == []
     assert set(report.failed) == set(paths)
     assert all(r.startswith(f"HTTP {code}") for r in report.failed.values())
+
+
+def test_a_request_too_large_for_the_service_is_split(tmp_path: Path) -> None:
+    paths = files(tmp_path, 5, rows=256)  # ~130 kB each; the service takes at most 300 kB
+    pacs = Pacs()
+
+    def limited(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(413) if len(request.content) > 300_000 else pacs(request)
+
+    report = StowSender(dest(), 5, httpx.MockTransport(limited)).send(paths)
+    assert sorted(report.sent) == sorted(paths) and not report.failed
+    assert sorted(pacs.received) == sorted(uid_of(p) for p in paths)
 
 
 def test_202_without_a_readable_body_confirms_nothing(tmp_path: Path) -> None:
