@@ -104,7 +104,8 @@ def encode_results(
             out.append(Encoded(build_pdf_report(sources, volume, result, software_version=sw,
                                                 measurements=measurements, key_images=[s.pixels for s in shots])))
     if "REG" in objects and result.registration is not None:
-        out += [Encoded(ds) for ds in build_registered_prior(sources, prior_sources, result, software_version=sw)]
+        out += [Encoded(ds) for ds in build_registered_prior(sources, prior_sources, result, software_version=sw,
+                                                             volume=volume)]
         out.append(Encoded(build_spatial_registration(sources, prior_sources, result, software_version=sw)))
     for item in out:
         copy_study_attributes(item.dataset, sources[0])

@@ -76,9 +76,9 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
         model.check(volume)
         prior_sources: list[Dataset] = []
         if is_pair_model(model):
-            if volume.source_frames is not None:
-                raise UnsuitableInput("registration onto a multi-frame series is not supported yet (the registered "
-                                      "prior is written as single-frame images on the current geometry)")
+            if volume.source_frames is not None and volume.modality != "CT":
+                raise UnsuitableInput("registration onto a multi-frame series is supported for CT only (the "
+                                      "registered prior is written as single-frame CT images on its geometry)")
             prior = ctx.catalog.prior_series(job)
             if prior is None:
                 raise UnsuitableInput("no earlier study of this patient with this modality in the catalog "

@@ -372,9 +372,12 @@ def _lung_centroid(phantom: Phantom) -> np.ndarray:
     return (phantom.affine @ ijk1)[:3].mean(axis=1)
 
 
-def test_registration_of_the_prior_study(tmp_path: Path) -> None:
+@pytest.mark.parametrize("multiframe", [False, True], ids=["single-frame", "multi-frame-current"])
+def test_registration_of_the_prior_study(tmp_path: Path, multiframe: bool) -> None:
     """A patient's second study: the prior is found in the catalog, registered, and sent back as a
-    derived series on the current frame of reference plus an SR with the residual."""
+    derived series on the current frame of reference plus an SR with the residual. The current
+    series comes as single-frame slices, or as ONE Legacy Converted Enhanced CT image (then the
+    registered prior is still one CT image per slice, on the frames' positions)."""
     stack_gen = _start(tmp_path, redis_mode=False, models=("ct-registration",))
     stack = next(stack_gen)
     try:
@@ -385,7 +388,17 @@ def test_registration_of_the_prior_study(tmp_path: Path) -> None:
         current_files = write_ct_series(current, tmp_path / "current", uid_seed="reg-current", patient_id="REG-1")
         assert storescu(stack.node_port, tmp_path / "prior").returncode == 0
         wait_for(lambda: _status(stack)["jobs"] == {"skipped": 1}, 120, what="the first study skipped: no prior")
-        assert storescu(stack.node_port, tmp_path / "current").returncode == 0
+        pushed, sources, args = tmp_path / "current", current_files, ()
+        if multiframe:
+            mf = hd.legacy.LegacyConvertedEnhancedCTImage(
+                [pydicom.dcmread(f) for f in current_files], series_instance_uid=pydicom.uid.generate_uid(),
+                series_number=3, sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1)
+            pushed = tmp_path / "current-multiframe"
+            pushed.mkdir()
+            sources = [pushed / "enhanced.dcm"]
+            mf.save_as(sources[0], enforce_file_format=True)
+            args = ("-R",)  # propose the file's own SOP class
+        assert storescu(stack.node_port, pushed, *args).returncode == 0
         study_uid = str(pydicom.dcmread(current_files[0], stop_before_pixels=True).StudyInstanceUID)
         expected = {"CT": 40, "SR": 1, "REG": 1, "DOC": 1}
         try:
@@ -412,7 +425,7 @@ def test_registration_of_the_prior_study(tmp_path: Path) -> None:
         distance = float(np.linalg.norm(mapped[:3] - _lung_centroid(current)))
         print(f"spatial registration: prior lung centroid lands {distance:.2f} mm from the current one")
         assert distance < 3.0
-        _check_study_consistency(stack, study_uid, current_files, tmp_path, extra=prior_files)
+        _check_study_consistency(stack, study_uid, sources, tmp_path, extra=prior_files)
         registered = sorted((pydicom.dcmread(io.BytesIO(b)) for b in stack.orthanc.instance_files(study_uid, "CT")),
                             key=lambda d: float(d.ImagePositionPatient[2]))
         _validate(tmp_path, "registered.dcm", stack.orthanc.instance_files(study_uid, "CT")[0])
