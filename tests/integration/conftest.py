@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from models import registry
 from models.base import ModelResult, Segment
 from node.send.base import BINARY_VARIANT, LABELMAP_VARIANT
+from tests.harness import Orthanc, free_port
 from tests.unit.encode_helpers import SCT_ANATOMICAL_STRUCTURE, SCT_BODY, box, load_ct_real_20
 from workers.outputs import encode_results
 
@@ -37,3 +39,11 @@ def variant_files(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, str]:
         files[path] = item.variant
     assert sorted(files.values()) == [BINARY_VARIANT, BINARY_VARIANT, LABELMAP_VARIANT, LABELMAP_VARIANT]
     return files
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """A private Orthanc (DICOM and DICOMweb) for one test."""
+    o = Orthanc(tmp_path, node_port=free_port()).start()
+    yield o
+    o.stop()

@@ -4,12 +4,10 @@ Segmentation class) gets the BINARY set, a destination that accepts 66.7 gets th
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
@@ -49,13 +47,6 @@ class ModernPacs:
 
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    o = Orthanc(tmp_path, node_port=free_port()).start()
-    yield o
-    o.stop()
 
 
 def test_orthanc_gets_the_binary_set(variant_files: dict[Path, str], orthanc: Orthanc) -> None:

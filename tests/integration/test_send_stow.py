@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -23,13 +22,6 @@ def web(orthanc: Orthanc, **kw: object) -> DicomwebDestination:
 
 def study_uid(files: dict[Path, str]) -> str:
     return str(pydicom.dcmread(next(iter(files)), stop_before_pixels=True).StudyInstanceUID)
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    o = Orthanc(tmp_path, node_port=free_port()).start()
-    yield o
-    o.stop()
 
 
 def test_orthanc_stores_the_binary_set_by_stow(variant_files: dict[Path, str], orthanc: Orthanc) -> None:
