@@ -18,6 +18,7 @@ calibrated); ``details`` gives every grade's probability and the lung volume.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -26,8 +27,8 @@ from pydantic import Field
 
 from models.base import Classification, ModelResult, UnsuitableInput, Volume
 from models.ct_emphysema import GRADES
-from models.dl.core import DlModel, Params
-from models.dl.runtime import Orientation, Precision, hu_to_unit, resample
+from models.dl.core import DlModel, DlOptions, Params
+from models.dl.runtime import Orientation, hu_to_unit, resample
 from models.dl.segmentation import OUT_LEFT, OUT_RIGHT, DlCtSegmentation
 
 
@@ -60,7 +61,7 @@ def classifier_input(
     return resample(x, params.in_shape[1:]).contiguous()
 
 
-class DlEmphysemaClassification(DlModel):
+class DlEmphysemaClassification(DlModel[ClsParams]):
     """The ``dl-emphysema-classification`` model (see the module docstring); stateless between calls.
 
     ``segmenter`` supplies the lung masks (default: a :class:`DlCtSegmentation` with
@@ -68,29 +69,29 @@ class DlEmphysemaClassification(DlModel):
     """
 
     PACKAGE = "dl_emphysema_classification"
+    PARAMS = ClsParams
 
     def __init__(
         self,
         bundle: str | Path | None = None,
         *,
-        device: str | torch.device | None = None,
-        batch_size: int = 4,
-        precision: Precision = "fp32",
         segmenter: DlCtSegmentation | None = None,
         segmentation_bundle: str | Path | None = None,
+        **options: Unpack[DlOptions],
     ) -> None:
-        super().__init__(bundle, device=device, batch_size=batch_size, precision=precision)
-        self.params = self.parse_params(ClsParams)
+        super().__init__(bundle, **options)
+        self.segmenter = segmenter or DlCtSegmentation(
+            segmentation_bundle, device=self.device, batch_size=self.batch_size, precision=self.precision
+        )
+        self.expect_output(torch.zeros(1, *self.params.in_shape), len(GRADES))
+
+    def setup(self) -> None:
         expected = tuple(g.meaning for g in GRADES)
         if tuple(self.params.grades) != expected:
             raise ValueError(f"{self.loaded.source}: grades must be {list(expected)}, got {list(self.params.grades)}")
         if [o.name for o in self.manifest.outputs] != ["Emphysema"]:
             raise ValueError(f"{self.manifest.name}: the manifest must declare the single output 'Emphysema'")
         self._label = self.manifest.outputs[0]
-        self.segmenter = segmenter or DlCtSegmentation(
-            segmentation_bundle, device=self.device, batch_size=batch_size, precision=precision
-        )
-        self.expect_output(torch.zeros(1, *self.params.in_shape), len(GRADES))
 
     def run(self, volume: Volume) -> ModelResult:
         """Grade emphysema in ``volume`` (one :class:`Classification`)."""

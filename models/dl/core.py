@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypedDict, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -25,32 +25,48 @@ class Params(BaseModel):
 P = TypeVar("P", bound=Params)
 
 
+class DlOptions(TypedDict, total=False):
+    """The keyword options of :class:`DlModel` (for subclasses that add their own, via ``Unpack``)."""
+
+    device: str | torch.device | None
+    batch_size: int | None
+    precision: Precision
+
+
 def bundle_dir(package: str) -> Path:
     """The shipped bundle of a model: ``models/<package>/`` (it also holds the manifest)."""
     return MODELS_DIR / package
 
 
-class DlModel:
-    """Loads the manifest and the network once; subclasses parse their parameters and implement ``run``.
+class DlModel(Generic[P]):
+    """Loads the manifest, the network and its ``PARAMS`` once; subclasses implement ``run``.
 
     Args:
         bundle: bundle directory or TorchScript file (default: the shipped demo bundle next to the
             manifest). Only this explicit path is read.
         device: ``"cuda"``, ``"cpu"``... (default: ``cuda`` if available, else ``cpu``).
-        batch_size: windows per forward pass in sliding-window inference (and similar batching).
+        batch_size: windows per forward pass in sliding-window inference (and similar batching)
+            (default: the model's ``BATCH_SIZE``).
         precision: ``"fp32"`` or ``"amp"`` (autocast: float16 on CUDA, bfloat16 on CPU).
+
+    The bundle's ``dicom_node`` parameters are parsed as ``PARAMS`` into ``self.params``
+    (:class:`BundleError` if they do not fit); then :meth:`setup` runs.
     """
 
     PACKAGE: ClassVar[str]
+    PARAMS: ClassVar[type[Params]]
+    BATCH_SIZE: ClassVar[int] = 4
 
     def __init__(
         self,
         bundle: str | Path | None = None,
         *,
         device: str | torch.device | None = None,
-        batch_size: int = 4,
+        batch_size: int | None = None,
         precision: Precision = "fp32",
     ) -> None:
+        if batch_size is None:
+            batch_size = self.BATCH_SIZE
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if precision not in ("fp32", "amp"):
@@ -63,11 +79,19 @@ class DlModel:
         self.precision: Precision = precision
         self.loaded: LoadedNetwork = load_network(default if bundle is None else bundle, self.device)
         self.network = self.loaded.network
+        self.params: P = self.parse_params()
+        self.setup()
 
-    def parse_params(self, cls: type[P]) -> P:
-        """The bundle's ``dicom_node`` parameters as ``cls`` (:class:`BundleError` if they do not fit)."""
+    def setup(self) -> None:
+        """The model's own checks of its manifest and parameters, and its warm-up (default: none).
+
+        Runs at the end of ``__init__``, once ``params`` are parsed.
+        """
+
+    def parse_params(self) -> P:
+        """The bundle's ``dicom_node`` parameters as ``PARAMS`` (:class:`BundleError` if they do not fit)."""
         try:
-            return cls.model_validate(dict(self.loaded.params))
+            return cast(P, self.PARAMS.model_validate(dict(self.loaded.params)))
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
             raise BundleError(f"{self.loaded.source}: bad 'dicom_node' parameters: {problems}") from None

@@ -14,8 +14,6 @@ centres) and the nodule diameter (in units of ``diameter_scale_mm``). Decoding:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -26,7 +24,7 @@ from pydantic import Field
 
 from models.base import Detection, ModelResult, Volume
 from models.dl.core import DlModel, Params
-from models.dl.runtime import Orientation, Precision, to_work_grid, work_to_canonical_index
+from models.dl.runtime import Orientation, to_work_grid, work_to_canonical_index
 
 
 class DetParams(Params):
@@ -43,21 +41,13 @@ class DetParams(Params):
     min_diameter_mm: float = 3.0
 
 
-class DlNoduleDetection(DlModel):
+class DlNoduleDetection(DlModel[DetParams]):
     """The ``dl-lung-nodule-detection`` model (see the module docstring); stateless between calls."""
 
     PACKAGE = "dl_lung_nodule_detection"
+    PARAMS = DetParams
 
-    def __init__(
-        self,
-        bundle: str | Path | None = None,
-        *,
-        device: str | torch.device | None = None,
-        batch_size: int = 4,
-        precision: Precision = "fp32",
-    ) -> None:
-        super().__init__(bundle, device=device, batch_size=batch_size, precision=precision)
-        self.params = self.parse_params(DetParams)
+    def setup(self) -> None:
         if len(self.manifest.outputs) != 1:
             raise ValueError(f"{self.manifest.name}: the manifest must declare exactly one output (the finding type)")
         self.expect_output(torch.zeros(1, 1, *(min(r, 32) for r in self.params.roi_size)), 2)

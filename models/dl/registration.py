@@ -21,8 +21,6 @@ have data); ``metric_value`` is the normalised cross-correlation of the two work
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -32,7 +30,7 @@ from scipy import ndimage as ndi
 
 from models.base import ModelResult, Registration, UnsuitableInput, Volume
 from models.dl.core import DlModel, Params
-from models.dl.runtime import Precision, hu_to_unit, resample
+from models.dl.runtime import hu_to_unit, resample
 
 FILL_HU = -1024.0
 
@@ -116,21 +114,14 @@ def warp(
     return out
 
 
-class DlCtRegistration(DlModel):
+class DlCtRegistration(DlModel[RegParams]):
     """The ``dl-ct-registration`` pair model (see the module docstring); stateless between calls."""
 
     PACKAGE = "dl_ct_registration"
+    PARAMS = RegParams
+    BATCH_SIZE = 1
 
-    def __init__(
-        self,
-        bundle: str | Path | None = None,
-        *,
-        device: str | torch.device | None = None,
-        batch_size: int = 1,
-        precision: Precision = "fp32",
-    ) -> None:
-        super().__init__(bundle, device=device, batch_size=batch_size, precision=precision)
-        self.params = self.parse_params(RegParams)
+    def setup(self) -> None:
         self.expect_output(torch.zeros(1, 2, *self.params.grid), 6)
 
     def run(self, volume: Volume) -> ModelResult:

@@ -18,8 +18,6 @@ Pipeline of :meth:`DlCtSegmentation.run`:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -31,7 +29,6 @@ from models.base import ModelResult, Segment, Volume
 from models.dl.core import DlModel, Params
 from models.dl.runtime import (
     Orientation,
-    Precision,
     argmax_channels,
     to_work_grid,
     upsample_chunks,
@@ -58,21 +55,13 @@ class SegParams(Params):
     min_lung_ml: float = 5.0
 
 
-class DlCtSegmentation(DlModel):
+class DlCtSegmentation(DlModel[SegParams]):
     """The ``dl-ct-segmentation`` model (see the module docstring); stateless between calls."""
 
     PACKAGE = "dl_ct_segmentation"
+    PARAMS = SegParams
 
-    def __init__(
-        self,
-        bundle: str | Path | None = None,
-        *,
-        device: str | torch.device | None = None,
-        batch_size: int = 4,
-        precision: Precision = "fp32",
-    ) -> None:
-        super().__init__(bundle, device=device, batch_size=batch_size, precision=precision)
-        self.params = self.parse_params(SegParams)
+    def setup(self) -> None:
         if tuple(self.params.classes) != CLASSES:
             raise ValueError(f"{self.loaded.source}: classes must be {list(CLASSES)}, got {list(self.params.classes)}")
         names = tuple(o.name for o in self.manifest.outputs)

@@ -216,6 +216,35 @@ def viewer_tracking_identifier(graphic_type: hd.sr.GraphicTypeValues) -> str:
     return VIEWER_TOOL_PREFIX + tool
 
 
+def _source_image(image: pydicom.Dataset, frame: int | None) -> hd.sr.SourceImageForRegion:
+    """A reference to ``image`` (to its frame ``frame``, 1-based, if a multi-frame image); a new
+    content item per call, one per place in the tree."""
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=image.SOPClassUID,
+        referenced_sop_instance_uid=image.SOPInstanceUID,
+        referenced_frame_numbers=[frame] if frame is not None else None,
+    )
+
+
+def _add_inferred_from(
+    measurement: hd.sr.Measurement,
+    graphic_type: hd.sr.GraphicTypeValues,
+    graphic_data: npt.NDArray[np.float64],
+    image: pydicom.Dataset,
+    frame: int | None,
+) -> None:
+    """Make ``measurement`` (a TID 300 with no other content) INFERRED FROM a SCOORD on ``image``.
+
+    highdicom refuses coordinates under the numeric items of a TID 1410 or 1411 group (its authors'
+    choice; TID 1419 includes TID 300 with its INFERRED FROM TID 320 rows), so the groups' builders
+    add them with this once highdicom has built the group.
+    """
+    coordinates = hd.sr.CoordinatesForMeasurement(
+        graphic_type=graphic_type, graphic_data=graphic_data, source_image=_source_image(image, frame)
+    )
+    measurement[0].ContentSequence = hd.sr.ContentSequence([coordinates])
+
+
 def detection_group(
     detection: Detection,
     sources: Sequence[pydicom.Dataset],
@@ -234,14 +263,6 @@ def detection_group(
     k = nearest_slice(detection, _slice_count(sources, source_frames))
     image, frame = source_of_slice(sources, k, source_frames)
     graphic_type, graphic_data = detection_outline(detection, image, frame)
-
-    def source_image() -> hd.sr.SourceImageForRegion:  # one content item per place in the tree
-        return hd.sr.SourceImageForRegion(
-            referenced_sop_class_uid=image.SOPClassUID,
-            referenced_sop_instance_uid=image.SOPInstanceUID,
-            referenced_frame_numbers=[frame] if frame is not None else None,
-        )
-
     source_series_uid = str(sources[0].SeriesInstanceUID)
     diameter = hd.sr.Measurement(name=DIAMETER, value=float(detection.diameter_mm), unit=MILLIMETER)
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -250,7 +271,7 @@ def detection_group(
             identifier=viewer_tracking_identifier(graphic_type),
         ),
         referenced_region=hd.sr.ImageRegion(
-            graphic_type=graphic_type, graphic_data=graphic_data, source_image=source_image()
+            graphic_type=graphic_type, graphic_data=graphic_data, source_image=_source_image(image, frame)
         ),
         finding_type=to_pydicom_code(detection.type),
         finding_sites=[hd.sr.FindingSite(to_pydicom_code(finding_site))] if finding_site is not None else None,
@@ -260,18 +281,7 @@ def detection_group(
             hd.sr.Measurement(name=CERTAINTY_OF_FINDING, value=100.0 * float(detection.confidence), unit=PERCENT),
         ],
     )
-    # highdicom refuses coordinates under the numeric items of a TID 1410 group (its authors'
-    # choice; TID 1419 includes TID 300 with its INFERRED FROM TID 320 rows): add them afterwards.
-    diameter[0].ContentSequence = hd.sr.Measurement(
-        name=DIAMETER,
-        value=float(detection.diameter_mm),
-        unit=MILLIMETER,
-        referenced_coordinates=[
-            hd.sr.CoordinatesForMeasurement(
-                graphic_type=graphic_type, graphic_data=graphic_data, source_image=source_image()
-            )
-        ],
-    )[0].ContentSequence
+    _add_inferred_from(diameter, graphic_type, graphic_data, image, frame)
     return group
 
 
@@ -345,23 +355,7 @@ def segment_group(
     )
     k, column, row = segment_anchor(segment.mask)
     image, frame = source_of_slice(sources, k, source_frames)
-    # highdicom takes no coordinates under a TID 1411 group's numeric items: add them afterwards.
-    volume[0].ContentSequence = hd.sr.Measurement(
-        name=VOLUME,
-        value=float(measurement.volume_ml),
-        unit=MILLILITER,
-        referenced_coordinates=[
-            hd.sr.CoordinatesForMeasurement(
-                graphic_type=hd.sr.GraphicTypeValues.POINT,
-                graphic_data=np.array([[column, row]]),
-                source_image=hd.sr.SourceImageForRegion(
-                    referenced_sop_class_uid=image.SOPClassUID,
-                    referenced_sop_instance_uid=image.SOPInstanceUID,
-                    referenced_frame_numbers=[frame] if frame is not None else None,
-                ),
-            )
-        ],
-    )[0].ContentSequence
+    _add_inferred_from(volume, hd.sr.GraphicTypeValues.POINT, np.array([[column, row]]), image, frame)
     return group
 
 
