@@ -1,6 +1,6 @@
 """End-to-end latency: last instance pushed -> SEG + SR stored in Orthanc (quiet period subtracted).
 
-Run by hand from the repository root:  TCP_NODELAY=1 .venv/bin/python bench/e2e_latency.py [--slices 300]
+Run by hand from the repository root:  TCP_NODELAY=1 .venv/bin/python -m bench.e2e_latency [--slices 300]
 
 Starts a private Orthanc and ``dicom-node run`` (embedded broker) on loopback, pushes the real CT
 series (JPEG 2000) and a generated phantom with storescu, and prints per series: the push time to
@@ -11,17 +11,15 @@ the latency from the end of the push to SEG + SR in Orthanc.
 from __future__ import annotations
 
 import argparse
-import sys
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pydicom
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models.phantom import make_ct_phantom
-from tests.harness import (
+from testkit.dicom import write_ct_series
+from testkit.harness import (
     ORTHANC_AE,
     Orthanc,
     free_port,
@@ -29,19 +27,16 @@ from tests.harness import (
     start_node_process,
     stop_process,
     storescu,
+    tool_env,
     wait_for,
 )
-from workers.synthetic import write_ct_series
+from testkit.phantom import make_ct_phantom
 
 REAL_CT = Path(__file__).resolve().parent.parent / "tests" / "data" / "ct-real-20"
 QUIET = 2.0
 
 
 def push_to_orthanc(orthanc: Orthanc, series: Path, *args: str) -> float:
-    import subprocess
-
-    from tests.harness import tool_env
-
     t0 = time.monotonic()
     subprocess.run(["storescu", "-aec", ORTHANC_AE, *args, "+sd", "+r", "127.0.0.1", str(orthanc.dicom_port),
                     str(series)], check=True, capture_output=True, env=tool_env())

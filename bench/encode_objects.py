@@ -1,6 +1,6 @@
 """Size and encode time of every result object for one CT study (default 300 x 512 x 512).
 
-Run by hand:  .venv/bin/python bench/encode_objects.py [--slices 300] [--size 512]
+Run by hand from the repository root:  .venv/bin/python -m bench.encode_objects [--slices 300] [--size 512]
 
 A chest phantom is written as a real single-frame CT series and loaded back as the worker does;
 the models run once (not timed here, see bench/model_inference.py); then each object is encoded
@@ -22,13 +22,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 from models import registry
-from models.base import ModelResult
-from models.phantom import make_ct_phantom
-from workers.encode.measure import measure_segments
+from models.base import ModelResult, Volume, is_pair_model
+from testkit.dicom import write_ct_series
+from testkit.phantom import make_ct_phantom
+from workers.encode.measure import SegmentMeasurement, measure_segments
 from workers.encode.seg import build_seg
 from workers.encode.sr import build_sr
 from workers.load import load_series
-from workers.synthetic import write_ct_series
 
 
 def _bytes(objects: Dataset | list[Dataset]) -> int:
@@ -71,8 +71,7 @@ def main() -> None:
         results: dict[str, ModelResult] = {}
         for name in ("ct-hu-segmentation", "ct-lung-nodules", "ct-emphysema", "ct-registration"):
             model = registry.load(name)
-            results[name] = (model.run_pair(volume, prior_volume) if name == "ct-registration"  # type: ignore[attr-defined]
-                             else model.run(volume))
+            results[name] = model.run_pair(volume, prior_volume) if is_pair_model(model) else model.run(volume)
         seg_result = results["ct-hu-segmentation"]
         organs = ModelResult(seg_result.model_name, seg_result.model_version,
                              segments=tuple(s for s in seg_result.segments if s.name != "Body"))
@@ -112,17 +111,15 @@ def main() -> None:
         print(f"{label:<58} {seconds:10.2f} s {size / 1e6:8.2f} MB {seconds / reference:11.2f}")
 
 
-def _extra_objects(sources: list[Dataset], prior_sources: list[Dataset], volume: object,
-                   results: dict[str, ModelResult], seg_result: ModelResult, measurements: object,
+def _extra_objects(sources: list[Dataset], prior_sources: list[Dataset], volume: Volume,
+                   results: dict[str, ModelResult], seg_result: ModelResult, measurements: list[SegmentMeasurement],
                    sw: str) -> list[tuple[str, Callable[[], Dataset | list[Dataset]]]]:
     """Key images, PDF, registered prior and spatial registration."""
-    from models.base import Volume
     from workers.encode.pdf import build_pdf_report
     from workers.encode.registered import build_registered_prior
     from workers.encode.sc import build_key_images
     from workers.encode.sro import build_spatial_registration
 
-    assert isinstance(volume, Volume)
     reg = results["ct-registration"]
     nodules = results["ct-lung-nodules"]
     return [
@@ -132,7 +129,7 @@ def _extra_objects(sources: list[Dataset], prior_sources: list[Dataset], volume:
                                                                        software_version=sw)),
         ("Key images (SC RGB), nodules", lambda: build_key_images(sources, volume, nodules, software_version=sw)),
         ("PDF report, segmentation", lambda: build_pdf_report(sources, volume, seg_result, software_version=sw,
-                                                              measurements=measurements)),  # type: ignore[arg-type]
+                                                              measurements=measurements)),
         ("PDF report, nodules", lambda: build_pdf_report(sources, volume, nodules, software_version=sw)),
         ("Registered prior series (derived CT)", lambda: build_registered_prior(sources, prior_sources, reg,
                                                                                  software_version=sw)),

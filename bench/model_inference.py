@@ -1,7 +1,9 @@
 """Inference time per study for each registered model, on the CPU and (when present) on CUDA.
 
-Run by hand:  .venv/bin/python bench/model_inference.py [--slices 300] [--size 512] [--model NAME ...]
-                  [--device cpu|cuda ...] [--precision fp32|amp ...] [--threads N] [--batch-size 4]
+Run by hand from the repository root:
+
+    .venv/bin/python -m bench.model_inference [--slices 300] [--size 512] [--model NAME ...]
+        [--device cpu|cuda ...] [--precision fp32|amp ...] [--threads N] [--batch-size 4]
 
 Each model is loaded once through the registry (as a worker keeps it warm, with the options a site
 would configure), then timed on a generated chest phantom of the given size (1 mm slices, 360 mm
@@ -21,7 +23,7 @@ from typing import Any
 
 from models import registry
 from models.base import Model, ModelResult, Volume, is_pair_model
-from models.phantom import make_ct_phantom
+from testkit.phantom import make_ct_phantom
 
 REFERENCE = "ct-hu-segmentation"
 
@@ -60,8 +62,9 @@ def _run(model: Model, current: Volume, prior: Volume) -> ModelResult:
     return model.run_pair(current, prior) if is_pair_model(model) else model.run(current)
 
 
-def _time(name: str, device: str, precision: str, batch_size: int, current: Volume, prior: Volume) -> Row:
-    options = registry.ModelOptions(device=device, precision=precision, batch_size=batch_size)  # type: ignore[arg-type]
+def _time(name: str, device: registry.Device, precision: registry.Precision, batch_size: int, current: Volume,
+          prior: Volume) -> Row:
+    options = registry.ModelOptions(device=device, precision=precision, batch_size=batch_size)
     t = time.perf_counter()
     model = registry.load(name, options)
     load_s = time.perf_counter() - t

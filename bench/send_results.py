@@ -1,6 +1,6 @@
 """Sending results to the PACS: our C-STORE and STOW-RS senders against dcmtk's storescu.
 
-Run by hand from the repository root:  TCP_NODELAY=1 .venv/bin/python bench/send_results.py [--slices 300]
+Run by hand from the repository root:  TCP_NODELAY=1 .venv/bin/python -m bench.send_results [--slices 300]
 
 Writes a phantom CT series (the size of a registered prior, the largest result we send) and
 sends it to a fresh private Orthanc each time: by ``storescu`` (the reference, same run), by
@@ -12,30 +12,28 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models.phantom import make_ct_phantom
 from node.config import DicomwebDestination, DimseDestination
 from node.send.dimse import DimseSender
 from node.send.stow import StowSender
-from tests.harness import ORTHANC_AE, Orthanc, free_port, tool_env
-from workers.synthetic import write_ct_series
+from testkit.dicom import write_ct_series
+from testkit.harness import ORTHANC_AE, Orthanc, free_port, tool_env
+from testkit.phantom import make_ct_phantom
 
 
 def instances_in(orthanc: Orthanc) -> int:
     return int(orthanc.get("/statistics")["CountInstances"])
 
 
-def run(name: str, work: Path, files: list[Path], send: object) -> tuple[str, float]:
+def run(name: str, work: Path, files: list[Path], send: Callable[[Orthanc], None]) -> tuple[str, float]:
     orthanc = Orthanc(work / name, node_port=free_port()).start()
     try:
         t0 = time.monotonic()
-        send(orthanc)  # type: ignore[operator]
+        send(orthanc)
         took = time.monotonic() - t0
         assert instances_in(orthanc) == len(files), f"{name}: {instances_in(orthanc)} of {len(files)} stored"
         return name, took
@@ -64,7 +62,7 @@ def main() -> None:
             report = DimseSender(d, "AI-NODE", 30).send(files)
             assert not report.failed, report.failed
 
-        def stow(limit_mb: float) -> object:
+        def stow(limit_mb: float) -> Callable[[Orthanc], None]:
             def send(o: Orthanc) -> None:
                 d = DicomwebDestination(name="web", type="dicomweb", url=o.url("/dicom-web"),
                                         max_request_mb=limit_mb)

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TCP_NODELAY=1
-.venv/bin/ruff check node workers models tests bench tools
+.venv/bin/ruff check node workers models tests bench tools testkit
 .venv/bin/mypy
 .venv/bin/python -m pytest -ra "$@"

@@ -2,13 +2,13 @@
 
 Run from the repository root (CPU, deterministic seeds; a few minutes in total on 2 cores)::
 
-    .venv/bin/python tools/train_demo_models.py                 # all four
-    .venv/bin/python tools/train_demo_models.py --only seg det  # some of them
+    .venv/bin/python -m tools.train_demo_models                 # all four
+    .venv/bin/python -m tools.train_demo_models --only seg det  # some of them
 
 Each model's bundle goes to ``models/dl_<name>/`` (``configs/metadata.json``,
 ``configs/inference.json``, ``models/model.pt``) next to its hand-written ``manifest.yaml``.
-These are demonstration models trained on :mod:`models.phantom` cases, NOT clinical models.
-Training cases come from seeds that :mod:`models.dl.evaluate` never uses (it draws held-out
+These are demonstration models trained on :mod:`testkit.phantom` cases, NOT clinical models.
+Training cases come from seeds that :mod:`testkit.dl_evaluate` never uses (it draws held-out
 cases from its own seeds).
 """
 
@@ -26,17 +26,15 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from models.ct_emphysema import GRADES
-from models.dl import registration as reg
-from models.dl import synth
 from models.dl.bundle import parse_network_def, write_bundle
-from models.dl.classification import ClsParams, classifier_input
 from models.dl.core import MODELS_DIR
 from models.dl.runtime import hu_to_unit, resample, to_work_grid
-from models.dl.segmentation import OUT_LEFT, OUT_RIGHT, DlCtSegmentation
-from models.phantom import (
+from models.dl_ct_registration import model as reg
+from models.dl_ct_segmentation.model import OUT_LEFT, OUT_RIGHT, DlCtSegmentation
+from models.dl_emphysema_classification.model import ClsParams, classifier_input
+from testkit import dl_synth
+from testkit.phantom import (
     AIR,
     BONE,
     LEFT_EMPHYSEMA,
@@ -154,9 +152,9 @@ def train_segmentation(root: Path, iters: int, n_cases: int) -> None:
     for i in range(n_cases):
         ph_rng = np.random.default_rng([TRAIN_SEED, 1, i])
         if i % 3 == 0:
-            ph = synth.emphysema_case(ph_rng, int(ph_rng.integers(1, 4))).phantom
+            ph = dl_synth.emphysema_case(ph_rng, int(ph_rng.integers(1, 4))).phantom
         else:
-            ph = synth.random_phantom(ph_rng)
+            ph = dl_synth.random_phantom(ph_rng)
         cases.append(seg_sample(ph, SEG_PARAMS))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=iters, pct_start=0.1)
@@ -301,9 +299,9 @@ def train_detection(root: Path, iters: int, n_cases: int) -> None:
     for i in range(n_cases):
         ph_rng = np.random.default_rng([TRAIN_SEED, 2, i])
         if i % 4 == 0:
-            ph = synth.emphysema_case(ph_rng, int(ph_rng.integers(0, 4)), nodules=(2, 10)).phantom
+            ph = dl_synth.emphysema_case(ph_rng, int(ph_rng.integers(0, 4)), nodules=(2, 10)).phantom
         else:
-            ph = synth.random_phantom(ph_rng, nodules=(2, 10))
+            ph = dl_synth.random_phantom(ph_rng, nodules=(2, 10))
         cases.append(det_sample(ph, DET_PARAMS))
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(iters * 0.75)], gamma=0.3)
@@ -382,7 +380,7 @@ def train_classification(root: Path, iters: int, n_cases: int) -> None:
     log(f"classification: {n_cases} phantoms, lungs from {segmenter.loaded.source}")
     xs_all, ys_all, soft_all = [], [], []
     for i in range(n_cases):
-        case = synth.emphysema_case(np.random.default_rng([TRAIN_SEED, 3, i]), i % len(GRADES))
+        case = dl_synth.emphysema_case(np.random.default_rng([TRAIN_SEED, 3, i]), i % len(GRADES))
         ph = case.phantom
         labels = segmenter.label_map(ph.to_volume())
         spacing = (ph.slice_mm, ph.pixel_mm, ph.pixel_mm)
@@ -449,7 +447,7 @@ REG_MAX_ANGLE_DEG = np.array([6.0, 6.0, 12.0])
 REG_MAX_SHIFT_MM = 35.0
 
 
-def reg_sample(pair: synth.RigidPair, params: dict[str, Any]) -> dict[str, torch.Tensor]:
+def reg_sample(pair: dl_synth.RigidPair, params: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Working-grid current image, downsampled prior and the geometry of one training pair."""
     sp, grid = params["spacing_mm"], tuple(params["grid"])
     cur, cur_aff = reg.downsample(pair.current, sp)
@@ -473,7 +471,7 @@ def random_rigid(rng: np.random.Generator, centre: npt.NDArray[np.float64]) -> n
     scale = float(rng.uniform(0.1, 1.0))
     angles = rng.uniform(-1, 1, 3) * REG_MAX_ANGLE_DEG * scale
     shift = rng.uniform(-1, 1, 3) * REG_MAX_SHIFT_MM * scale
-    return synth.rigid_matrix(angles, shift, centre)
+    return dl_synth.rigid_matrix(angles, shift, centre)
 
 
 def train_registration(root: Path, iters: int, n_cases: int) -> None:
@@ -482,7 +480,7 @@ def train_registration(root: Path, iters: int, n_cases: int) -> None:
     net = netdef.build()
     log(f"registration: {n_cases} phantom pairs")
     cases = [
-        reg_sample(synth.rigid_pair(np.random.default_rng([TRAIN_SEED, 4, i]), length_mm=(180.0, 420.0)), REG_PARAMS)
+        reg_sample(dl_synth.rigid_pair(np.random.default_rng([TRAIN_SEED, 4, i]), length_mm=(180.0, 420.0)), REG_PARAMS)
         for i in range(n_cases)
     ]
     p = REG_PARAMS

@@ -1,4 +1,4 @@
-"""Real processes for integration and end-to-end tests: Orthanc, redis-server, the node, dcmtk.
+"""Real processes for integration and end-to-end tests and benchmarks: Orthanc, redis-server, the node, dcmtk.
 
 Everything binds to 127.0.0.1 on free ports, lives in a pytest tmp dir, and is stopped (and
 waited for) at teardown. dcmtk and Orthanc run with TCP_NODELAY=1 (Nagle stalls them otherwise).
@@ -320,7 +320,10 @@ def pdf_text(pdf: bytes) -> list[str]:
         header = m.group(1)
         if b"/FlateDecode" not in header or b"/Image" in header:
             continue
-        length = int(re.search(rb"/Length (\d+)", header).group(1))  # type: ignore[union-attr]
+        found = re.search(rb"/Length (\d+)", header)
+        if found is None:
+            continue
+        length = int(found.group(1))
         content = zlib.decompress(pdf[m.end() : m.end() + length])
         for s in re.findall(rb"\(((?:[^()\\]|\\.)*)\)\s*Tj", content):
             out.append(re.sub(rb"\\(.)", rb"\1", s).decode("latin-1"))

@@ -1,19 +1,19 @@
 """Accuracy of the deep-learning models on held-out synthetic phantoms.
 
 :func:`evaluate_dl` builds fresh phantoms from its own seeds (the training tool uses others),
-runs each model and returns :class:`models.evaluate.EvalRow` figures (the same rows and
-matching rules as the classical models' :func:`models.evaluate.evaluate`; render them with
-:func:`models.evaluate.format_table`). Targets are the thresholds the unit tests hold the demo
+runs each model and returns :class:`testkit.evaluate.EvalRow` figures (the same rows and
+matching rules as the classical models' :func:`testkit.evaluate.evaluate`; render them with
+:func:`testkit.evaluate.format_table`). Targets are the thresholds the unit tests hold the demo
 models to.
 
 * ``dl-ct-segmentation``: Dice per structure, mean over random phantoms (half with emphysema,
   many with vessel trees); the minimum is in the notes.
 * ``dl-lung-nodule-detection``: sensitivity for nodules >= 6 mm and over all sizes (4-20 mm),
-  false positives per scan (:func:`models.evaluate.match_detections`).
+  false positives per scan (:func:`testkit.evaluate.match_detections`).
 * ``dl-emphysema-classification``: grade agreement (one case per grade and round), and within
   one grade.
 * ``dl-ct-registration``: mean and max target registration error (mm) over body voxels on a
-  ~1 cm grid (:func:`models.evaluate.body_points`) for random rigid motions of up to 10 degrees
+  ~1 cm grid (:func:`testkit.evaluate.body_points`) for random rigid motions of up to 10 degrees
   and 30 mm, and the mean error before registration for reference.
 
 Importing this module does not import torch; :func:`evaluate_dl` does.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.evaluate import EvalRow, body_points, dice, match_detections, target_errors
+from testkit.evaluate import EvalRow, body_points, dice, match_detections, target_errors
 
 EVAL_SEED = 7919  # the training tool uses other seeds
 DL_MODELS = ("dl-ct-segmentation", "dl-lung-nodule-detection", "dl-emphysema-classification", "dl-ct-registration")
@@ -76,15 +76,15 @@ def _rng(seed: int, model: int, case: int) -> np.random.Generator:
 
 
 def _eval_segmentation(seed: int, n: int, device: str | None, bundle: Path | None, _: object) -> list[EvalRow]:
-    from models.dl import synth
-    from models.dl.segmentation import DlCtSegmentation
+    from models.dl_ct_segmentation import DlCtSegmentation
+    from testkit import dl_synth
 
     model = DlCtSegmentation(bundle, device=device)
     scores: dict[str, list[float]] = {s: [] for s in SEGMENTS}
     t0 = time.perf_counter()
     for i in range(n):
         rng = _rng(seed, 0, i)
-        phantom = synth.emphysema_case(rng).phantom if i % 2 else synth.random_phantom(rng)
+        phantom = dl_synth.emphysema_case(rng).phantom if i % 2 else dl_synth.random_phantom(rng)
         masks = {s.name: s.mask for s in model.run(phantom.to_volume()).segments}
         for name in SEGMENTS:
             scores[name].append(dice(masks[name], phantom.truth(name)))
@@ -97,14 +97,14 @@ def _eval_segmentation(seed: int, n: int, device: str | None, bundle: Path | Non
 
 
 def _eval_detection(seed: int, n: int, device: str | None, bundle: Path | None, _: object) -> list[EvalRow]:
-    from models.dl import synth
-    from models.dl.detection import DlNoduleDetection
+    from models.dl_lung_nodule_detection import DlNoduleDetection
+    from testkit import dl_synth
 
     model = DlNoduleDetection(bundle, device=device)
     tp = fn = fp = tp_all = fn_all = 0
     t0 = time.perf_counter()
     for i in range(n):
-        phantom = synth.random_phantom(_rng(seed, 1, i), nodules=(2, 8))
+        phantom = dl_synth.random_phantom(_rng(seed, 1, i), nodules=(2, 8))
         found = model.run(phantom.to_volume()).detections
         big = match_detections(found, phantom.nodules, min_diameter_mm=6.0)
         every = match_detections(found, phantom.nodules, min_diameter_mm=0.0)
@@ -123,15 +123,15 @@ def _eval_classification(
     seed: int, n: int, device: str | None, bundle: Path | None, bundles: Mapping[str, str | Path]
 ) -> list[EvalRow]:
     from models.ct_emphysema import GRADES
-    from models.dl import synth
-    from models.dl.classification import DlEmphysemaClassification
+    from models.dl_emphysema_classification import DlEmphysemaClassification
+    from testkit import dl_synth
 
     model = DlEmphysemaClassification(bundle, device=device, segmentation_bundle=bundles.get("dl-ct-segmentation"))
     total = n * len(GRADES)
     confusion = np.zeros((len(GRADES), len(GRADES)), dtype=int)
     t0 = time.perf_counter()
     for i in range(total):
-        case = synth.emphysema_case(_rng(seed, 2, i), i % len(GRADES))
+        case = dl_synth.emphysema_case(_rng(seed, 2, i), i % len(GRADES))
         got = GRADES.index(model.run(case.phantom.to_volume()).classifications[0].value)
         confusion[case.grade, got] += 1
     agree = float(np.trace(confusion)) / total
@@ -145,14 +145,14 @@ def _eval_classification(
 
 
 def _eval_registration(seed: int, n: int, device: str | None, bundle: Path | None, _: object) -> list[EvalRow]:
-    from models.dl import synth
-    from models.dl.registration import DlCtRegistration
+    from models.dl_ct_registration import DlCtRegistration
+    from testkit import dl_synth
 
     model = DlCtRegistration(bundle, device=device)
     means, maxes, before = [], [], []
     t0 = time.perf_counter()
     for i in range(n):
-        pair = synth.rigid_pair(_rng(seed, 3, i), max_angle_deg=(3.0, 3.0, 10.0), max_shift_mm=30.0)
+        pair = dl_synth.rigid_pair(_rng(seed, 3, i), max_angle_deg=(3.0, 3.0, 10.0), max_shift_mm=30.0)
         transform, _, _ = model.register(pair.current, pair.prior)
         points = body_points(pair.current_phantom)
         err = target_errors(transform, pair.current_to_prior, points)

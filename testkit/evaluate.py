@@ -1,6 +1,6 @@
 """Evaluate the classical models on held-out generated phantoms with known truth.
 
-:func:`evaluate` builds phantoms (:mod:`models.phantom`) from seeds the unit tests do not use,
+:func:`evaluate` builds phantoms (:mod:`testkit.phantom`) from seeds the unit tests do not use,
 runs each classical model on them and returns :class:`EvalRow` figures against the targets the
 tests also hold the models to; :func:`format_table` renders them. Everything is deterministic for
 a given ``seed`` and runs in well under two minutes on two CPU cores.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -31,7 +32,7 @@ from models.ct_emphysema import CtEmphysema, grade
 from models.ct_hu_segmentation import CtHuSegmentation
 from models.ct_lung_nodules import CtLungNodules
 from models.ct_registration import CtRegistration
-from models.phantom import Nodule, Phantom, make_ct_phantom, phantom_uid
+from testkit.phantom import Nodule, Phantom, make_ct_phantom, phantom_uid
 
 FAMILIES = ("segmentation", "detection", "classification", "registration")
 
@@ -194,8 +195,8 @@ def body_points(phantom: Phantom, step_mm: float = 10.0) -> npt.NDArray[np.float
 # Per family.
 
 
-def _phantom(seed: int, **kwargs: object) -> Phantom:
-    return make_ct_phantom(*SHAPE, pixel_mm=PIXEL_MM, slice_mm=SLICE_MM, seed=seed, **kwargs)  # type: ignore[arg-type]
+def _phantom(seed: int, **kwargs: Any) -> Phantom:
+    return make_ct_phantom(*SHAPE, pixel_mm=PIXEL_MM, slice_mm=SLICE_MM, seed=seed, **kwargs)
 
 
 def _segmentation(base: int) -> list[EvalRow]:

@@ -1,4 +1,4 @@
-"""Write a :class:`models.phantom.Phantom` as a valid DICOM CT Image Storage series.
+"""Write a :class:`testkit.phantom.Phantom` as a valid DICOM CT Image Storage series.
 
 Each slice becomes one complete CT Image Storage instance (all Type 1 and Type 2 attributes of
 the CT Image IOD's mandatory modules, plus a VOI LUT window). Pixels are stored as 12-bit
@@ -38,7 +38,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from models.phantom import HU_MAX, HU_MIN, Phantom, phantom_uid
+from testkit.phantom import HU_MAX, HU_MIN, Phantom, phantom_uid
 
 RESCALE_INTERCEPT = -1024
 STUDY_DATE, STUDY_TIME = "20240101", "120000"

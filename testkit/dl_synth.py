@@ -1,6 +1,6 @@
 """Synthetic cases for training and evaluating the demonstration networks (numpy/scipy only).
 
-Everything here builds on :func:`models.phantom.make_ct_phantom`; none of it is real anatomy.
+Everything here builds on :func:`testkit.phantom.make_ct_phantom`; none of it is real anatomy.
 
 * :func:`random_phantom`: a chest phantom with a random field of view, resolution, offset, noise
   and number of nodules (``rng`` decides everything, so a seed gives the same case).
@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from models.base import Volume
 from models.ct_emphysema import GRADES, grade
-from models.phantom import BONE, LEFT_LUNG, RIGHT_LUNG, Nodule, Phantom, make_ct_phantom, phantom_uid
+from testkit.phantom import BONE, LEFT_LUNG, RIGHT_LUNG, Nodule, Phantom, make_ct_phantom, phantom_uid
 
 # Grades as in ``ct-emphysema`` (models.ct_emphysema.grade): LAA below 5 % none, 5-15 % mild,
 # 15-25 % moderate, 25 % or more severe. Training and evaluation draw the emphysema fraction of
