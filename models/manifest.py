@@ -15,28 +15,47 @@ Example::
         type: {value: "3341006", scheme: SCT, meaning: Right lung}
         laterality: {value: "24028007", scheme: SCT, meaning: Right}   # optional
 
+How the registry builds the model (see :mod:`models.registry`)::
+
+    entry: CtRegistration          # a class exported (``__all__``) by models.<package>; an identifier only
+    runtime: classical             # classical | torch: which ModelOptions the model honours
+    requires:                      # optional; omitted = the base install is enough
+      extra: ml                    # the optional extra to install: pip install 'dicom-ai-node[ml]'
+      modules: [SimpleITK]         # top-level modules it imports (looked up, never imported, to check)
+
 Unknown keys are errors. ``laterality`` is not part of :class:`models.base.OutputLabel`; read it
 with :func:`load_manifest_file` (``ManifestFile.laterality(name)``).
 """
 
 from __future__ import annotations
 
+import keyword
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from models.base import Code, Family, Manifest, OutputLabel, OutputObject
+from models.errors import ManifestError
 
 MANIFEST_FILENAME = "manifest.yaml"
 
 _NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+_Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
-
-class ManifestError(ValueError):
-    """A manifest file is missing, not YAML, or does not match the schema."""
+Runtime = Literal["classical", "torch"]
+"""``classical``: no weights, CPU only (refuses ``path``, ``device: cuda``, ``precision: amp``);
+``torch``: built as ``cls(path, device=, batch_size=, precision=)`` and honours every option."""
 
 
 class _Strict(BaseModel):
@@ -63,11 +82,21 @@ class OutputSpec(_Strict):
     laterality: CodeSpec | None = None
 
 
+class RequiresSpec(_Strict):
+    """What a model needs beyond the base install: ``{extra: ml, modules: [SimpleITK]}``."""
+
+    extra: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$")]
+    modules: Annotated[list[_Identifier], Field(min_length=1)]
+
+
 class ManifestFile(_Strict):
     """The schema of ``manifest.yaml``."""
 
     name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$")]
     version: Annotated[str, StringConstraints(pattern=r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$")]
+    entry: _Identifier
+    runtime: Runtime
+    requires: RequiresSpec | None = None
     family: Family
     description: _NonEmpty
     modalities: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[A-Z]{2,4}$")]], Field(min_length=1)]
@@ -83,6 +112,24 @@ class ManifestFile(_Strict):
         if dupes:
             raise ValueError(f"duplicate output names: {dupes}")
         return outputs
+
+    @field_validator("entry")
+    @classmethod
+    def _entry_is_a_name(cls, entry: str) -> str:
+        if keyword.iskeyword(entry):
+            raise ValueError(f"must be a class name, not the keyword {entry!r}")
+        return entry
+
+    @model_validator(mode="after")
+    def _torch_is_required(self) -> ManifestFile:
+        if self.runtime == "torch" and (self.requires is None or "torch" not in self.requires.modules):
+            raise ValueError("runtime torch needs requires.modules to list torch")
+        return self
+
+    @property
+    def required_modules(self) -> tuple[str, ...]:
+        """The top-level modules the model imports beyond the base install (empty: none)."""
+        return tuple(self.requires.modules) if self.requires else ()
 
     def to_manifest(self) -> Manifest:
         """The frozen contract object."""

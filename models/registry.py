@@ -1,53 +1,85 @@
-"""The explicit list of models this node can run, and the per-model options a site may set.
+"""The models this node can run, found from their manifests, and the per-model options a site may set.
 
-``REGISTRY`` maps a model name to a factory that imports the model lazily and builds an
-instance from :class:`ModelOptions`. Each model ships ``models/<package>/manifest.yaml`` (the
-package is the name with ``-`` replaced by ``_``); :func:`manifest` reads it without importing
-the model code. Nothing is cached here: the worker keeps the instances it builds. Importing this
-module (as the node process does) never imports torch; only building a deep-learning model does.
+Each model is one folder ``models/<package>/`` (the package is the model name with ``-`` replaced
+by ``_``) holding its ``manifest.yaml``, its code (an ``__init__.py`` that exports the model
+class in ``__all__``) and, for deep-learning models, its demo bundle (``configs/``, ``models/``).
+The manifest says how to build the model (see :mod:`models.manifest`)::
+
+    entry: CtRegistration                         # a class exported by models.ct_registration
+    runtime: classical                            # classical | torch
+    requires: {extra: ml, modules: [SimpleITK]}   # omitted = the base install is enough
+
+:func:`scan` reads every ``models/*/manifest.yaml`` without importing model code (the entry is
+checked against the package's ``__all__`` by parsing its ``__init__.py``); the default registry
+is scanned once, lazily (:func:`specs`). A manifest can never name arbitrary code: ``entry`` is an
+identifier, looked up only in the model's own package. Importing this module (as the node process
+does) never imports torch, SimpleITK or model code; only :func:`load` does.
 
 Options (:class:`ModelOptions`, from ``models.<name>`` in the node configuration):
 
-* deep-learning models (``dl-*``) honour all of them: ``path`` (a MONAI bundle directory or a
-  TorchScript file; None = the demo weights shipped in ``models/dl_<name>/``), ``device``,
+* ``runtime: torch`` models (``dl-*``) honour all of them: ``path`` (a MONAI bundle directory or
+  a TorchScript file; None = the demo weights shipped in ``models/dl_<name>/``), ``device``,
   ``batch_size`` and ``precision``. Only the configured path is read (a bundle is code):
   nothing is searched for or downloaded, and a path that does not exist fails the load with
   the path in the message.
-* classical models have no weights and run on the CPU with numpy/SciPy/SimpleITK: ``path``,
-  ``device: cuda`` and ``precision: amp`` cannot be honoured and are refused by
+* ``runtime: classical`` models have no weights and run on the CPU with numpy/SciPy/SimpleITK:
+  ``path``, ``device: cuda`` and ``precision: amp`` cannot be honoured and are refused by
   :func:`check_options` (called by :func:`load`) with a :class:`ModelOptionsError`;
   ``device: auto|cpu`` and ``batch_size`` are accepted and ignored (they have nothing to batch).
+
+A model whose ``requires.modules`` are not installed (a base install without the ``ml`` extra)
+is refused by :func:`check_installed` with a :class:`MissingExtraError` naming the extra: at
+start-up by ``dicom-node`` when the models run on this host, and by :func:`load` in a worker.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 import logging
+import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 from models.base import Manifest, Model
-from models.manifest import MANIFEST_FILENAME, load_manifest
+from models.errors import ManifestError, MissingExtraError, ModelOptionsError, UnknownModelError
+from models.manifest import MANIFEST_FILENAME, ManifestFile, Runtime, load_manifest_file
+
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "MODELS_DIR",
+    "ManifestError",
+    "MissingExtraError",
+    "ModelOptions",
+    "ModelOptionsError",
+    "ModelSpec",
+    "UnknownModelError",
+    "available",
+    "build",
+    "check_installed",
+    "check_options",
+    "is_deep_learning",
+    "load",
+    "manifest",
+    "manifest_path",
+    "missing_modules",
+    "scan",
+    "spec",
+    "specs",
+    "validate_names",
+]
 
 MODELS_DIR = Path(__file__).resolve().parent
 log = logging.getLogger("models.registry")
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "amp"]
-
-
-class UnknownModelError(KeyError, ValueError):
-    """A model name that is not in :data:`REGISTRY`; the message lists the known models."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else "unknown model"
-
-
-class ModelOptionsError(ValueError):
-    """Options a model cannot honour, or a configured path that does not exist (the message says which)."""
 
 
 @dataclass(frozen=True)
@@ -80,99 +112,102 @@ class ModelOptions:
 DEFAULT_OPTIONS = ModelOptions()
 
 
-def _ct_hu_segmentation(_: ModelOptions) -> Model:
-    from models.ct_hu_segmentation import CtHuSegmentation
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model as found by :func:`scan`: its validated manifest and the package that holds its code.
 
-    return CtHuSegmentation()
+    Attributes:
+        package: the importable package, e.g. ``models.ct_registration`` (from the folder, never
+            from the manifest text).
+        path: the ``manifest.yaml`` it was read from.
+        file: the validated manifest.
+    """
 
+    package: str
+    path: Path
+    file: ManifestFile
 
-def _ct_lung_nodules(_: ModelOptions) -> Model:
-    from models.ct_lung_nodules import CtLungNodules
+    @property
+    def name(self) -> str:
+        return self.file.name
 
-    return CtLungNodules()
+    @property
+    def entry(self) -> str:
+        return self.file.entry
 
+    @property
+    def runtime(self) -> Runtime:
+        return self.file.runtime
 
-def _ct_emphysema(_: ModelOptions) -> Model:
-    from models.ct_emphysema import CtEmphysema
+    @property
+    def extra(self) -> str | None:
+        """The optional extra that provides :attr:`modules` (None: the base install is enough)."""
+        return self.file.requires.extra if self.file.requires else None
 
-    return CtEmphysema()
-
-
-def _ct_registration(_: ModelOptions) -> Model:
-    # A PairModel (models.base.is_pair_model): its run() refuses a single series.
-    from models.ct_registration import CtRegistration
-
-    return CtRegistration()
-
-
-_CLASSICAL: dict[str, Callable[[ModelOptions], Model]] = {
-    "ct-hu-segmentation": _ct_hu_segmentation,
-    "ct-lung-nodules": _ct_lung_nodules,
-    "ct-emphysema": _ct_emphysema,
-    "ct-registration": _ct_registration,
-}
-
-
-# --- Deep-learning models (torch + MONAI, imported only when a factory runs) ------------------
-# Demo weights ship as MONAI-style bundles in models/dl_<name>/ (trained on phantoms by
-# tools/train_demo_models.py); the classes in models.dl.* also take a site's bundle directory or
-# TorchScript file, device, batch size and precision (ModelOptions).
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return self.file.required_modules
 
 
-def _device(options: ModelOptions) -> str | None:
-    return None if options.device == "auto" else options.device
+def _exports(init: Path) -> frozenset[str]:
+    """The names in the literal ``__all__`` of ``init`` (parsed, not imported; empty if none)."""
+    try:
+        tree = ast.parse(init.read_text(encoding="utf-8"), filename=str(init))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ManifestError(f"{init}: cannot read the model package: {exc}") from exc
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets: list[ast.expr] = list(node.targets)
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets = [node.target]
+        else:
+            continue
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets) and node.value is not None:
+            try:
+                names = ast.literal_eval(node.value)
+            except ValueError:
+                raise ManifestError(f"{init}: __all__ must be a literal list of names") from None
+            if isinstance(names, list | tuple) and all(isinstance(n, str) for n in names):
+                return frozenset(names)
+            raise ManifestError(f"{init}: __all__ must be a literal list of names")
+    return frozenset()
 
 
-def _dl_ct_segmentation(options: ModelOptions) -> Model:
-    from models.dl.segmentation import DlCtSegmentation
+def scan(models_dir: Path, package: str = "models") -> dict[str, ModelSpec]:
+    """Every model under ``models_dir`` (folders with a ``manifest.yaml``), by name; imports nothing.
 
-    return DlCtSegmentation(
-        options.path, device=_device(options), batch_size=options.batch_size or 4, precision=options.precision
-    )
-
-
-def _dl_lung_nodule_detection(options: ModelOptions) -> Model:
-    from models.dl.detection import DlNoduleDetection
-
-    return DlNoduleDetection(
-        options.path, device=_device(options), batch_size=options.batch_size or 4, precision=options.precision
-    )
-
-
-def _dl_emphysema_classification(options: ModelOptions) -> Model:
-    # Its lung masks come from the shipped dl-ct-segmentation bundle (the one it was trained
-    # with), on the same device, batch size and precision.
-    from models.dl.classification import DlEmphysemaClassification
-
-    return DlEmphysemaClassification(
-        options.path, device=_device(options), batch_size=options.batch_size or 4, precision=options.precision
-    )
-
-
-def _dl_ct_registration(options: ModelOptions) -> Model:
-    # A PairModel (models.base.is_pair_model): its run() refuses a single series.
-    from models.dl.registration import DlCtRegistration
-
-    return DlCtRegistration(
-        options.path, device=_device(options), batch_size=options.batch_size or 1, precision=options.precision
-    )
+    ``package`` is the importable name of ``models_dir``. Raises :class:`ManifestError` for an
+    invalid manifest, a model whose folder is not its name with ``-`` -> ``_``, or an ``entry``
+    that the folder's ``__init__.py`` does not list in ``__all__``.
+    """
+    found: dict[str, ModelSpec] = {}
+    for path in sorted(Path(models_dir).glob(f"*/{MANIFEST_FILENAME}")):
+        folder = path.parent
+        file = load_manifest_file(path)
+        expected = file.name.replace("-", "_")
+        if folder.name != expected or not expected.isidentifier():
+            raise ManifestError(
+                f"{path}: model {file.name!r} must live in a folder named {expected!r} (a Python package), "
+                f"not {folder.name!r}"
+            )
+        if file.entry not in _exports(folder / "__init__.py"):
+            raise ManifestError(
+                f"{path}: entry {file.entry!r} is not exported by {package}.{folder.name} "
+                f"(list it in __all__ of {folder / '__init__.py'})"
+            )
+        found[file.name] = ModelSpec(package=f"{package}.{folder.name}", path=path, file=file)
+    return found
 
 
-_DL_MODELS: dict[str, Callable[[ModelOptions], Model]] = {
-    "dl-ct-segmentation": _dl_ct_segmentation,
-    "dl-lung-nodule-detection": _dl_lung_nodule_detection,
-    "dl-emphysema-classification": _dl_emphysema_classification,
-    "dl-ct-registration": _dl_ct_registration,
-}
-# --- end of deep-learning models ----------------------------------------------------------------
-
-
-REGISTRY: Mapping[str, Callable[[ModelOptions], Model]] = MappingProxyType({**_CLASSICAL, **_DL_MODELS})
+@lru_cache(maxsize=1)
+def specs() -> Mapping[str, ModelSpec]:
+    """The models shipped in ``models/`` (scanned once, on first use)."""
+    return MappingProxyType(scan(MODELS_DIR))
 
 
 def available() -> list[str]:
     """Names of all registered models, sorted."""
-    return sorted(REGISTRY)
+    return sorted(specs())
 
 
 def _unknown(names: Iterable[str]) -> UnknownModelError:
@@ -182,29 +217,58 @@ def _unknown(names: Iterable[str]) -> UnknownModelError:
 
 def validate_names(names: Iterable[str]) -> None:
     """Raise :class:`UnknownModelError` if any of ``names`` is not registered."""
-    unknown = [n for n in names if n not in REGISTRY]
+    known = specs()
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise _unknown(unknown)
 
 
+def spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` of model ``name`` (:class:`UnknownModelError` if there is none)."""
+    found = specs().get(name)
+    if found is None:
+        raise _unknown([name])
+    return found
+
+
 def manifest_path(name: str) -> Path:
     """Where the manifest of model ``name`` lives."""
-    validate_names([name])
-    return MODELS_DIR / name.replace("-", "_") / MANIFEST_FILENAME
+    return spec(name).path
 
 
 def manifest(name: str) -> Manifest:
     """The manifest of model ``name``, read from its YAML without importing the model."""
-    m = load_manifest(manifest_path(name))
-    if m.name != name:
-        raise ValueError(f"{manifest_path(name)}: manifest name {m.name!r} differs from registry name {name!r}")
-    return m
+    return spec(name).file.to_manifest()
 
 
 def is_deep_learning(name: str) -> bool:
-    """True for the deep-learning models (torch + MONAI), which honour every :class:`ModelOptions` field."""
-    validate_names([name])
-    return name in _DL_MODELS
+    """True for ``runtime: torch`` models, which honour every :class:`ModelOptions` field."""
+    return spec(name).runtime == "torch"
+
+
+def _installed(module: str) -> bool:
+    if sys.modules.get(module) is not None:
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None  # top-level names only: imports nothing
+    except (ValueError, ImportError):
+        return False
+
+
+def missing_modules(name: str) -> list[str]:
+    """The modules in model ``name``'s ``requires.modules`` that cannot be imported here (none imported)."""
+    return [m for m in spec(name).modules if not _installed(m)]
+
+
+def check_installed(name: str) -> None:
+    """Raise :class:`MissingExtraError` if model ``name`` needs modules this installation lacks."""
+    missing = missing_modules(name)
+    if missing:
+        extra = spec(name).extra
+        raise MissingExtraError(
+            f"models.{name}: needs the optional extra '{extra}' (pip install 'dicom-ai-node[{extra}]'); "
+            f"missing: {', '.join(missing)}"
+        )
 
 
 def check_options(name: str, options: ModelOptions) -> None:
@@ -215,8 +279,7 @@ def check_options(name: str, options: ModelOptions) -> None:
     ``device: cuda`` and ``precision: amp``. :func:`load` also checks that a configured path
     exists; the model checks that CUDA is available when asked for.
     """
-    validate_names([name])
-    if name in _DL_MODELS:
+    if spec(name).runtime == "torch":
         return
     refused = [
         what
@@ -234,25 +297,52 @@ def check_options(name: str, options: ModelOptions) -> None:
         )
 
 
+def _entry_class(model: ModelSpec) -> type:
+    """The class ``entry`` names, looked up only in the model's own package (which this imports)."""
+    module = importlib.import_module(model.package)
+    cls = getattr(module, model.entry, None) if model.entry in getattr(module, "__all__", ()) else None
+    if not isinstance(cls, type):
+        raise ManifestError(f"{model.path}: entry {model.entry!r} is not a class exported by {model.package}")
+    return cls
+
+
+def build(model: ModelSpec, options: ModelOptions = DEFAULT_OPTIONS) -> Model:
+    """Import ``model``'s package and construct its entry class with ``options`` (no checks: see :func:`load`).
+
+    ``runtime: torch``: ``cls(path, device=, batch_size=, precision=)`` (``device: auto`` -> None,
+    ``batch_size`` None -> the class's ``BATCH_SIZE``); ``runtime: classical``: ``cls()``.
+    """
+    cls = _entry_class(model)
+    if model.runtime == "torch":
+        device = None if options.device == "auto" else options.device
+        built = cls(options.path, device=device, batch_size=options.batch_size, precision=options.precision)
+    else:
+        built = cls()
+    return cast(Model, built)
+
+
 def load(name: str, options: ModelOptions | None = None) -> Model:
     """Build a new instance of model ``name`` with ``options`` (the caller keeps it; nothing is cached).
 
-    Raises :class:`UnknownModelError`; :class:`ModelOptionsError` for options the model cannot
-    honour (:func:`check_options`) or a configured path that does not exist; the model's own
-    ``ValueError`` when its weights cannot be loaded (``models.dl.bundle.BundleError``, naming
-    the file) or CUDA is asked for and not available.
+    Raises :class:`UnknownModelError`; :class:`MissingExtraError` when the model needs an extra
+    that is not installed (before anything is imported); :class:`ModelOptionsError` for options the
+    model cannot honour (:func:`check_options`) or a configured path that does not exist; the
+    model's own ``ValueError`` when its weights cannot be loaded (``BundleError``, naming the file)
+    or CUDA is asked for and not available.
     """
+    model_spec = spec(name)
     opts = options or DEFAULT_OPTIONS
+    check_installed(name)
     check_options(name, opts)
     if opts.path is not None and not opts.path.exists():
         raise ModelOptionsError(
             f"models.{name}.path: {opts.path} does not exist (a bundle directory or TorchScript file is expected)"
         )
     t0 = time.perf_counter()
-    model = REGISTRY[name](opts)
+    model = build(model_spec, opts)
     if model.manifest.name != name:
-        raise ValueError(f"model registered as {name!r} reports manifest name {model.manifest.name!r}")
-    if name in _DL_MODELS:
+        raise ManifestError(f"model registered as {name!r} reports manifest name {model.manifest.name!r}")
+    if model_spec.runtime == "torch":
         note = getattr(model, "note", None)
         log.info(
             "model %s %s loaded in %.1f s from %s (%s, batch size %s)",

@@ -1,16 +1,20 @@
-"""Deep-learning models (torch + MONAI): segmentation, detection, classification, registration.
+"""The shared deep-learning runtime (torch + MONAI) of the four ``dl-*`` models.
 
-The submodules import torch and MONAI; this package itself does not, and neither does
-:mod:`models.dl.evaluate` at import time, so the node process (which never imports torch) can
-list and validate these models through :mod:`models.registry`.
+The submodules import torch and MONAI; this package itself does not, so the node process (which
+never imports torch) can list and validate these models through :mod:`models.registry`.
 
-* :mod:`models.dl.segmentation`: ``dl-ct-segmentation`` (3-D U-Net, sliding window);
-* :mod:`models.dl.detection`: ``dl-lung-nodule-detection`` (centre heatmap + NMS);
-* :mod:`models.dl.classification`: ``dl-emphysema-classification`` (3-D CNN classifier);
-* :mod:`models.dl.registration`: ``dl-ct-registration`` (CNN regressing a rigid transform);
-* :mod:`models.dl.bundle`: loading MONAI-style bundles / TorchScript with whitelisted networks;
-* :mod:`models.dl.synth`, :mod:`models.dl.evaluate`: synthetic cases and held-out accuracy.
+* the models themselves live in their own folders, next to their manifest and demo bundle:
+  :mod:`models.dl_ct_segmentation` (3-D U-Net, sliding window),
+  :mod:`models.dl_lung_nodule_detection` (centre heatmap + NMS),
+  :mod:`models.dl_emphysema_classification` (3-D CNN classifier),
+  :mod:`models.dl_ct_registration` (CNN regressing a rigid transform);
+* :mod:`models.dl.core`: what the four share (:class:`models.dl.core.DlModel`);
+* :mod:`models.dl.runtime`: orientation, resampling, device and precision helpers;
+* :mod:`models.dl.bundle`: loading MONAI-style bundles / TorchScript with whitelisted networks.
 
-Demo weights live in ``models/dl_<name>/`` and are made by ``tools/train_demo_models.py``;
+Synthetic cases and held-out accuracy are test fixtures, outside the product:
+:mod:`testkit.dl_synth` and :mod:`testkit.dl_evaluate`.
+
+Demo weights live in ``models/dl_<name>/`` and are made by ``python -m tools.train_demo_models``;
 they are demonstration models trained on synthetic phantoms, not clinical models.
 """

@@ -33,6 +33,8 @@ from typing import Any, Literal
 import torch
 from monai.networks import nets
 
+from models.errors import BundleError
+
 NETWORKS: Mapping[str, Callable[..., torch.nn.Module]] = {
     "UNet": nets.UNet,
     "BasicUNet": nets.BasicUNet,
@@ -42,10 +44,6 @@ NETWORKS: Mapping[str, Callable[..., torch.nn.Module]] = {
 }
 EXTRA_FILE = "dicom_node.json"
 _FORBIDDEN_KEYS = frozenset({"_target_", "_requires_", "_disabled_", "_desc_", "_mode_"})
-
-
-class BundleError(ValueError):
-    """A bundle or TorchScript file that cannot be loaded; the message names the path and the problem."""
 
 
 @dataclass(frozen=True)

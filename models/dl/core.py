@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from models.base import Manifest, Volume, check_input
 from models.dl.bundle import BundleError, LoadedNetwork, load_network
 from models.dl.runtime import Precision, autocast, pick_device
+from models.errors import ModelOptionsError
 from models.manifest import MANIFEST_FILENAME, ManifestFile, load_manifest_file
 
 MODELS_DIR = Path(__file__).resolve().parents[1]
@@ -68,9 +69,9 @@ class DlModel(Generic[P]):
         if batch_size is None:
             batch_size = self.BATCH_SIZE
         if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise ModelOptionsError("batch_size must be >= 1")
         if precision not in ("fp32", "amp"):
-            raise ValueError(f"precision must be 'fp32' or 'amp', got {precision!r}")
+            raise ModelOptionsError(f"precision must be 'fp32' or 'amp', got {precision!r}")
         default = bundle_dir(self.PACKAGE)
         self.spec: ManifestFile = load_manifest_file(default / MANIFEST_FILENAME)
         self.manifest: Manifest = self.spec.to_manifest()

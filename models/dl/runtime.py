@@ -2,7 +2,7 @@
 
 Canonical orientation: the networks see arrays ``c[z, y, x]`` whose axes run along LPS +z (feet
 -> head), +y (front -> back) and +x (patient right -> left), the layout of
-:mod:`models.phantom`. :class:`Orientation` turns any volume array into that layout by
+:mod:`testkit.phantom`. :class:`Orientation` turns any volume array into that layout by
 transposing and flipping (views, no copies) and back again; for oblique affines the nearest axes
 are used, so only world-coordinate computations (sides, detections) use the exact affine.
 
@@ -25,6 +25,8 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from models.errors import ModelOptionsError
+
 Precision = Literal["fp32", "amp"]
 G = TypeVar("G", bound=np.generic)
 
@@ -40,16 +42,17 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(dev)!r} requested but no CUDA device is available to this process")
+            raise ModelOptionsError(f"device {str(dev)!r} requested but no CUDA device is available to this process")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(dev)!r} requested but only {torch.cuda.device_count()} CUDA device(s)")
+            count = torch.cuda.device_count()
+            raise ModelOptionsError(f"device {str(dev)!r} requested but only {count} CUDA device(s)")
     return dev
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[object]:
     """Mixed precision for ``amp`` (float16 on CUDA, bfloat16 on CPU); a no-op for ``fp32``."""
     if precision not in ("fp32", "amp"):
-        raise ValueError(f"precision must be 'fp32' or 'amp', got {precision!r}")
+        raise ModelOptionsError(f"precision must be 'fp32' or 'amp', got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16

@@ -26,8 +26,8 @@ from models.dl.bundle import (  # noqa: E402
     write_bundle,
 )
 from models.dl.core import bundle_dir  # noqa: E402
-from models.dl.segmentation import DlCtSegmentation  # noqa: E402
-from models.phantom import make_ct_phantom  # noqa: E402
+from models.dl_ct_segmentation.model import DlCtSegmentation  # noqa: E402
+from testkit.phantom import make_ct_phantom  # noqa: E402
 
 PACKAGES = ("dl_ct_segmentation", "dl_lung_nodule_detection", "dl_emphysema_classification", "dl_ct_registration")
 TINY_UNET: dict[str, Any] = {
@@ -177,10 +177,10 @@ def test_torchscript_file_and_torchscript_bundle(tmp_path: Path) -> None:
 
 
 def test_node_side_imports_do_not_import_torch() -> None:
-    """The registry (used by the node process) and models.dl.evaluate import torch only when a
+    """The registry (used by the node process) and testkit.dl_evaluate import torch only when a
     DL model is built."""
     code = (
-        "import sys; import models.registry as r; import models.dl.evaluate; "
+        "import sys; import models.registry as r; import testkit.dl_evaluate; "
         "r.manifest('dl-ct-segmentation'); r.validate_names(['dl-ct-registration']); "
         "assert 'torch' not in sys.modules and 'monai' not in sys.modules, 'torch imported'"
     )

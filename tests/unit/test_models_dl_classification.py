@@ -10,9 +10,9 @@ pytest.importorskip("monai")
 
 from models.base import UnsuitableInput, Volume  # noqa: E402
 from models.ct_emphysema import GRADES  # noqa: E402
-from models.dl.classification import DlEmphysemaClassification  # noqa: E402
-from models.dl.synth import emphysema_grade  # noqa: E402
-from models.phantom import Phantom, make_ct_phantom  # noqa: E402
+from models.dl_emphysema_classification.model import DlEmphysemaClassification  # noqa: E402
+from testkit.dl_synth import emphysema_grade  # noqa: E402
+from testkit.phantom import Phantom, make_ct_phantom  # noqa: E402
 
 # One phantom per grade, emphysema fraction in the middle of its band. Measured with the shipped
 # 0.1.0-demo weights: all four graded correctly; the test allows one miss.

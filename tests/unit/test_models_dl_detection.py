@@ -9,12 +9,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
 from models.base import ModelResult, Volume  # noqa: E402
-from models.dl.detection import DlNoduleDetection, decode_peaks  # noqa: E402
-from models.evaluate import match_detections  # noqa: E402
-from models.phantom import Nodule, Phantom, make_ct_phantom  # noqa: E402
+from models.dl_lung_nodule_detection.model import DlNoduleDetection, decode_peaks  # noqa: E402
+from testkit.evaluate import match_detections  # noqa: E402
+from testkit.phantom import Nodule, Phantom, make_ct_phantom  # noqa: E402
 
 # Measured with the shipped 0.1.0-demo weights on these three phantoms: every nodule of 6 mm or
-# more found, no false positive. models.dl.evaluate reports more cases (random geometry, thick
+# more found, no false positive. testkit.dl_evaluate reports more cases (random geometry, thick
 # slices), where sensitivity is lower.
 SENSITIVITY_MIN = 0.8
 FP_PER_SCAN_MAX = 1.0

@@ -9,13 +9,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
 from models.base import UnsuitableInput, Volume, is_pair_model  # noqa: E402
-from models.dl.registration import DlCtRegistration, grid_affine, resample_to, rigid_from_params  # noqa: E402
-from models.dl.synth import RigidPair, rigid_matrix, rigid_pair  # noqa: E402
-from models.evaluate import body_points, target_errors  # noqa: E402
+from models.dl_ct_registration.model import DlCtRegistration, grid_affine, resample_to, rigid_from_params  # noqa: E402
+from testkit.dl_synth import RigidPair, rigid_matrix, rigid_pair  # noqa: E402
+from testkit.evaluate import body_points, target_errors  # noqa: E402
 
 # Measured with the shipped 0.1.0-demo weights on these pairs (motions up to 10 degrees and
 # 30 mm, 28-36 mm of error before registration): mean TRE 2.5 and 1.2 mm, max 5.3 and 1.8 mm.
-# On 16 pairs of models.dl.evaluate the mean is 2.1 mm but single pairs reach 5.7 mm (mostly
+# On 16 pairs of testkit.dl_evaluate the mean is 2.1 mm but single pairs reach 5.7 mm (mostly
 # along z, where the phantom's regular ribs give weak cues).
 TRE_MEAN_MAX_MM = 4.0
 TRE_MAX_MAX_MM = 8.0
@@ -84,7 +84,7 @@ def test_rigid_parameters_match_the_numpy_convention() -> None:
 def test_resampling_in_slabs_matches_one_pass(slices: int) -> None:
     """Slab by slab (a last slab of one slice is merged: a unit-size grid axis used to resample it
     wrongly, with a torch warning) gives what one pass over the whole grid gives."""
-    from models.phantom import make_ct_phantom
+    from testkit.phantom import make_ct_phantom
 
     current = make_ct_phantom(slices, 48, 48, pixel_mm=6.0, slice_mm=6.0, seed=2, nodules=0).to_volume()
     prior = make_ct_phantom(20, 40, 40, pixel_mm=7.0, slice_mm=8.0, seed=2, nodules=0).to_volume()

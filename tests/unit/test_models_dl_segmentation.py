@@ -11,13 +11,13 @@ pytest.importorskip("monai")
 
 from models import registry  # noqa: E402
 from models.base import ModelResult, Volume  # noqa: E402
-from models.dl.segmentation import DlCtSegmentation  # noqa: E402
-from models.evaluate import dice  # noqa: E402
-from models.phantom import Phantom, make_ct_phantom  # noqa: E402
+from models.dl_ct_segmentation.model import DlCtSegmentation  # noqa: E402
+from testkit.evaluate import dice  # noqa: E402
+from testkit.phantom import Phantom, make_ct_phantom  # noqa: E402
 
 NAMES = ("Body", "Right Lung", "Left Lung", "Bone")
 # Measured on these phantoms with the shipped 0.1.0-demo weights: Body >= 0.988, lungs >= 0.958,
-# bone >= 0.898 (models.dl.evaluate reports more cases). The thresholds leave a margin for retraining.
+# bone >= 0.898 (testkit.dl_evaluate reports more cases). The thresholds leave a margin for retraining.
 DICE_MIN = {"Body": 0.97, "Right Lung": 0.93, "Left Lung": 0.93, "Bone": 0.85}
 
 

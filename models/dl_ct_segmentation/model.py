@@ -34,6 +34,7 @@ from models.dl.runtime import (
     upsample_chunks,
     work_axis_to_canonical,
 )
+from models.errors import BundleError, ManifestError
 
 CLASSES = ("background", "body", "lung", "bone")
 BACKGROUND, BODY, LUNG, BONE = range(4)
@@ -63,10 +64,10 @@ class DlCtSegmentation(DlModel[SegParams]):
 
     def setup(self) -> None:
         if tuple(self.params.classes) != CLASSES:
-            raise ValueError(f"{self.loaded.source}: classes must be {list(CLASSES)}, got {list(self.params.classes)}")
+            raise BundleError(f"{self.loaded.source}: classes must be {list(CLASSES)}, got {list(self.params.classes)}")
         names = tuple(o.name for o in self.manifest.outputs)
         if names != SEGMENT_NAMES:
-            raise ValueError(f"{self.manifest.name}: manifest outputs must be {SEGMENT_NAMES}, got {names}")
+            raise ManifestError(f"{self.manifest.name}: manifest outputs must be {SEGMENT_NAMES}, got {names}")
         self.expect_output(torch.zeros(1, 1, *(min(r, 32) for r in self.params.roi_size)), len(CLASSES))
 
     def run(self, volume: Volume) -> ModelResult:

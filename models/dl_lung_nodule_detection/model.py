@@ -25,6 +25,7 @@ from pydantic import Field
 from models.base import Detection, ModelResult, Volume
 from models.dl.core import DlModel, Params
 from models.dl.runtime import Orientation, to_work_grid, work_to_canonical_index
+from models.errors import ManifestError
 
 
 class DetParams(Params):
@@ -49,7 +50,8 @@ class DlNoduleDetection(DlModel[DetParams]):
 
     def setup(self) -> None:
         if len(self.manifest.outputs) != 1:
-            raise ValueError(f"{self.manifest.name}: the manifest must declare exactly one output (the finding type)")
+            raise ManifestError(f"{self.manifest.name}: the manifest must declare exactly one output "
+                                "(the finding type)")
         self.expect_output(torch.zeros(1, 1, *(min(r, 32) for r in self.params.roi_size)), 2)
 
     def run(self, volume: Volume) -> ModelResult:

@@ -2,7 +2,7 @@
 
 Pipeline of :meth:`DlEmphysemaClassification.run`:
 
-1. Lungs come from :class:`models.dl.segmentation.DlCtSegmentation` (right and left lung).
+1. Lungs come from :class:`models.dl_ct_segmentation.DlCtSegmentation` (right and left lung).
 2. In canonical orientation, the lungs' bounding box (plus ``margin_mm``) is cut out and
    area-averaged to ``in_shape`` (48^3 in the demo bundle) as two channels: HU clipped to
    ``hu_window`` and scaled to [0, 1] times the lung mask, and the lung mask.
@@ -29,7 +29,8 @@ from models.base import Classification, ModelResult, UnsuitableInput, Volume
 from models.ct_emphysema import GRADES
 from models.dl.core import DlModel, DlOptions, Params
 from models.dl.runtime import Orientation, hu_to_unit, resample
-from models.dl.segmentation import OUT_LEFT, OUT_RIGHT, DlCtSegmentation
+from models.dl_ct_segmentation.model import OUT_LEFT, OUT_RIGHT, DlCtSegmentation
+from models.errors import BundleError, ManifestError
 
 
 class ClsParams(Params):
@@ -88,9 +89,9 @@ class DlEmphysemaClassification(DlModel[ClsParams]):
     def setup(self) -> None:
         expected = tuple(g.meaning for g in GRADES)
         if tuple(self.params.grades) != expected:
-            raise ValueError(f"{self.loaded.source}: grades must be {list(expected)}, got {list(self.params.grades)}")
+            raise BundleError(f"{self.loaded.source}: grades must be {list(expected)}, got {list(self.params.grades)}")
         if [o.name for o in self.manifest.outputs] != ["Emphysema"]:
-            raise ValueError(f"{self.manifest.name}: the manifest must declare the single output 'Emphysema'")
+            raise ManifestError(f"{self.manifest.name}: the manifest must declare the single output 'Emphysema'")
         self._label = self.manifest.outputs[0]
 
     def run(self, volume: Volume) -> ModelResult:
