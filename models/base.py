@@ -18,18 +18,14 @@ from typing import Literal, Protocol, TypeGuard
 import numpy as np
 import numpy.typing as npt
 
+from models.errors import ModelError, UnsuitableInput
+
+__all__ = ["ModelError", "UnsuitableInput"]  # re-exported: the model contract names them
+
 Family = Literal["segmentation", "detection", "classification", "registration"]
 OutputObject = Literal["SEG", "SR", "SC", "PDF", "REG"]
 """What a model's results become (workers/outputs.py): SEG, TID 1500 SR, key-image Secondary
 Captures, an Encapsulated PDF report, REG = registered prior series + Spatial Registration."""
-
-
-class ModelError(Exception):
-    """A model could not produce a result for this input (recorded on the job, not retried)."""
-
-
-class UnsuitableInput(ModelError):
-    """The series is not something this model accepts (wrong modality, too few slices, ...)."""
 
 
 @dataclass(frozen=True)

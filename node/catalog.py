@@ -8,7 +8,6 @@ processes can share one SQLite file without "database is locked" reaching a C-ST
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -19,24 +18,44 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import (
     case,
-    create_engine,
-    event,
     func,
-    inspect,
     select,
     update,
 )
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
-from node.schema import Base, Delivery, Instance, Job, PriorFetch, Result, Series, Study
+from node.db import add_missing_columns, catalog_url, make_engine, upgrade_states
+from node.schema import (
+    BINARY_VARIANT,
+    Base,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    PriorFetch,
+    PriorFetchState,
+    Result,
+    Series,
+    Study,
+    StudyState,
+)
 
-SQLITE_BUSY_TIMEOUT_SECONDS = 60
-"""How long a writer waits for the SQLite lock before giving up."""
 JOB_LEASE_MARGIN_SECONDS = 120
 """A job running longer than its time limit plus this margin has lost its worker."""
+
+
+class JobSpec(NamedTuple):
+    """One job for :meth:`Catalog.create_jobs` (routing's output)."""
+
+    series_id: int
+    model: str
+    rule: str
+    destinations: tuple[str, ...]
+    awaits_prior: bool = False
+    """Starts as awaiting-prior: its prior is to be fetched from the PACS first (node.retrieve)."""
 
 
 class ResultFile(NamedTuple):
@@ -92,68 +111,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    dbapi_conn.isolation_level = None  # we issue BEGIN IMMEDIATE ourselves (see make_engine)
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")  # Success on C-STORE means the row is durable
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
-    cur.close()
-
-
-def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        engine = create_engine(
-            url,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
-        )
-        event.listen(engine, "connect", _sqlite_pragmas)
-
-        @event.listens_for(engine, "begin")
-        def _begin_immediate(conn: Any) -> None:
-            # Take the write lock at BEGIN: no deadlocking read->write upgrades between threads.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
-    return create_engine(url, pool_pre_ping=True)
-
-
-def add_missing_columns(engine: Engine) -> list[str]:
-    """Upgrade a catalog written by an earlier version in place: add the columns it lacks.
-
-    Only additive changes are made this way (a new column must have a scalar default); anything
-    else needs a migration of its own. Returns ``table.column`` of each column added.
-    """
-    added: list[str] = []
-    with engine.begin() as conn:
-        inspector = inspect(conn)
-        for table in Base.metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                default = getattr(column.default, "arg", None)
-                if callable(default) or (default is None and not column.nullable):
-                    raise RuntimeError(f"catalog table {table.name} lacks column {column.name} and it cannot "
-                                       "be added automatically; move the old catalog aside")
-                ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
-                if default is not None:
-                    ddl += " DEFAULT " + (f"'{default}'" if isinstance(default, str) else repr(default))
-                conn.exec_driver_sql(ddl)
-                added.append(f"{table.name}.{column.name}")
-    return added
-
-
-def catalog_url(storage_dir: Path) -> str:
-    return f"sqlite:///{storage_dir / 'catalog.sqlite3'}"
-
-
 _INCOMPLETE_PRIORS = (
     select(PriorFetch.prior_study_uid)
     .where(PriorFetch.prior_study_uid.is_not(None))
     .group_by(PriorFetch.prior_study_uid)
-    .having(func.sum(case((PriorFetch.state == "retrieved", 1), else_=0)) == 0)
+    .having(func.sum(case((PriorFetch.state == PriorFetchState.RETRIEVED, 1), else_=0)) == 0)
 )
 """Prior study UIDs with no complete fetch (see :meth:`Catalog.incomplete_prior_uids`)."""
 
@@ -165,6 +127,7 @@ class Catalog:
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
         add_missing_columns(self.engine)
+        upgrade_states(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
@@ -215,17 +178,15 @@ class Catalog:
                     s.add(study)
                     s.flush()
                     event = "new"
-                elif study.state != "receiving":
-                    study.state = "receiving"
+                elif study.state != StudyState.RECEIVING:
+                    study.state = StudyState.RECEIVING
                     study.generation += 1
                     event = "reopened"
                 study.last_received_at = now
                 study.instance_count += 1
                 series = s.scalar(select(Series).where(Series.series_uid == series_uid))
                 if series is None:
-                    series = Series(
-                        series_uid=series_uid, study_id=study.id, attributes=json.dumps(series_attributes)
-                    )
+                    series = Series(series_uid=series_uid, study_id=study.id, attributes=series_attributes)
                     s.add(series)
                     s.flush()
                 series.instance_count += 1
@@ -259,18 +220,18 @@ class Catalog:
         with self.session() as s:
             ids = list(
                 s.scalars(
-                    select(Study.id).where(Study.state == "receiving", Study.last_received_at <= quiet_before)
+                    select(Study.id).where(Study.state == StudyState.RECEIVING, Study.last_received_at <= quiet_before)
                 )
             )
             if ids:
                 priors = set(s.scalars(select(Study.id).where(
                     Study.id.in_(ids), Study.study_uid.in_(select(PriorFetch.prior_study_uid)))))
                 ids = [i for i in ids if i not in priors]
-                s.execute(update(Study).where(Study.id.in_(ids)).values(state="ready"))
-                s.execute(update(Study).where(Study.id.in_(list(priors))).values(state="prior"))
+                s.execute(update(Study).where(Study.id.in_(ids)).values(state=StudyState.READY))
+                s.execute(update(Study).where(Study.id.in_(list(priors))).values(state=StudyState.PRIOR))
             return ids
 
-    def studies_in_state(self, state: str) -> list[Study]:
+    def studies_in_state(self, state: StudyState) -> list[Study]:
         with self.session() as s:
             return list(s.scalars(select(Study).where(Study.state == state).order_by(Study.id)))
 
@@ -279,12 +240,36 @@ class Catalog:
             return list(s.scalars(select(Series).where(Series.study_id == study_id).order_by(Series.id)))
 
     # ---- priors from the PACS (node.retrieve) ----------------------------------------------
-    def move_study(self, study_id: int, generation: int, from_state: str, to_state: str) -> bool:
-        """``from_state`` -> ``to_state`` if the study is still in that state and generation."""
+    def jobs_awaiting_prior(self) -> list[tuple[int, int, Series]]:
+        """(study id, generation, series) of each study generation with jobs awaiting a prior from
+        the PACS (the first such job's series); jobs of a generation the study has left are not listed
+        (the next routing supersedes them)."""
         with self.session() as s:
-            res = s.execute(update(Study).where(Study.id == study_id, Study.generation == generation,
-                                                Study.state == from_state).values(state=to_state))
-            return bool(res.rowcount)  # type: ignore[attr-defined]
+            rows = s.execute(
+                select(Job.study_id, Job.generation, Series)
+                .join(Study, Study.id == Job.study_id)
+                .join(Series, Series.id == Job.series_id)
+                .where(Job.state == JobState.AWAITING_PRIOR, Job.generation == Study.generation,
+                       Study.state != StudyState.RECEIVING)
+                .order_by(Job.id)
+            ).all()
+        first: dict[tuple[int, int], Series] = {}
+        for study_id, generation, series in rows:
+            first.setdefault((study_id, generation), series)
+        return [(study_id, generation, series) for (study_id, generation), series in first.items()]
+
+    def release_prior_jobs(self, study_id: int, generation: int, now: float) -> int:
+        """awaiting-prior -> queued for the jobs of this study generation, if it is still the study's;
+        returns how many were released."""
+        with self.session() as s:
+            current = select(Study.id).where(Study.id == study_id, Study.generation == generation)
+            res = s.execute(
+                update(Job)
+                .where(Job.study_id == study_id, Job.generation == generation, Job.state == JobState.AWAITING_PRIOR,
+                       Job.study_id.in_(current))
+                .values(state=JobState.QUEUED, updated_at=now)
+            )
+            return int(res.rowcount)  # type: ignore[attr-defined]
 
     def has_prior(self, study_id: int, series_id: int) -> bool:
         """Whether :meth:`prior_series` would find a prior for this series."""
@@ -307,7 +292,7 @@ class Catalog:
             return s.scalar(select(PriorFetch).where(PriorFetch.study_id == study_id,
                                                      PriorFetch.generation == generation))
 
-    def record_prior_fetch(self, study_id: int, generation: int, modality: str, state: str, now: float, *,
+    def record_prior_fetch(self, study_id: int, generation: int, modality: str, state: PriorFetchState, now: float, *,
                            prior_study_uid: str | None = None, note: str | None = None) -> None:
         """Create or update the fetch row of (study, generation); a prior UID once set is kept."""
         with self.session() as s:
@@ -321,20 +306,21 @@ class Catalog:
                 row.prior_study_uid = prior_study_uid
 
     # ---- route / jobs ----------------------------------------------------------------------
-    def create_jobs(self, study_id: int, generation: int, specs: list[tuple[int, str, str, list[str]]],
-                    now: float) -> list[int]:
-        """Create jobs (series_id, model, rule, destinations) and mark the study routed/unrouted."""
+    def create_jobs(self, study_id: int, generation: int, specs: Sequence[JobSpec], now: float) -> list[int]:
+        """Create the jobs and mark the study routed (unrouted without any); jobs of earlier
+        generations not started yet are superseded."""
         with self.session() as s:
             study = s.get_one(Study, study_id)
-            if study.generation != generation or study.state != "ready":
+            if study.generation != generation or study.state != StudyState.READY:
                 return []  # late instances re-opened the study meanwhile; the next pass routes it
             s.execute(
                 update(Job)
-                .where(Job.study_id == study_id, Job.generation < generation, Job.state == "queued")
-                .values(state="superseded", updated_at=now)
+                .where(Job.study_id == study_id, Job.generation < generation,
+                       Job.state.in_((JobState.QUEUED, JobState.AWAITING_PRIOR)))
+                .values(state=JobState.SUPERSEDED, updated_at=now)
             )
             ids: list[int] = []
-            for series_id, model, rule, dests in specs:
+            for series_id, model, rule, dests, awaits_prior in specs:
                 existing = s.scalar(
                     select(Job.id).where(
                         Job.series_id == series_id, Job.model == model, Job.generation == generation
@@ -344,12 +330,13 @@ class Catalog:
                     continue
                 job = Job(
                     study_id=study_id, series_id=series_id, generation=generation, model=model, rule=rule,
-                    destinations=json.dumps(dests), created_at=now, updated_at=now,
+                    destinations=list(dests), created_at=now, updated_at=now,
+                    state=JobState.AWAITING_PRIOR if awaits_prior else JobState.QUEUED,
                 )
                 s.add(job)
                 s.flush()
                 ids.append(job.id)
-            study.state = "routed" if specs else "unrouted"
+            study.state = StudyState.ROUTED if specs else StudyState.UNROUTED
             study.note = None if specs else "no rule matched"
             return ids
 
@@ -357,7 +344,7 @@ class Catalog:
         with self.session() as s:
             return s.get(Job, job_id)
 
-    def jobs_in_state(self, *states: str) -> list[Job]:
+    def jobs_in_state(self, *states: JobState) -> list[Job]:
         with self.session() as s:
             return list(s.scalars(select(Job).where(Job.state.in_(states)).order_by(Job.id)))
 
@@ -365,14 +352,15 @@ class Catalog:
         """(job id, model) of queued jobs that have no queue message yet and are due."""
         with self.session() as s:
             rows = s.execute(
-                select(Job.id, Job.model).where(Job.state == "queued", Job.enqueued_at.is_(None), Job.not_before <= now)
+                select(Job.id, Job.model).where(Job.state == JobState.QUEUED, Job.enqueued_at.is_(None),
+                                                Job.not_before <= now)
             )
             return [(job_id, model) for job_id, model in rows]
 
     def forget_enqueued(self) -> int:
         """Mark queued jobs as not yet sent, so the node sends them again (after a restart)."""
         with self.session() as s:
-            res = s.execute(update(Job).where(Job.state == "queued").values(enqueued_at=None))
+            res = s.execute(update(Job).where(Job.state == JobState.QUEUED).values(enqueued_at=None))
             return int(res.rowcount)  # type: ignore[attr-defined]
 
     def resend_stale_queued(self, now: float, older_than_seconds: float) -> int:
@@ -381,7 +369,7 @@ class Catalog:
         with self.session() as s:
             res = s.execute(
                 update(Job)
-                .where(Job.state == "queued", Job.enqueued_at < now - older_than_seconds)
+                .where(Job.state == JobState.QUEUED, Job.enqueued_at < now - older_than_seconds)
                 .values(enqueued_at=None)
             )
             return int(res.rowcount)  # type: ignore[attr-defined]
@@ -398,31 +386,32 @@ class Catalog:
         """
         with self.session() as s:
             job = s.get(Job, job_id)
-            if job is None or not (job.state == "queued" or (job.state == "running" and policy.abandoned(job, now))):
+            if job is None or not (job.state == JobState.QUEUED
+                                   or (job.state == JobState.RUNNING and policy.abandoned(job, now))):
                 return None
             if job.attempts >= policy.max_attempts:
-                job.state, job.updated_at = "failed", now
+                job.state, job.updated_at = JobState.FAILED, now
                 job.error = f"gave up after {job.attempts} attempt(s); last: {job.error or 'worker lost'}"[:500]
                 return None
-            if job.state == "running":
+            if job.state == JobState.RUNNING:
                 job.error = "worker lost"
-            job.state, job.worker, job.updated_at = "running", worker, now
+            job.state, job.worker, job.updated_at = JobState.RUNNING, worker, now
             job.attempts += 1
             return job
 
-    def finish_job(self, job_id: int, state: str, now: float, error: str | None = None) -> None:
+    def finish_job(self, job_id: int, state: JobState, now: float, error: str | None = None) -> None:
         with self.session() as s:
             s.execute(update(Job).where(Job.id == job_id).values(state=state, error=error, updated_at=now))
 
-    def fail_attempt(self, job_id: int, now: float, error: str, policy: JobPolicy) -> str:
+    def fail_attempt(self, job_id: int, now: float, error: str, policy: JobPolicy) -> JobState:
         """Record a failed attempt: back to queued with backoff, or ``failed`` when attempts are used up."""
         with self.session() as s:
             job = s.get_one(Job, job_id)
             job.error, job.updated_at = error[:500], now
             if job.attempts >= policy.max_attempts:
-                job.state = "failed"
+                job.state = JobState.FAILED
             else:
-                job.state, job.enqueued_at = "queued", None
+                job.state, job.enqueued_at = JobState.QUEUED, None
                 job.not_before = now + policy.backoff(job.attempts)
             return job.state
 
@@ -430,30 +419,30 @@ class Catalog:
         """Running jobs whose worker is gone go back to the queue (or to failed when out of attempts)."""
         with self.session() as s:
             changed = []
-            for job in s.scalars(select(Job).where(Job.state == "running")):
+            for job in s.scalars(select(Job).where(Job.state == JobState.RUNNING)):
                 if not policy.abandoned(job, now):
                     continue
                 changed.append(job.id)
                 job.updated_at = now
                 if job.attempts >= policy.max_attempts:
-                    job.state = "failed"
+                    job.state = JobState.FAILED
                     job.error = f"gave up after {job.attempts} attempt(s); last: worker lost"
                 else:
-                    job.state, job.enqueued_at, job.error = "queued", None, "worker lost"
+                    job.state, job.enqueued_at, job.error = JobState.QUEUED, None, "worker lost"
             return changed
 
     def retry_jobs(self, *, job_ids: list[int] | None = None, study_id: int | None = None,
                    failed: bool = False) -> int:
         """Put jobs back in the queue with fresh attempts (``dicom-node retry``)."""
         with self.session() as s:
-            q = update(Job).where(Job.state.in_(("failed", "skipped")))
+            q = update(Job).where(Job.state.in_((JobState.FAILED, JobState.SKIPPED)))
             if job_ids is not None:
                 q = q.where(Job.id.in_(job_ids))
             elif study_id is not None:
                 q = q.where(Job.study_id == study_id)
             elif not failed:
                 return 0
-            res = s.execute(q.values(state="queued", attempts=0, enqueued_at=None, not_before=0.0, error=None))
+            res = s.execute(q.values(state=JobState.QUEUED, attempts=0, enqueued_at=None, not_before=0.0, error=None))
             return int(res.rowcount)  # type: ignore[attr-defined]
 
     def instances_of_series(self, series_id: int) -> list[Instance]:
@@ -487,9 +476,9 @@ class Catalog:
                     d = s.scalar(select(Delivery).where(Delivery.result_id == row.id, Delivery.destination == dest))
                     if d is None:
                         s.add(Delivery(result_id=row.id, destination=dest, next_attempt_at=now))
-                    elif rerun and d.state in ("sent", "not-needed"):
-                        d.state, d.next_attempt_at = "pending", now
-            s.execute(update(Job).where(Job.id == job_id).values(state="done", error=None, updated_at=now))
+                    elif rerun and d.state in (DeliveryState.SENT, DeliveryState.NOT_NEEDED):
+                        d.state, d.next_attempt_at = DeliveryState.PENDING, now
+            s.execute(update(Job).where(Job.id == job_id).values(state=JobState.DONE, error=None, updated_at=now))
 
     def prior_series(self, job: Job) -> Series | None:
         """The largest series, of the same modality, in the newest earlier study of the same patient
@@ -497,8 +486,8 @@ class Catalog:
         with self.session() as s:
             current = s.get_one(Study, job.study_id)
             series = s.get_one(Series, job.series_id)
-            modality = json.loads(series.attributes).get("Modality")
-            if current.patient_key is None or modality is None:
+            modality = series.modality
+            if current.patient_key is None or not modality:
                 return None
             candidates = s.execute(
                 select(Series, Study)
@@ -508,14 +497,15 @@ class Catalog:
                        Study.study_uid.not_in(_INCOMPLETE_PRIORS))
             ).all()
             same = [(st.study_datetime, se.instance_count, se.id, se) for se, st in candidates
-                    if json.loads(se.attributes).get("Modality") == modality]
+                    if se.modality == modality]
             return max(same, key=lambda t: t[:3])[3] if same else None
 
     def previous_result(self, job: Job, kind: str, variant: str = "") -> Result | None:
         """The newest ``kind`` result of an earlier generation of the same series and model (for a
         rerun's Predecessor Documents); ``variant`` ``binary`` looks among BINARY fallbacks only,
         any other value among the rest."""
-        same_variant = Result.variant == "binary" if variant == "binary" else Result.variant != "binary"
+        binary = Result.variant == BINARY_VARIANT
+        same_variant = binary if variant == BINARY_VARIANT else ~binary
         with self.session() as s:
             return s.scalars(
                 select(Result)
@@ -533,7 +523,7 @@ class Catalog:
                 select(Delivery, Result, Job.study_id)
                 .join(Result, Result.id == Delivery.result_id)
                 .join(Job, Job.id == Result.job_id)
-                .where(Delivery.state == "pending", Delivery.next_attempt_at <= now)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
                 .order_by(Delivery.id)
                 .limit(limit)
             )
@@ -544,14 +534,14 @@ class Catalog:
             s.execute(
                 update(Delivery)
                 .where(Delivery.id == delivery_id)
-                .values(state="sent", sent_at=now, attempts=Delivery.attempts + 1, last_error=None)
+                .values(state=DeliveryState.SENT, sent_at=now, attempts=Delivery.attempts + 1, last_error=None)
             )
 
     def delivery_not_needed(self, delivery_id: int, now: float) -> None:
         """The destination took the other variant of this result (e.g. LABELMAP, not BINARY)."""
         with self.session() as s:
             s.execute(update(Delivery).where(Delivery.id == delivery_id)
-                      .values(state="not-needed", sent_at=now, last_error=None))
+                      .values(state=DeliveryState.NOT_NEEDED, sent_at=now, last_error=None))
 
     def delivery_failed(self, delivery_id: int, error: str, next_attempt_at: float) -> int:
         """Record a failed attempt; returns the number of attempts so far."""

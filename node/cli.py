@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import threading
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
 
-from node.config import ConfigError, DicomwebDestination, Settings, load_settings
+from models.errors import ConfigError, ManifestError
+from node.checks import load_checked_settings
+from node.config import DicomwebDestination, Settings, load_settings
 from node.logutil import setup_logging
+from node.queue import worker_command
+from node.version import software_version
 
 log = logging.getLogger("node.cli")
 
@@ -23,26 +26,13 @@ WORKER_RESTART_DELAY_SECONDS = 5.0
 """How long ``run`` waits before restarting an embedded worker that exited."""
 
 
-def _version() -> str:
-    try:
-        return version("dicom-ai-node")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(args.config)
-    from models import registry  # the registry is light: models import their code lazily
-
-    registry.validate_names([m for rule in settings.rules for m in rule.models] + list(settings.models))
-    for name, ms in settings.models.items():  # static checks only: a remote worker may hold the path
-        registry.check_options(name, registry.ModelOptions(path=ms.path, device=ms.device, batch_size=ms.batch_size,
-                                                           precision=ms.precision))
-    return settings
+    """The configuration, checked against the model registry (:mod:`node.checks`)."""
+    return load_checked_settings(args.config)
 
 
 class _WorkerSupervisor:
-    """Starts ``dicom-node worker`` as a child process and restarts it if it dies."""
+    """Starts a worker process (``python -m workers``) and restarts it if it dies."""
 
     def __init__(self, config: Path) -> None:
         self.config = config
@@ -54,8 +44,7 @@ class _WorkerSupervisor:
         self._thread.start()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "node.cli", "worker", "--config", str(self.config)]
-        return subprocess.Popen(cmd, start_new_session=False)
+        return subprocess.Popen(worker_command(self.config), start_new_session=False)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -100,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         supervisor.start()
     service.start()
     broker = "embedded file-system broker" if settings.embedded_broker else "external broker"
-    log.info("dicom-node %s running (%s, storage %s)", _version(), broker, settings.node.storage_dir)
+    log.info("dicom-node %s running (%s, storage %s)", software_version(), broker, settings.node.storage_dir)
     while not stop.wait(1.0):
         pass
     service.stop()
@@ -111,27 +100,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    setup_logging(settings.logging.level, "worker")
-    from workers.celery_app import DEFAULT_QUEUE, create_app
-    from workers.tasks import register
-
-    app = create_app(settings)
-    register(app, settings)
-    concurrency = args.concurrency or settings.queue.worker_concurrency
-    argv = [
-        "worker",
-        "--pool=prefork",
-        f"--concurrency={concurrency}",
-        f"--queues={args.queues or ','.join(sorted({DEFAULT_QUEUE, *(m.queue for m in settings.models.values())}))}",
-        f"--loglevel={settings.logging.level}",
-        f"--hostname=dicom-node-worker-{os.getpid()}@%h",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
-    app.worker_main(argv=argv)
-    return 0
+    """Become ``python -m workers`` (same pid, so a supervisor's signals reach Celery); the CLI
+    never imports the workers package."""
+    _settings(args)  # refuse a bad configuration here, with the CLI's message and exit code
+    cmd = worker_command(Path(args.config), concurrency=args.concurrency, queues=args.queues)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -152,11 +127,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     from node.catalog import Catalog
+    from node.schema import JobState
 
     catalog = Catalog.for_storage(settings.node.storage_dir)
     print(json.dumps(catalog.counts(), indent=2, sort_keys=True))
     if args.failed:
-        for job in catalog.jobs_in_state("failed"):
+        for job in catalog.jobs_in_state(JobState.FAILED):
             print(f"failed job #{job.id} study #{job.study_id} model={job.model} attempts={job.attempts}: "
                   f"{job.error}")
         for d, _r, study in catalog.due_deliveries(float("inf")):
@@ -180,11 +156,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     from models import registry
 
     if args.action == "evaluate":
-        from models.evaluate import evaluate, format_table
+        from testkit.evaluate import evaluate, format_table
 
         rows = evaluate(args.family or None, seed=args.seed)
         if args.dl:
-            from models.dl.evaluate import evaluate_dl
+            from testkit.dl_evaluate import evaluate_dl
 
             rows += evaluate_dl(seed=args.seed)
         print(format_table(rows))
@@ -192,7 +168,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     for name in registry.available():
         m = registry.manifest(name)
-        print(f"{m.name}  {m.version}  {m.family:<14} {','.join(m.modalities):<6} {m.description}")
+        missing = registry.missing_modules(name)
+        needs = f"  (needs extra {registry.spec(name).extra}: missing {', '.join(missing)})" if missing else ""
+        print(f"{m.name}  {m.version}  {m.family:<14} {','.join(m.modalities):<6} {m.description}{needs}")
     return 0
 
 
@@ -204,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `dicom-node check-config --config deploy/config.example.yaml`, then "
         "`dicom-node run --config ...`. Logs never contain patient data above DEBUG.",
     )
-    p.add_argument("--version", action="version", version=f"dicom-node {_version()}")
+    p.add_argument("--version", action="version", version=f"dicom-node {software_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -240,16 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.registry import ModelOptionsError  # light: no model code, no torch
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, ModelOptionsError) as exc:
+    except (ConfigError, ManifestError) as exc:  # unknown models, options, missing extras, bad manifests
         print(f"dicom-node: {exc}", file=sys.stderr)
-        return 2
-    except KeyError as exc:  # unknown model name from the registry
-        print(f"dicom-node: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
 
 

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.errors import ConfigError
+
 ENV_PREFIX = "DICOM_NODE__"
 """Environment variables with this prefix override YAML keys (``__`` separates levels)."""
 
@@ -38,10 +40,6 @@ MATCHABLE_ATTRIBUTES: tuple[str, ...] = (
     "NumberOfInstances",
 )
 """Series attributes a rule may match on (recorded per series at receive time)."""
-
-
-class ConfigError(Exception):
-    """The configuration file is missing, unreadable or invalid; the message names the bad key."""
 
 
 class _Frozen(BaseModel):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from celery import Celery
 
 from node.catalog import Catalog
-from workers.celery_app import DEFAULT_QUEUE, TASK_NAME
+from node.queue import DEFAULT_QUEUE, TASK_NAME
 
 log = logging.getLogger("node.enqueue")
 

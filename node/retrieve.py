@@ -1,10 +1,11 @@
 """Prior studies from the PACS for registration models: C-FIND, then C-MOVE or C-GET.
 
 A registration (pair) model needs the patient's earlier study of the same modality; the worker takes
-it from the catalog (``Catalog.prior_series``). With ``priors:`` configured, a study that would be
-routed to such a model while the catalog holds no earlier study gets its prior from the PACS first:
+it from the catalog (``Catalog.prior_series``). With ``priors:`` configured, routing
+(:mod:`node.route`) creates the job of such a model ``awaiting-prior`` when the catalog holds no
+earlier study; this module acts on that job state only (it never plans jobs itself):
 
-    ready --(tick, pipeline loop)--> awaiting-prior --(retrieval thread)--> ready --> routed as usual
+    job awaiting-prior --(tick: handed to the retrieval thread)--> fetch --> job queued
 
 The retrieval thread reads Patient ID (+ Issuer) and Study Date/Time from one spooled instance of
 the series (never logged), C-FINDs studies at STUDY level (PatientID, ModalitiesInStudy, StudyDate up
@@ -17,19 +18,18 @@ instances come in through the Storage SCP) or by C-GET (each instance goes throu
 the same door: validated, fsynced, cataloged identically).
 
 One attempt per study generation, bounded by ``priors.timeout_seconds`` (the association is aborted
-then). Whatever happens (PACS down, nothing found, timeout) the study goes back to ``ready`` and is
-routed; the registration job then skips with "no earlier study", as without ``priors:``. A prior whose
+then). Whatever happens (PACS down, nothing found, timeout) the jobs are queued; the registration job
+then skips with "no earlier study", as without ``priors:``. Other jobs of the study never wait. A prior whose
 retrieval failed part-way (timeout, failed sub-operations) stays stored but is not used by any job and
 is not "known": the next study generation that needs it fetches it again. One thread
-fetches, one study at a time: receive threads never wait, and other studies keep being routed. A
-study left ``awaiting-prior`` by a crash goes back to ``ready`` at start-up and is fetched again.
+fetches, one study at a time: receive threads never wait, and other studies keep being routed. Jobs
+left ``awaiting-prior`` by a crash are simply handed over again by the first tick after start-up.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 import logging
 import queue
 import re
@@ -46,30 +46,28 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
-from node.catalog import Catalog, Study
+from models.errors import RetrieveError
+from node.catalog import Catalog
 from node.config import DimseDestination, Settings
+from node.conformance import (
+    STORAGE_SOP_CLASSES,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+    TRANSFER_SYNTAXES,
+)
 from node.logutil import ref
 from node.nodelay import NODELAY_HANDLERS
-from node.receive.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, Receiver
-from node.route import plan_jobs
+from node.schema import PriorFetchState
 from node.spool import Spool
 
 log = logging.getLogger("node.retrieve")
 
-AWAITING = "awaiting-prior"
-"""Study state while its prior is being fetched (the router ignores it)."""
 PENDING = (0xFF00, 0xFF01)
 WILDCARDS = re.compile(r"[*?\\]")
-STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
-STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
 StoreFn = Callable[[bytes, str, str, str], int]
 """``Receiver.store(encoded, sop_class_uid, sop_instance_uid, calling_ae) -> status``."""
-
-
-class PriorSourceError(Exception):
-    """The PACS could not be queried or retrieved from; the message carries no tag values."""
 
 
 @dataclass(frozen=True)
@@ -125,13 +123,13 @@ class PriorSource(Protocol):
     """The transport seam: a PACS that answers C-FIND and C-MOVE/C-GET (tests plug in a fake)."""
 
     def find(self, query: PriorQuery, timeout: float) -> list[Candidate]:
-        """Studies of the patient with the modality in the date range; raise PriorSourceError."""
+        """Studies of the patient with the modality in the date range; raise RetrieveError."""
 
     def find_series(self, study_uid: str, modality: str, timeout: float) -> list[str]:
-        """Series Instance UIDs of ``modality`` in the study; raise PriorSourceError."""
+        """Series Instance UIDs of ``modality`` in the study; raise RetrieveError."""
 
     def retrieve(self, study_uid: str, series_uids: list[str], timeout: float) -> Retrieved:
-        """Bring the series into the node (through ``Receiver.store``); raise PriorSourceError."""
+        """Bring the series into the node (through ``Receiver.store``); raise RetrieveError."""
 
 
 def find_identifier(query: PriorQuery) -> Dataset:
@@ -188,7 +186,7 @@ class DimsePriorSource:
         kwargs["evt_handlers"] = [*NODELAY_HANDLERS, *kwargs.get("evt_handlers", [])]
         assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, **kwargs)
         if not assoc.is_established:
-            raise PriorSourceError(f"no association with {d.name} ({d.host}:{d.port})")
+            raise RetrieveError(f"no association with {d.name} ({d.host}:{d.port})")
         expired = threading.Event()
 
         def expire() -> None:
@@ -207,12 +205,12 @@ class DimsePriorSource:
 
     def _final(self, what: str, responses: Iterator[tuple[Dataset, Dataset | None]], expired: threading.Event,
                timeout: float, on_match: Callable[[Dataset], None] | None = None) -> Dataset:
-        """Consume the responses; return the final status dataset, or raise PriorSourceError."""
+        """Consume the responses; return the final status dataset, or raise RetrieveError."""
         for status, identifier in responses:
             if "Status" not in status:
                 if expired.is_set():
-                    raise PriorSourceError(f"{what}: timed out after {timeout:g} s")
-                raise PriorSourceError(f"{what}: no response (association lost)")
+                    raise RetrieveError(f"{what}: timed out after {timeout:g} s")
+                raise RetrieveError(f"{what}: no response (association lost)")
             code = int(status.Status)
             if code in PENDING:
                 if on_match is not None and identifier is not None:
@@ -220,8 +218,8 @@ class DimsePriorSource:
                 continue
             if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
                 return status
-            raise PriorSourceError(f"{what}: failure status 0x{code:04X}")
-        raise PriorSourceError(f"{what}: no final response")
+            raise RetrieveError(f"{what}: failure status 0x{code:04X}")
+        raise RetrieveError(f"{what}: no final response")
 
     def _find(self, ident: Dataset, timeout: float) -> list[Dataset]:
         ae = AE(ae_title=self.calling)
@@ -292,28 +290,26 @@ class PriorRetriever:
         self.spool = spool
         self.source = source
         self.clock = clock
-        self._pair: dict[str, bool] = {}
         self._submit = submit or self._enqueue
+        self._handed: set[tuple[int, int]] = set()
+        """(study id, generation) handed to the retrieval thread and not finished yet."""
+        self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, catalog: Catalog, spool: Spool, receiver: Receiver,
+    def from_settings(cls, settings: Settings, catalog: Catalog, spool: Spool, store: StoreFn,
                       clock: Callable[[], float]) -> PriorRetriever | None:
-        """None without a ``priors:`` section (priors come from the catalog only)."""
+        """None without a ``priors:`` section (priors come from the catalog only). ``store`` is the
+        receiving door (``Receiver.store``) that C-GET sub-operations go through."""
         if settings.priors is None:
             return None
         pacs = settings.destination(settings.priors.source)
         assert isinstance(pacs, DimseDestination)  # Settings validates that priors.source is dimse
         source = DimsePriorSource(pacs, settings.node.ae_title,
-                                  settings.priors.method, receiver.store, move_destination=settings.node.ae_title,
+                                  settings.priors.method, store, move_destination=settings.node.ae_title,
                                   acse_timeout=settings.node.acse_timeout_seconds)
         return cls(settings, catalog, spool, source, clock)
-
-    def reconcile(self) -> int:
-        """Studies left awaiting their prior by a crash go back to ready (they are fetched again)."""
-        studies = self.catalog.studies_in_state(AWAITING)
-        return sum(self.catalog.move_study(s.id, s.generation, AWAITING, "ready") for s in studies)
 
     def _enqueue(self, task: Callable[[], object]) -> None:
         """Run ``task`` on the retrieval thread (a daemon: a fetch in flight at exit is redone at start-up)."""
@@ -333,43 +329,19 @@ class PriorRetriever:
         if self._thread is not None:
             self._queue.put(None)
 
-    def is_pair_model(self, name: str) -> bool:
-        """Family ``registration`` in the model's manifest (read without importing the model)."""
-        if name not in self._pair:
-            from models import registry  # light: manifests only, never torch
-
-            try:
-                self._pair[name] = registry.manifest(name).family == "registration"
-            except Exception:  # an unknown model is refused at start-up; here it is just not a pair model
-                self._pair[name] = False
-        return self._pair[name]
-
-    def wanted(self, study: Study) -> tuple[int, str] | None:
-        """(series id, modality) of a series routed to a registration model that lacks its prior in
-        the catalog; None when nothing is to be fetched for this generation of the study."""
-        fetch = self.catalog.prior_fetch(study.id, study.generation)
-        if fetch is not None and fetch.state != "retrieving":
-            return None  # tried for this generation already; "retrieving" = cut short by a crash
-        attributes = {s.id: {**_json(s.attributes), "NumberOfInstances": s.instance_count}
-                      for s in self.catalog.series_of_study(study.id)}
-        for spec in plan_jobs(self.settings.rules, list(attributes.items())):
-            modality = str(attributes[spec.series_id].get("Modality") or "")
-            if modality and self.is_pair_model(spec.model) and (
-                    fetch is not None or not self.catalog.has_prior(study.id, spec.series_id)):
-                return spec.series_id, modality
-        return None
-
     def tick(self) -> list[int]:
-        """Hand every ready study that needs a prior to the retrieval thread; returns their ids."""
+        """Hand every study generation with jobs awaiting a prior to the retrieval thread (once);
+        returns the study ids handed over."""
         handed: list[int] = []
-        for study in self.catalog.studies_in_state("ready"):
-            want = self.wanted(study)
-            if want is None or not self.catalog.move_study(study.id, study.generation, "ready", AWAITING):
-                continue
-            log.info("study #%d (%s): no earlier %s study in the catalog; asking %s for the prior",
-                     study.id, ref(study.study_uid), want[1], self.priors.source)
-            self._submit(functools.partial(self.fetch, study.id, study.generation, *want))
-            handed.append(study.id)
+        for study_id, generation, series in self.catalog.jobs_awaiting_prior():
+            with self._lock:
+                if (study_id, generation) in self._handed:
+                    continue
+                self._handed.add((study_id, generation))
+            log.info("study #%d: no earlier %s study in the catalog; asking %s for the prior",
+                     study_id, series.modality or "(no modality)", self.priors.source)
+            self._submit(functools.partial(self.fetch, study_id, generation, series.id, series.modality))
+            handed.append(study_id)
         return handed
 
     def query_for(self, series_id: int, modality: str) -> PriorQuery | None:
@@ -386,15 +358,15 @@ class PriorRetriever:
         return PriorQuery(pid, _text(ds, "IssuerOfPatientID"), modality, _text(ds, "StudyInstanceUID"), date,
                           _text(ds, "StudyTime"), self.priors.max_age_days)
 
-    def fetch(self, study_id: int, generation: int, series_id: int, modality: str) -> str:
-        """Find and retrieve the prior, then release the study to routing; returns the fetch state."""
+    def fetch(self, study_id: int, generation: int, series_id: int, modality: str) -> PriorFetchState:
+        """Find and retrieve the prior, then queue the jobs that awaited it; returns the fetch state."""
         t0 = time.monotonic()
         timeout = self.priors.timeout_seconds
-        state, note, detail = "failed", "", ""
+        state, note, detail = PriorFetchState.FAILED, "", ""
         try:
-            query = self.query_for(series_id, modality)
+            query = self.query_for(series_id, modality) if modality else None
             if query is None:
-                state, note = "no-query", "no usable Patient ID or Study Date in the instance"
+                state, note = PriorFetchState.NO_QUERY, "no usable Modality, Patient ID or Study Date in the instance"
             else:
                 candidates = self.source.find(query, timeout)
                 known = self.catalog.known_study_uids([c.study_uid for c in candidates])
@@ -403,41 +375,40 @@ class PriorRetriever:
                     known.discard(earlier.prior_study_uid)
                 chosen = choose_prior(query, candidates, known)
                 if chosen is None:
-                    state, note = "not-found", f"{len(candidates)} match(es), none earlier and not yet here"
+                    state = PriorFetchState.NOT_FOUND
+                    note = f"{len(candidates)} match(es), none earlier and not yet here"
                 else:
-                    self.catalog.record_prior_fetch(study_id, generation, modality, "retrieving", self.clock(),
-                                                    prior_study_uid=chosen.study_uid)
+                    self.catalog.record_prior_fetch(study_id, generation, modality, PriorFetchState.RETRIEVING,
+                                                    self.clock(), prior_study_uid=chosen.study_uid)
                     left = max(1.0, timeout - (time.monotonic() - t0))
                     series = self.source.find_series(chosen.study_uid, modality, left)
                     if not series:
-                        state, note = "not-found", f"no {modality} series in the chosen study"
+                        state, note = PriorFetchState.NOT_FOUND, f"no {modality} series in the chosen study"
                     else:
                         left = max(1.0, timeout - (time.monotonic() - t0))
                         got = self.source.retrieve(chosen.study_uid, series, left)
-                        state = "retrieved" if got.failed == 0 else "partial"
+                        state = PriorFetchState.RETRIEVED if got.failed == 0 else PriorFetchState.PARTIAL
                         detail = f"prior {ref(chosen.study_uid)}: {got.completed} instance(s) in {len(series)} series"
                         note = f"{got.failed} sub-operation(s) failed" if got.failed else ""
-        except PriorSourceError as exc:
+        except RetrieveError as exc:
             note = str(exc)
         except Exception as exc:  # a bug or an unreadable file must not keep the study from routing
             note = f"{type(exc).__name__}"
             log.debug("study #%d: prior fetch traceback", study_id, exc_info=True)
         finally:
             self.catalog.record_prior_fetch(study_id, generation, modality, state, self.clock(), note=note or None)
-            released = self.catalog.move_study(study_id, generation, AWAITING, "ready")
+            released = self.catalog.release_prior_jobs(study_id, generation, self.clock())
+            with self._lock:
+                self._handed.discard((study_id, generation))
         took = time.monotonic() - t0
-        if state in ("retrieved", "partial"):
-            level = logging.INFO if state == "retrieved" else logging.WARNING
+        if state in (PriorFetchState.RETRIEVED, PriorFetchState.PARTIAL):
+            level = logging.INFO if state == PriorFetchState.RETRIEVED else logging.WARNING
             log.log(level, "study #%d: %s from %s in %.1f s%s", study_id, detail, self.priors.source, took,
                     f" ({note})" if note else "")
         else:
             log.warning("study #%d: no prior from %s (%s: %s); routed without it", study_id, self.priors.source,
                         state, note)
         if not released:
-            log.info("study #%d changed while its prior was fetched (late instances); routed when ready", study_id)
+            log.info("study #%d changed while its prior was fetched (late instances); its new jobs follow",
+                     study_id)
         return state
-
-
-def _json(text: str) -> dict[str, Any]:
-    value = json.loads(text)
-    return value if isinstance(value, dict) else {}

@@ -8,29 +8,33 @@ A match value is one of:
 A multi-valued attribute (ImageType) matches when any of its values does. A missing attribute never
 matches. Every series of a ready study is checked against every rule; each (series, model) pair
 becomes one job (first matching rule wins for a model; destinations of all matching rules merge).
+
+With ``priors:`` configured, a job of a registration model whose series has no prior study in the
+catalog is created ``awaiting-prior``: :mod:`node.retrieve` fetches the prior from the PACS and then
+queues it. Routing decides this once, here; the retriever only acts on that job state.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from node.catalog import Catalog
+from models import registry
+from node.catalog import Catalog, JobSpec
 from node.config import MatchValue, RangeMatch, RegexMatch, Rule
+from node.schema import StudyState
 
 log = logging.getLogger("node.route")
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    series_id: int
-    model: str
-    rule: str
-    destinations: tuple[str, ...]
+@functools.cache
+def is_pair_model(name: str) -> bool:
+    """Whether model ``name`` needs a prior study (family ``registration``; read from its manifest,
+    without importing the model)."""
+    return registry.manifest(name).family == "registration"
 
 
 def _scalar_equal(actual: Any, wanted: str | int | float) -> bool:
@@ -87,25 +91,25 @@ def plan_jobs(rules: list[Rule], series: list[tuple[int, dict[str, Any]]]) -> li
 class Router:
     """Turns ready studies into jobs in the catalog; returns the new job ids to enqueue."""
 
-    def __init__(self, catalog: Catalog, rules: list[Rule], clock: Callable[[], float]) -> None:
+    def __init__(self, catalog: Catalog, rules: list[Rule], clock: Callable[[], float], *,
+                 priors_from_pacs: bool = False) -> None:
+        """``priors_from_pacs``: a ``priors:`` section is configured (jobs may await a prior)."""
         self.catalog = catalog
         self.rules = rules
         self.clock = clock
+        self.priors_from_pacs = priors_from_pacs
+
+    def _awaits_prior(self, study_id: int, spec: JobSpec) -> bool:
+        return (self.priors_from_pacs and is_pair_model(spec.model)
+                and not self.catalog.has_prior(study_id, spec.series_id))
 
     def route_ready(self) -> list[int]:
         new_jobs: list[int] = []
-        for study in self.catalog.studies_in_state("ready"):
-            series = [
-                (s.id, {**json.loads(s.attributes), "NumberOfInstances": s.instance_count})
-                for s in self.catalog.series_of_study(study.id)
-            ]
-            specs = plan_jobs(self.rules, series)
-            ids = self.catalog.create_jobs(
-                study.id,
-                study.generation,
-                [(j.series_id, j.model, j.rule, list(j.destinations)) for j in specs],
-                self.clock(),
-            )
+        for study in self.catalog.studies_in_state(StudyState.READY):
+            series = [(s.id, s.routing_attributes) for s in self.catalog.series_of_study(study.id)]
+            specs = [spec._replace(awaits_prior=self._awaits_prior(study.id, spec))
+                     for spec in plan_jobs(self.rules, series)]
+            ids = self.catalog.create_jobs(study.id, study.generation, specs, self.clock())
             if specs:
                 log.info("study #%d routed: %d job(s) %s", study.id, len(ids),
                          sorted({f"{j.rule}:{j.model}" for j in specs}))

@@ -1,11 +1,72 @@
 """Catalog tables (SQLAlchemy ORM): studies, series, instances, prior fetches, jobs, results,
-deliveries. :mod:`node.catalog` holds the queries; new columns need a scalar default so that
-:func:`node.catalog.add_missing_columns` can add them to an existing catalog."""
+deliveries, with their typed states. :mod:`node.catalog` holds the queries; new columns need a
+scalar default so that :func:`node.db.add_missing_columns` can add them to an existing catalog.
+
+States are :class:`enum.StrEnum` members stored as their string values (VARCHAR columns, as
+before): they compare equal to those strings, and mypy checks every assignment.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class StudyState(StrEnum):
+    """receiving -> ready -> routed | unrouted; back to receiving when late instances arrive;
+    receiving -> prior for a study fetched from the PACS as another study's prior (never routed)."""
+
+    RECEIVING = "receiving"
+    READY = "ready"
+    ROUTED = "routed"
+    UNROUTED = "unrouted"
+    PRIOR = "prior"
+
+
+class JobState(StrEnum):
+    """awaiting-prior -> queued -> running -> done | skipped | failed | superseded (see :class:`Job`)."""
+
+    AWAITING_PRIOR = "awaiting-prior"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+class DeliveryState(StrEnum):
+    """pending -> sent | not-needed (the destination took the other variant of the result)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    NOT_NEEDED = "not-needed"
+
+
+class PriorFetchState(StrEnum):
+    """retrieving -> retrieved | partial | failed; or not-found / no-query without a retrieval."""
+
+    RETRIEVING = "retrieving"
+    RETRIEVED = "retrieved"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    NOT_FOUND = "not-found"
+    NO_QUERY = "no-query"
+
+
+LABELMAP_VARIANT = "labelmap"
+"""Result files only for a destination that accepts Label Map Segmentation Storage (with the SR citing it)."""
+BINARY_VARIANT = "binary"
+"""The same results encoded for a destination that does not (BINARY SEG, SR citing that SEG)."""
+
+
+def _state(enum: type[StrEnum]) -> Enum:
+    """A state column: VARCHAR(16) holding the member's value, read back as the member."""
+    return Enum(enum, native_enum=False, create_constraint=False, length=16, validate_strings=True,
+                values_callable=lambda members: [m.value for m in members])
 
 
 class Base(DeclarativeBase):
@@ -16,10 +77,7 @@ class Study(Base):
     __tablename__ = "studies"
     id: Mapped[int] = mapped_column(primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
-    """receiving -> ready -> routed | unrouted; back to receiving when late instances arrive.
-    ready -> awaiting-prior -> ready while its prior is fetched from the PACS (node.retrieve);
-    receiving -> prior for a study fetched as a prior (stored, never routed)."""
+    state: Mapped[StudyState] = mapped_column(_state(StudyState), default=StudyState.RECEIVING, index=True)
     generation: Mapped[int] = mapped_column(Integer, default=1)
     """Incremented when instances arrive after routing; jobs of the new generation supersede."""
     first_received_at: Mapped[float] = mapped_column(Float)
@@ -37,9 +95,19 @@ class Series(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     series_uid: Mapped[str] = mapped_column(String(64), unique=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    attributes: Mapped[str] = mapped_column(Text, default="{}")
-    """JSON of the routing attributes (config.MATCHABLE_ATTRIBUTES) taken from the first instance."""
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """The routing attributes (config.MATCHABLE_ATTRIBUTES) taken from the first instance (JSON)."""
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    @property
+    def routing_attributes(self) -> dict[str, Any]:
+        """What rules match on: :attr:`attributes` plus ``NumberOfInstances``."""
+        return {**self.attributes, "NumberOfInstances": self.instance_count}
+
+    @property
+    def modality(self) -> str:
+        """The series' Modality ("" when the instance had none)."""
+        return str(self.attributes.get("Modality") or "")
 
 
 class Instance(Base):
@@ -69,8 +137,7 @@ class PriorFetch(Base):
     generation: Mapped[int] = mapped_column(Integer)
     modality: Mapped[str] = mapped_column(String(16))
     prior_study_uid: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
-    state: Mapped[str] = mapped_column(String(16))
-    """retrieving -> retrieved | partial | failed; or not-found / no-query without a retrieval."""
+    state: Mapped[PriorFetchState] = mapped_column(_state(PriorFetchState))
     note: Mapped[str | None] = mapped_column(Text, default=None)
     """Why it failed (no tag values)."""
     updated_at: Mapped[float] = mapped_column(Float)
@@ -85,11 +152,13 @@ class Job(Base):
     generation: Mapped[int] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(128))
     rule: Mapped[str] = mapped_column(String(128))
-    destinations: Mapped[str] = mapped_column(Text, default="[]")
-    """JSON list of destination names the results go to."""
-    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """Names of the destinations the results go to (JSON list)."""
+    state: Mapped[JobState] = mapped_column(_state(JobState), default=JobState.QUEUED, index=True)
     """queued -> running -> done | skipped | failed (dead letter, with ``error``) | superseded;
-    a failed attempt goes back to queued (with backoff) until ``queue.job_max_attempts``."""
+    a failed attempt goes back to queued (with backoff) until ``queue.job_max_attempts``. A job of a
+    registration model whose prior is being fetched from the PACS starts as awaiting-prior
+    (:mod:`node.retrieve` moves it to queued when the fetch ends, whatever its outcome)."""
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     enqueued_at: Mapped[float | None] = mapped_column(Float, default=None)
@@ -113,7 +182,8 @@ class Result(Base):
     variant: Mapped[str] = mapped_column(String(16), default="")
     """"" for every destination; ``labelmap`` / ``binary`` for the two alternative SEG (+ SR)
     encodings of one result: a destination gets the labelmap set if it accepts the Label Map
-    Segmentation SOP class, else the binary set (see :mod:`node.send.dimse`)."""
+    Segmentation SOP class, else the binary set (see :mod:`node.send.dimse`): :data:`LABELMAP_VARIANT`,
+    :data:`BINARY_VARIANT`."""
 
 
 class Delivery(Base):
@@ -122,9 +192,8 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    """pending -> sent, or pending -> not-needed (the destination took the other variant); stays
-    pending (with backoff) while the destination fails."""
+    state: Mapped[DeliveryState] = mapped_column(_state(DeliveryState), default=DeliveryState.PENDING, index=True)
+    """Stays pending (with backoff) while the destination fails."""
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)

@@ -17,13 +17,13 @@ from node.assemble import Assembler
 from node.catalog import Catalog, job_policy
 from node.config import Settings
 from node.enqueue import Enqueuer
+from node.queue import create_app
 from node.receive.scp import Receiver
 from node.receive.stow import StowServer, receiver_store
 from node.retrieve import PriorRetriever
 from node.route import Router
 from node.send.deliver import Deliverer, SenderFactory
 from node.spool import Spool
-from workers.celery_app import create_app
 
 log = logging.getLogger("node.service")
 
@@ -40,8 +40,8 @@ class NodeService:
         self.receiver = Receiver(settings, self.catalog, self.spool, clock)
         self.stow = self._stow_server() if settings.stow.enabled else None
         self.assembler = Assembler(self.catalog, settings.assembly.study_quiet_seconds, clock)
-        self.retriever = PriorRetriever.from_settings(settings, self.catalog, self.spool, self.receiver, clock)
-        self.router = Router(self.catalog, settings.rules, clock)
+        self.retriever = PriorRetriever.from_settings(settings, self.catalog, self.spool, self.receiver.store, clock)
+        self.router = Router(self.catalog, settings.rules, clock, priors_from_pacs=settings.priors is not None)
         self.enqueuer = Enqueuer(create_app(settings), self.catalog, clock,
                                  queue_of=lambda model: settings.model_settings(model).queue)
         self.deliverer = Deliverer(settings, self.catalog, self.spool, clock, sender_factory)
@@ -56,16 +56,14 @@ class NodeService:
 
     def reconcile(self) -> None:
         removed = self.spool.clean_temp()
-        requeued = self.catalog.forget_enqueued()
-        if self.retriever is not None and (n := self.retriever.reconcile()):
-            log.info("reconciled: %d study(ies) awaiting a prior from the PACS ready again", n)
+        requeued = self.catalog.forget_enqueued()  # jobs left awaiting a prior are handed over by the next tick
         log.info("reconciled: %d temp file(s) removed, %d unfinished job(s) to enqueue again", removed, requeued)
 
     def pipeline_tick(self) -> None:
         self.assembler.tick()
-        if self.retriever is not None:  # holds back studies whose prior is being fetched from the PACS
-            self.retriever.tick()
         self.router.route_ready()
+        if self.retriever is not None:  # fetches the priors of jobs routing created awaiting-prior
+            self.retriever.tick()
         for job_id in self.catalog.requeue_abandoned(self.clock(), self.job_policy):
             log.warning("job #%d lost its worker; queued again (or failed if out of attempts)", job_id)
         self.catalog.resend_stale_queued(self.clock(), self.job_policy.lease_seconds)

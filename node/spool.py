@@ -14,12 +14,10 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.errors import StorageError
+
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 """A valid DICOM UID (digits and dots, no leading zeros in components)."""
-
-
-class SpoolError(Exception):
-    """The spool could not store a file (disk full, permissions...)."""
 
 
 def is_valid_uid(uid: object) -> bool:
@@ -55,13 +53,13 @@ class Spool:
     def instance_relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         for uid in (study_uid, series_uid, sop_uid):
             if not is_valid_uid(uid):
-                raise SpoolError("invalid UID used as a path component")
+                raise StorageError("invalid UID used as a path component")
         return f"instances/{study_uid}/{series_uid}/{sop_uid}.dcm"
 
     def result_relpath(self, study_uid: str, sop_uid: str) -> str:
         for uid in (study_uid, sop_uid):
             if not is_valid_uid(uid):
-                raise SpoolError("invalid UID used as a path component")
+                raise StorageError("invalid UID used as a path component")
         return f"results/{study_uid}/{sop_uid}.dcm"
 
     def path(self, relative: str) -> Path:
@@ -98,7 +96,7 @@ class Spool:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            raise SpoolError(f"cannot store file: {exc.strerror or exc}") from exc
+            raise StorageError(f"cannot store file: {exc.strerror or exc}") from exc
         return Stored(final, relative, final.stat().st_size, new=new)
 
     def clean_temp(self) -> int:

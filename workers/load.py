@@ -25,7 +25,8 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 
-from models.base import UnsuitableInput, Volume
+from models.base import Volume
+from models.errors import UnreadableInput, UnsuitableInput
 
 ORIENTATION_TOLERANCE = 1e-3
 """Maximum difference between direction cosines of slices in one volume."""
@@ -51,15 +52,15 @@ def _floats(values: Any, n: int, what: str) -> npt.NDArray[np.float64]:
     try:
         arr = np.array([float(x) for x in values], dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise UnsuitableInput(f"malformed {what}") from exc
+        raise UnreadableInput(f"malformed {what}") from exc
     if arr.shape != (n,) or not np.isfinite(arr).all():
-        raise UnsuitableInput(f"malformed {what}")
+        raise UnreadableInput(f"malformed {what}")
     return arr
 
 
 def _geometry(ds: Dataset) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     if "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds:
-        raise UnsuitableInput("slices lack Image Orientation/Position (Patient)")
+        raise UnreadableInput("slices lack Image Orientation/Position (Patient)")
     iop = _floats(ds.ImageOrientationPatient, 6, "Image Orientation (Patient)")
     ipp = _floats(ds.ImagePositionPatient, 3, "Image Position (Patient)")
     return iop, ipp
@@ -102,10 +103,10 @@ def _stack(planes: Sequence[_Plane], noun: str = "slices") -> tuple[list[int], n
 
 def _pixel_spacing(item: Dataset | None) -> tuple[float, float]:
     if item is None or "PixelSpacing" not in item:
-        raise UnsuitableInput("Pixel Spacing missing")
+        raise UnreadableInput("Pixel Spacing missing")
     dr, dc = (float(x) for x in _floats(item.PixelSpacing, 2, "Pixel Spacing"))
     if not (dr > 0 and dc > 0):
-        raise UnsuitableInput("malformed Pixel Spacing")
+        raise UnreadableInput("malformed Pixel Spacing")
     return dr, dc
 
 
@@ -128,7 +129,7 @@ def sort_slices(datasets: Sequence[Dataset]) -> tuple[list[Dataset], npt.NDArray
 
 
 def _rescaled(ds: Dataset) -> npt.NDArray[np.float32]:
-    arr = ds.pixel_array.astype(np.float32)
+    arr = _pixels(ds).astype(np.float32)
     slope, intercept = _rescale(ds)
     if slope != 1.0:
         arr *= slope
@@ -145,15 +146,23 @@ def _rescale(item: Dataset | None, default: tuple[float, float] = (1.0, 0.0)) ->
         slope = float(item.get("RescaleSlope", 1) or 1)
         intercept = float(item.get("RescaleIntercept", 0) or 0)
     except (TypeError, ValueError) as exc:
-        raise UnsuitableInput("malformed Rescale Slope/Intercept") from exc
+        raise UnreadableInput("malformed Rescale Slope/Intercept") from exc
     if not (np.isfinite(slope) and np.isfinite(intercept)):
-        raise UnsuitableInput("malformed Rescale Slope/Intercept")
+        raise UnreadableInput("malformed Rescale Slope/Intercept")
     return slope, intercept
 
 
 def is_multiframe(ds: Dataset) -> bool:
     """True for an image whose frames are described by functional groups or that has several frames."""
     return "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames") or 1) > 1
+
+
+def _pixels(ds: Dataset) -> npt.NDArray[Any]:
+    """The decoded Pixel Data; UnreadableInput when it is truncated or cannot be decoded."""
+    try:
+        return ds.pixel_array
+    except (AttributeError, ValueError) as exc:  # no Pixel Data, truncated, or a malformed stream
+        raise UnreadableInput(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
 
 
 def load_series(paths: Sequence[Path]) -> tuple[Volume, list[Dataset]]:
@@ -206,10 +215,10 @@ def _frame_planes(ds: Dataset) -> tuple[list[_Plane], list[tuple[float, float]]]
     """Per-frame geometry and (slope, intercept) of a multi-frame image, in frame order."""
     n = int(ds.get("NumberOfFrames") or 1)
     if "PerFrameFunctionalGroupsSequence" not in ds:
-        raise UnsuitableInput("multi-frame image without functional groups (no per-frame geometry)")
+        raise UnreadableInput("multi-frame image without functional groups (no per-frame geometry)")
     per_frame = list(ds.PerFrameFunctionalGroupsSequence)
     if len(per_frame) != n:
-        raise UnsuitableInput(f"{len(per_frame)} per-frame functional group items for {n} frames")
+        raise UnreadableInput(f"{len(per_frame)} per-frame functional group items for {n} frames")
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared = shared_seq[0] if shared_seq else None
     top_rescale = _rescale(ds)  # not in the enhanced IODs; honoured if a converter left it there
@@ -219,7 +228,7 @@ def _frame_planes(ds: Dataset) -> tuple[list[_Plane], list[tuple[float, float]]]
         orientation = _group(item, shared, "PlaneOrientationSequence")
         position = _group(item, shared, "PlanePositionSequence")
         if orientation is None or position is None:
-            raise UnsuitableInput("frames lack Plane Orientation/Position (Patient)")
+            raise UnreadableInput("frames lack Plane Orientation/Position (Patient)")
         measures = _group(item, shared, "PixelMeasuresSequence")
         planes.append(_Plane(*_geometry(_merged(orientation, position)), pixel_spacing=_pixel_spacing(measures),
                              thickness=_thickness(measures)))
@@ -246,11 +255,11 @@ def volume_from_multiframe(ds: Dataset) -> Volume:
     planes, rescales = _frame_planes(ds)
     order, affine = _stack(planes, noun="frames")
     n, rows, cols = len(planes), int(ds.Rows), int(ds.Columns)
-    pixels = ds.pixel_array  # decoded once: (frames, rows, columns)
+    pixels = _pixels(ds)  # decoded once: (frames, rows, columns)
     if pixels.ndim == 2:
         pixels = pixels[np.newaxis]
     if pixels.shape != (n, rows, cols):
-        raise UnsuitableInput(f"pixel data of shape {pixels.shape} for {n} frames of {rows}x{cols}")
+        raise UnreadableInput(f"pixel data of shape {pixels.shape} for {n} frames of {rows}x{cols}")
     voxels = np.empty((n, rows, cols), dtype=np.float32)
     for k, f in enumerate(order):
         voxels[k] = pixels[f]

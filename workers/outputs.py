@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pydicom.dataset import Dataset
 
 from models.base import Model, ModelResult, Volume
-from node.send.base import BINARY_VARIANT, LABELMAP_VARIANT
+from node.schema import BINARY_VARIANT, LABELMAP_VARIANT
 from workers.encode.measure import measure_segments
 from workers.encode.pdf import build_pdf_report
 from workers.encode.registered import build_registered_prior

@@ -6,35 +6,29 @@ deliverer picks up the delivery rows this writes, so a PACS outage never fails a
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from io import BytesIO
+from typing import Literal
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from models import registry
-from models.base import Model, ModelError, UnsuitableInput, is_pair_model
+from models.base import Model, is_pair_model
+from models.errors import ConfigError, InputError, ModelError, TransientModelError, UnsuitableInput
 from models.registry import ModelOptions
-from node.catalog import Catalog, ResultFile, job_policy, worker_identity
+from node.catalog import Catalog, JobPolicy, ResultFile, job_policy, worker_identity
 from node.config import Settings
-from node.send.base import BINARY_VARIANT
+from node.schema import BINARY_VARIANT, Job, JobState
 from node.spool import Spool
+from node.version import software_version
 from workers.load import load_series
 from workers.outputs import encode_results
 
 log = logging.getLogger("workers.pipeline")
-
-
-def software_version() -> str:
-    try:
-        return version("dicom-ai-node")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 @dataclass
@@ -61,8 +55,9 @@ class WorkerContext:
         return self.models[name]
 
 
-def run_job(ctx: WorkerContext, job_id: int) -> str:
-    """Run one job; returns its final state (``done``, ``skipped``, ``failed``, or ``not-claimed``)."""
+def run_job(ctx: WorkerContext, job_id: int) -> JobState | Literal["not-claimed"]:
+    """Run one job; returns its new state (``done``, ``skipped``, ``failed``, ``queued`` for a retry),
+    or ``not-claimed``."""
     policy = job_policy(ctx.settings)
     job = ctx.catalog.claim_job(job_id, ctx.clock(), worker=worker_identity(), policy=policy)
     if job is None:
@@ -105,23 +100,58 @@ def run_job(ctx: WorkerContext, job_id: int) -> str:
             written.append(ResultFile(str(ds.Modality), str(ds.SOPInstanceUID), str(ds.SOPClassUID), rel,
                                       item.variant))
         t3 = time.monotonic()
-    except UnsuitableInput as exc:
-        ctx.catalog.finish_job(job_id, "skipped", ctx.clock(), error=str(exc))
-        log.info("job #%d study #%d model=%s skipped: %s", job_id, job.study_id, job.model, exc)
-        return "skipped"
-    except (ModelError, Exception) as exc:
-        state = ctx.catalog.fail_attempt(job_id, ctx.clock(), f"{type(exc).__name__}: {exc}", policy)
-        what = "will be retried" if state == "queued" else "failed for good (dicom-node retry to try again)"
-        log.error("job #%d study #%d model=%s attempt %d failed (%s); %s", job_id, job.study_id, job.model,
-                  job.attempts, type(exc).__name__, what)
-        log.debug("job #%d traceback", job_id, exc_info=True)
-        return state
-    ctx.catalog.record_results(job_id, written, json.loads(job.destinations), ctx.clock())
+    except Exception as exc:  # job_outcome() decides, by the exception's class, how the job ends
+        return _end_attempt(ctx, job, exc, policy)
+    ctx.catalog.record_results(job_id, written, job.destinations, ctx.clock())
     log.info(
         "job #%d study #%d model=%s done: %d object(s), %d slices; load %.1fs infer %.1fs encode %.1fs",
         job_id, job.study_id, job.model, len(written), volume.voxels.shape[0], t1 - t0, t2 - t1, t3 - t2,
     )
-    return "done"
+    return JobState.DONE
+
+
+Outcome = Literal["skip", "fail", "retry"]
+
+
+def job_outcome(exc: BaseException) -> Outcome:
+    """How a job whose attempt raised ``exc`` ends (the exception tree: :mod:`models.errors`).
+
+    ``skip``: the input cannot be analysed (InputError) -> ``skipped``, never retried.
+    ``fail``: every attempt would fail the same way (ConfigError, or a ModelError that is not a
+    TransientModelError: broken bundle, missing weights or extra) -> ``failed`` at once.
+    ``retry``: anything else (TransientModelError, an OSError, a bug) -> queued again with backoff
+    until ``queue.job_max_attempts``.
+    """
+    if isinstance(exc, InputError):
+        return "skip"
+    if isinstance(exc, TransientModelError):
+        return "retry"
+    if isinstance(exc, ConfigError | ModelError):
+        return "fail"
+    return "retry"
+
+
+def _end_attempt(ctx: WorkerContext, job: Job, exc: Exception, policy: JobPolicy) -> JobState:
+    """Record a failed attempt as :func:`job_outcome` says; returns the job's new state."""
+    outcome = job_outcome(exc)
+    now = ctx.clock()
+    if outcome == "skip":
+        ctx.catalog.finish_job(job.id, JobState.SKIPPED, now, error=str(exc))
+        log.info("job #%d study #%d model=%s skipped: %s", job.id, job.study_id, job.model, exc)
+        return JobState.SKIPPED
+    reason = f"{type(exc).__name__}: {exc}"
+    if outcome == "fail":
+        ctx.catalog.finish_job(job.id, JobState.FAILED, now, error=reason[:500])
+        state = JobState.FAILED
+        what = "failed without retry: it would fail the same way (dicom-node retry once it is fixed)"
+    else:
+        state = ctx.catalog.fail_attempt(job.id, now, reason, policy)
+        what = ("will be retried" if state == JobState.QUEUED
+                else "failed for good (dicom-node retry to try again)")
+    log.error("job #%d study #%d model=%s attempt %d failed (%s); %s", job.id, job.study_id, job.model,
+              job.attempts, type(exc).__name__, what)
+    log.debug("job #%d traceback", job.id, exc_info=True)
+    return state
 
 
 def _to_bytes(ds: Dataset) -> bytes:

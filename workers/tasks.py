@@ -11,7 +11,7 @@ import os
 from celery import Celery
 
 from node.config import Settings
-from workers.celery_app import TASK_NAME
+from node.queue import TASK_NAME
 from workers.pipeline import WorkerContext, run_job
 
 
@@ -28,4 +28,4 @@ def register(app: Celery, settings: Settings) -> None:
 
     @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
     def run_job_task(job_id: int) -> str:
-        return run_job(context(), int(job_id))
+        return str(run_job(context(), int(job_id)))

@@ -49,6 +49,7 @@ from models.base import (
 )
 from models.ct_hu_segmentation.airways import AirwayParams, find_airways
 from models.ct_hu_segmentation.model import HuSegParams, segment_ct
+from models.errors import ManifestError
 from models.manifest import MANIFEST_FILENAME, load_manifest
 
 MANIFEST_PATH = Path(__file__).with_name(MANIFEST_FILENAME)
@@ -88,7 +89,7 @@ class CtEmphysema:
         self.params = params or EmphysemaParams()
         names = [o.name for o in self.manifest.outputs]
         if names != ["Emphysema"]:
-            raise ValueError(f"{manifest_path}: outputs must be ['Emphysema'], got {names}")
+            raise ManifestError(f"{manifest_path}: outputs must be ['Emphysema'], got {names}")
         self._label = self.manifest.outputs[0]
 
     def check(self, volume: Volume) -> None:

@@ -37,6 +37,7 @@ from scipy import ndimage as ndi
 
 from models.base import Manifest, ModelResult, Segment, Volume, check_input
 from models.ct_hu_segmentation.airways import AirwayParams, find_airways
+from models.errors import ManifestError
 from models.manifest import MANIFEST_FILENAME, ManifestFile, load_manifest_file
 
 MANIFEST_PATH = Path(__file__).with_name(MANIFEST_FILENAME)
@@ -85,7 +86,7 @@ class CtHuSegmentation:
         self._laterality = {o.name: spec.laterality(o.name) for o in self.manifest.outputs}
         expected = set(SEGMENT_NAMES)
         if set(self._labels) != expected:
-            raise ValueError(f"{manifest_path}: outputs must be {sorted(expected)}, got {sorted(self._labels)}")
+            raise ManifestError(f"{manifest_path}: outputs must be {sorted(expected)}, got {sorted(self._labels)}")
 
     def check(self, volume: Volume) -> None:
         """Raise :class:`UnsuitableInput` unless ``volume`` is a CT with enough, stacked slices."""

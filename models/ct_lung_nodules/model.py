@@ -37,7 +37,7 @@ Confidence
     ``min(strength, 1) * sqrt(sphericity * compactness)`` in [0, 1], a ranking score (not a
     probability); candidates under ``min_confidence`` are dropped and a final non-maximum
     suppression on the measured diameters removes duplicates. On the phantoms of
-    :mod:`models.phantom` (spherical solid nodules, tapering vessel trees) isolated nodules of
+    :mod:`testkit.phantom` (spherical solid nodules, tapering vessel trees) isolated nodules of
     6 mm or more score above 0.5 and vessel bifurcations below 0.5.
 Limits
     Juxtapleural nodules are found while the closing fills their pleural notch (up to about
@@ -67,6 +67,7 @@ from models.base import (
 )
 from models.ct_emphysema.model import AirwayParams, find_airways
 from models.ct_hu_segmentation.model import HuSegParams, segment_ct
+from models.errors import ManifestError
 from models.manifest import MANIFEST_FILENAME, load_manifest
 
 MANIFEST_PATH = Path(__file__).with_name(MANIFEST_FILENAME)
@@ -138,7 +139,7 @@ class CtLungNodules:
         self.params = params or NoduleParams()
         names = [o.name for o in self.manifest.outputs]
         if names != ["Nodule"]:
-            raise ValueError(f"{manifest_path}: outputs must be ['Nodule'], got {names}")
+            raise ManifestError(f"{manifest_path}: outputs must be ['Nodule'], got {names}")
         self._type = self.manifest.outputs[0].type
 
     def check(self, volume: Volume) -> None:

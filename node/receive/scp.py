@@ -24,8 +24,6 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import pydicom
-from pydicom import uid as sc
-from pydicom import uid as tsuid
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -33,9 +31,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.catalog import Catalog
 from node.config import Settings
+from node.conformance import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
 from node.logutil import ref
 from node.nodelay import NODELAY_HANDLERS
-from node.spool import Spool, SpoolError, Stored, is_valid_uid
+from node.spool import Spool, StorageError, Stored, is_valid_uid
 
 log = logging.getLogger("node.receive")
 
@@ -45,46 +44,6 @@ STATUS_SOP_MISMATCH = 0xA900
 STATUS_CANNOT_PARSE = 0xC210
 STATUS_INVALID = 0xC211
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-
-VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
-
-STORAGE_SOP_CLASSES: tuple[str, ...] = (
-    sc.CTImageStorage,
-    sc.EnhancedCTImageStorage,
-    sc.LegacyConvertedEnhancedCTImageStorage,
-    sc.MRImageStorage,
-    sc.EnhancedMRImageStorage,
-    sc.LegacyConvertedEnhancedMRImageStorage,
-    sc.PositronEmissionTomographyImageStorage,
-    sc.EnhancedPETImageStorage,
-    sc.ComputedRadiographyImageStorage,
-    sc.DigitalXRayImageStorageForPresentation,
-    sc.DigitalXRayImageStorageForProcessing,
-    sc.SecondaryCaptureImageStorage,
-    sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-    sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
-    sc.MultiFrameSingleBitSecondaryCaptureImageStorage,
-)
-"""Image storage classes we accept (the node analyses images, it is not a general archive)."""
-
-TRANSFER_SYNTAXES: tuple[str, ...] = (
-    tsuid.ExplicitVRLittleEndian,
-    tsuid.ImplicitVRLittleEndian,
-    tsuid.DeflatedExplicitVRLittleEndian,
-    tsuid.ExplicitVRBigEndian,
-    tsuid.JPEGBaseline8Bit,
-    tsuid.JPEGExtended12Bit,
-    tsuid.JPEGLossless,
-    tsuid.JPEGLosslessSV1,
-    tsuid.JPEGLSLossless,
-    tsuid.JPEGLSNearLossless,
-    tsuid.JPEG2000Lossless,
-    tsuid.JPEG2000,
-    tsuid.RLELossless,
-)
-"""Accepted as sent (stored without transcoding); the workers decode them."""
-
 
 @dataclass(frozen=True)
 class StoredInstance:
@@ -246,7 +205,7 @@ class Receiver:
                 patient_key=patient,
                 study_datetime=study_datetime,
             )
-        except SpoolError as exc:
+        except StorageError as exc:
             log.error("spool error: %s", exc)
             return replace(uids, status=STATUS_OUT_OF_RESOURCES)
         except Exception:

@@ -54,6 +54,7 @@ from typing import Any, Protocol
 
 import pydicom
 
+from models.errors import InputError
 from node.spool import is_valid_uid
 
 log = logging.getLogger("node.receive.stow")
@@ -105,7 +106,7 @@ def receiver_store(receiver: InstanceSink, source: str = "STOW-RS") -> Callable[
     return store
 
 
-class MultipartError(ValueError):
+class MultipartError(InputError):
     """The multipart body is malformed (HTTP 400)."""
 
 

@@ -1,8 +1,12 @@
-"""The sender protocol and its exception tree (a transport seam: tests plug in a fake sender).
+"""The sender protocol (a transport seam: tests plug in a fake sender) and what it raises.
 
-    SendError                 base class
-    +-- DestinationUnreachable  no association (refused, timed out, aborted): retry the whole batch
-    +-- Rejected                the destination refused one object (status != success/warning)
+Senders raise the ``SendError`` branch of the project's exception tree (:mod:`models.errors`)::
+
+    SendError                   base class: the delivery stays pending and is retried
+    +-- DestinationUnreachable  no association or connection: the whole batch is tried again
+
+A destination that refuses single objects is not an exception: the sender reports each refused
+file with its reason in :attr:`SendReport.failed`.
 """
 
 from __future__ import annotations
@@ -11,24 +15,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
-
-
-class SendError(Exception):
-    """Base class of everything a sender raises."""
-
-
-class DestinationUnreachable(SendError):
-    """Could not associate with / connect to the destination."""
-
-
-class Rejected(SendError):
-    """The destination answered a failure status for an object."""
-
-
-LABELMAP_VARIANT = "labelmap"
-"""Files only for a destination that accepts Label Map Segmentation Storage (with the SR citing it)."""
-BINARY_VARIANT = "binary"
-"""The same results encoded for a destination that does not (BINARY SEG, SR citing that SEG)."""
 
 
 @dataclass
@@ -45,7 +31,7 @@ class Sender(Protocol):
     def send(self, files: Sequence[Path], variants: Mapping[Path, str] | None = None) -> SendReport:
         """Send the files; raise DestinationUnreachable if nothing could be attempted.
 
-        ``variants`` marks files as :data:`LABELMAP_VARIANT` or :data:`BINARY_VARIANT`; a sender
+        ``variants`` marks files as :data:`node.schema.LABELMAP_VARIANT` or :data:`node.schema.BINARY_VARIANT`; a sender
         sends one of the two sets, as the destination's capabilities allow, and reports the other
         as not needed. Unmarked files are always sent.
         """

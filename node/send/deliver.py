@@ -11,9 +11,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from models.errors import SendError
 from node.catalog import Catalog
 from node.config import DicomwebDestination, Settings
-from node.send.base import Sender, SendError
+from node.send.base import Sender
 from node.send.dimse import DimseSender
 from node.send.stow import StowSender
 from node.spool import Spool

@@ -16,20 +16,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pydicom
-from pydicom import uid as tsuid
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
+from models.errors import DestinationUnreachable
 from node.config import DimseDestination
+from node.conformance import LABEL_MAP_SEGMENTATION_STORAGE, UNCOMPRESSED_TRANSFER_SYNTAXES
 from node.nodelay import NODELAY_HANDLERS
-from node.send.base import BINARY_VARIANT, LABELMAP_VARIANT, DestinationUnreachable, SendReport
+from node.schema import BINARY_VARIANT, LABELMAP_VARIANT
+from node.send.base import SendReport
 
 log = logging.getLogger("node.send.dimse")
 
 MAX_CONTEXTS = 128
 """DICOM's limit of presentation contexts per association."""
-UNCOMPRESSED = (tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian)
-LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 
 
 class DimseSender:
@@ -56,9 +56,9 @@ class DimseSender:
         wanted: dict[tuple[str, tuple[str, ...]], None] = {}
         for _, ds in datasets:
             ts = str(ds.file_meta.TransferSyntaxUID)
-            if ts not in UNCOMPRESSED:
+            if ts not in UNCOMPRESSED_TRANSFER_SYNTAXES:
                 wanted[(str(ds.SOPClassUID), (ts,))] = None
-            wanted[(str(ds.SOPClassUID), UNCOMPRESSED)] = None
+            wanted[(str(ds.SOPClassUID), UNCOMPRESSED_TRANSFER_SYNTAXES)] = None
         if len(wanted) > MAX_CONTEXTS:
             raise DestinationUnreachable(f"{len(wanted)} presentation contexts exceed one association")
         for sop_class, syntaxes in wanted:

@@ -22,8 +22,10 @@ from pathlib import Path
 import httpx
 import pydicom
 
+from models.errors import DestinationUnreachable
 from node.config import DicomwebDestination
-from node.send.base import BINARY_VARIANT, LABELMAP_VARIANT, DestinationUnreachable, SendReport
+from node.schema import BINARY_VARIANT, LABELMAP_VARIANT
+from node.send.base import SendReport
 
 log = logging.getLogger("node.send.stow")
 

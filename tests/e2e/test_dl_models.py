@@ -4,7 +4,7 @@ One chest phantom of the kind the demo networks were trained on (``tools/train_d
 draws 1.2-2.4 mm pixels, 2-5 mm slices, 300-450 mm fields of view; nodules, vessels, emphysema),
 scanned twice: a prior stored first, then the current study, on which all four DL models run in
 two worker processes. The prior is the same anatomy with other noise, moved by a known rigid
-transform put into its geometry (Image Position/Orientation), as ``models.dl.synth.rigid_pair``
+transform put into its geometry (Image Position/Orientation), as ``testkit.dl_synth.rigid_pair``
 makes them. Results are checked against the phantom's truth and validated with dciodvfy; a second
 test breaks the configured bundles and expects the jobs to fail with the paths in the reason.
 """
@@ -36,11 +36,11 @@ pytest.importorskip("torch")
 pytest.importorskip("monai")
 
 from models.ct_emphysema import GRADES
-from models.dl import synth
 from models.dl.core import bundle_dir
-from models.dl.evaluate import DICE_TARGET
-from models.phantom import Phantom, make_ct_phantom
-from tests.harness import (
+from testkit import dl_synth
+from testkit.dicom import write_ct_series
+from testkit.dl_evaluate import DICE_TARGET
+from testkit.harness import (
     VENV_BIN,
     Orthanc,
     dciodvfy,
@@ -51,9 +51,9 @@ from tests.harness import (
     storescu,
     wait_for,
 )
+from testkit.phantom import Phantom, make_ct_phantom
 from workers.celery_app import available_cpus, torch_threads
 from workers.encode.series import series_description
-from workers.synthetic import write_ct_series
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -69,7 +69,7 @@ PHANTOM_ARGS: dict[str, Any] = {
     "nodules": 5, "vessels": 2, "emphysema": 0.2,
 }
 # current LPS -> prior LPS: the prior lies rotated (2, -2, 6 degrees about x, y, z) and shifted
-MOTION = synth.rigid_matrix((2.0, -2.0, 6.0), (10.0, -8.0, 6.0), (0.0, 0.0, 0.0))
+MOTION = dl_synth.rigid_matrix((2.0, -2.0, 6.0), (10.0, -8.0, 6.0), (0.0, 0.0, 0.0))
 
 
 @dataclass
@@ -227,7 +227,7 @@ def check_nodules(sr: pydicom.Dataset, sources: list[pydicom.Dataset], phantom: 
         (diameter,) = group.get_measurements(name=codes.SCT.Diameter)
         assert 3.0 <= float(diameter.value) <= 32.0
         found.append(scoord_centre_lps(group, by_uid))
-    # greedy matching as models.evaluate.match_detections, plus half a slice: the outline sits on
+    # greedy matching as testkit.evaluate.match_detections, plus half a slice: the outline sits on
     # the source slice nearest the centre
     tolerance = phantom.slice_mm / 2
     pairs = sorted(
@@ -323,8 +323,8 @@ def test_dl_models_reach_the_pacs(tmp_path: Path) -> None:
     [grading] = report.get_image_measurement_groups()
     [grade] = grading.get_qualitative_evaluations(name=Code("87433001", "SCT", "Pulmonary emphysema"))
     [score] = grading.get_measurements(name=Code("246262008", "SCT", "Score"))
-    laa = synth.laa_fraction(current)
-    expected = GRADES[synth.emphysema_grade(laa)]
+    laa = dl_synth.laa_fraction(current)
+    expected = GRADES[dl_synth.emphysema_grade(laa)]
     print(f"dl-emphysema-classification: {grade.value.meaning} (p = {float(score.value):.2f}); "  # type: ignore[union-attr]
           f"truth LAA {100 * laa:.1f} % = {expected.meaning}")
     assert grade.value.value == expected.value  # type: ignore[union-attr]
@@ -355,13 +355,14 @@ def test_dl_models_reach_the_pacs(tmp_path: Path) -> None:
 
 
 def test_configured_bundle_paths_are_the_ones_loaded(tmp_path: Path) -> None:
-    """A broken copy of a bundle and a path that does not exist: the jobs fail, naming the paths."""
+    """A broken copy of a bundle and a path that does not exist: the jobs fail at the first attempt
+    (the same files would fail every retry), naming the paths."""
     broken = site_bundle(tmp_path / "site-bundles" / "seg")
     weights = broken / "models" / "model.pt"
     weights.write_bytes(weights.read_bytes()[:1000])  # a truncated copy
     missing = tmp_path / "site-bundles" / "no-such-bundle"
     overrides = {
-        "queue": {"job_max_attempts": 1},
+        "queue": {"job_max_attempts": 3, "job_retry_initial_seconds": 1},
         "rules": [rule("DL small", ("dl-ct-segmentation", "dl-lung-nodule-detection"))],
         "models": {
             "dl-ct-segmentation": {"path": str(broken), "device": "cpu", "precision": "fp32", "batch_size": 2},
@@ -384,3 +385,4 @@ def test_configured_bundle_paths_are_the_ones_loaded(tmp_path: Path) -> None:
     assert str(weights) in reasons["dl-ct-segmentation"] and "BundleError" in reasons["dl-ct-segmentation"]
     assert str(missing) in reasons["dl-lung-nodule-detection"]
     assert "does not exist" in reasons["dl-lung-nodule-detection"]
+    assert all("attempts=1:" in line for line in reasons.values())  # permanent: not retried

@@ -22,9 +22,9 @@ import pytest
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from models.phantom import Phantom, make_ct_phantom
 from node.receive.stow import stow_request
-from tests.harness import (
+from testkit.dicom import write_ct_series
+from testkit.harness import (
     VENV_BIN,
     Orthanc,
     Redis,
@@ -39,7 +39,7 @@ from tests.harness import (
     study_files,
     wait_for,
 )
-from workers.synthetic import write_ct_series
+from testkit.phantom import Phantom, make_ct_phantom
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -17,10 +17,10 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from models.phantom import make_ct_phantom, phantom_uid
+from testkit.dicom import write_ct_series
+from testkit.harness import Orthanc, storescu, wait_for
+from testkit.phantom import make_ct_phantom, phantom_uid
 from tests.e2e.test_end_to_end import _dice, _start, _validate
-from tests.harness import Orthanc, storescu, wait_for
-from workers.synthetic import write_ct_series
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -17,8 +17,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from models.phantom import make_ct_phantom
-from tests.harness import (
+from testkit.dicom import write_ct_series
+from testkit.harness import (
     VENV_BIN,
     Orthanc,
     free_port,
@@ -28,7 +28,7 @@ from tests.harness import (
     storescu,
     wait_for,
 )
-from workers.synthetic import write_ct_series
+from testkit.phantom import make_ct_phantom
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

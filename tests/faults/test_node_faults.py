@@ -21,9 +21,9 @@ import yaml
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
-from models.phantom import make_ct_phantom
 from node.catalog import Catalog, Instance, Job
-from tests.harness import (
+from testkit.dicom import write_ct_series
+from testkit.harness import (
     VENV_BIN,
     Orthanc,
     Redis,
@@ -38,7 +38,7 @@ from tests.harness import (
     tool_env,
     wait_for,
 )
-from workers.synthetic import write_ct_series
+from testkit.phantom import make_ct_phantom
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 

@@ -28,8 +28,8 @@ from node.config import Settings
 from node.receive.scp import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver
 from node.receive.stow import StowServer, multipart_body, receiver_store, stow_request
 from node.spool import Spool
+from testkit.harness import NODE_AE, c_store, free_port, storescu, wait_for
 from tests.dsfactory import ct_slice, encode
-from tests.harness import NODE_AE, c_store, free_port, storescu, wait_for
 
 pytestmark = [pytest.mark.timeout(300)]
 

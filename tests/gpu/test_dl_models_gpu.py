@@ -18,10 +18,10 @@ pytest.importorskip("monai")
 
 from models import registry  # noqa: E402
 from models.base import Model, ModelResult, Volume, is_pair_model  # noqa: E402
-from models.dl import synth  # noqa: E402
-from models.dl.evaluate import DICE_TARGET  # noqa: E402
-from models.evaluate import body_points, dice, match_detections, target_errors  # noqa: E402
-from models.phantom import Phantom, make_ct_phantom  # noqa: E402
+from testkit import dl_synth  # noqa: E402
+from testkit.dl_evaluate import DICE_TARGET  # noqa: E402
+from testkit.evaluate import body_points, dice, match_detections, target_errors  # noqa: E402
+from testkit.phantom import Phantom, make_ct_phantom  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,7 +32,7 @@ DEVICE = "cuda"
 PRECISIONS = ("fp32", "amp")
 SEGMENTS = ("Body", "Right Lung", "Left Lung", "Bone")
 CONFIDENT = 0.4  # detections this strong must be found on both devices (the threshold is 0.25)
-MOTION = synth.rigid_matrix((2.0, -2.0, 6.0), (10.0, -8.0, 6.0), (0.0, 0.0, 0.0))
+MOTION = dl_synth.rigid_matrix((2.0, -2.0, 6.0), (10.0, -8.0, 6.0), (0.0, 0.0, 0.0))
 
 
 @pytest.fixture(scope="module")

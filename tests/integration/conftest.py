@@ -9,8 +9,8 @@ import pytest
 
 from models import registry
 from models.base import ModelResult, Segment
-from node.send.base import BINARY_VARIANT, LABELMAP_VARIANT
-from tests.harness import Orthanc, free_port
+from node.schema import BINARY_VARIANT, LABELMAP_VARIANT
+from testkit.harness import Orthanc, free_port
 from tests.unit.encode_helpers import SCT_ANATOMICAL_STRUCTURE, SCT_BODY, box, load_ct_real_20
 from workers.outputs import encode_results
 

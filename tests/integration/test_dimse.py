@@ -6,14 +6,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from models.errors import DestinationUnreachable
 from node.catalog import Catalog
 from node.config import DimseDestination, Settings
 from node.receive.scp import Receiver
-from node.send.base import DestinationUnreachable
 from node.send.dimse import DimseSender
 from node.spool import Spool
+from testkit.harness import ORTHANC_AE, Orthanc, free_port, storescu, tool_env
 from tests.dsfactory import ct_slice
-from tests.harness import ORTHANC_AE, Orthanc, free_port, storescu, tool_env
 
 REAL_CT = Path(__file__).resolve().parents[1] / "data" / "ct-real-20"
 

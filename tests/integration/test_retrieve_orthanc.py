@@ -25,8 +25,8 @@ from node.receive.scp import Receiver
 from node.retrieve import STUDY_ROOT_FIND, PriorRetriever
 from node.route import Router
 from node.spool import Spool
+from testkit.harness import NODE_AE, ORTHANC_AE, Orthanc, free_port
 from tests.dsfactory import ct_slice, encode
-from tests.harness import NODE_AE, ORTHANC_AE, Orthanc, free_port
 
 PATIENT = "RETRIEVE-PAT-1"
 
@@ -69,8 +69,9 @@ class Node:
     def tick(self) -> list[int]:
         self.clock.t += 10
         self.assembler.tick()
-        self.retriever.tick()
-        return self.router.route_ready()
+        jobs = self.router.route_ready()
+        self.retriever.tick()  # acts on the jobs routing created awaiting their prior
+        return jobs
 
     def study_states(self) -> dict[str, str]:
         return {s.study_uid: state for state in ("routed", "prior", "ready", "receiving")
@@ -90,11 +91,11 @@ def _node(tmp_path: Path, node_port: int, pacs_port: int, method: str, timeout: 
     catalog = Catalog.for_storage(settings.node.storage_dir)
     spool = Spool(settings.node.storage_dir)
     receiver = Receiver(settings, catalog, spool, clock)
-    retriever = PriorRetriever.from_settings(settings, catalog, spool, receiver, clock)
+    retriever = PriorRetriever.from_settings(settings, catalog, spool, receiver.store, clock)
     assert retriever is not None
     retriever._submit = lambda task: task()  # synchronous: the test waits for the fetch
     return Node(settings, clock, catalog, receiver, retriever, Assembler(catalog, 5, clock),
-                Router(catalog, settings.rules, clock))
+                Router(catalog, settings.rules, clock, priors_from_pacs=True))
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from node.config import DimseDestination
-from node.send.base import BINARY_VARIANT, LABELMAP_VARIANT
+from node.conformance import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE
+from node.schema import BINARY_VARIANT, LABELMAP_VARIANT
 from node.send.dimse import DimseSender
-from tests.harness import ORTHANC_AE, Orthanc, free_port
-from workers.encode.seg import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE
+from testkit.harness import ORTHANC_AE, Orthanc, free_port
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 

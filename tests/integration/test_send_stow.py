@@ -8,11 +8,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from models.errors import DestinationUnreachable
 from node.config import DicomwebDestination
-from node.send.base import BINARY_VARIANT, LABELMAP_VARIANT, DestinationUnreachable
+from node.conformance import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE
+from node.schema import BINARY_VARIANT, LABELMAP_VARIANT
 from node.send.stow import StowSender
-from tests.harness import Orthanc, free_port
-from workers.encode.seg import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE
+from testkit.harness import Orthanc, free_port
 
 
 def web(orthanc: Orthanc, **kw: object) -> DicomwebDestination:

@@ -16,7 +16,7 @@ from node.config import Settings
 from node.receive.scp import Receiver
 from node.receive.stow import FAILURE_STUDY_MISMATCH, StowServer, receiver_store, stow_request
 from node.spool import Spool
-from tests.harness import Orthanc, free_port, wait_for
+from testkit.harness import Orthanc, free_port, wait_for
 
 REAL_CT = Path(__file__).resolve().parents[1] / "data" / "ct-real-20"
 FILES = sorted(p for p in REAL_CT.iterdir() if p.is_file())

@@ -1,4 +1,4 @@
-"""A catalog written by an earlier version is upgraded in place (additive columns only)."""
+"""A catalog written by an earlier version is upgraded in place (additive columns, retired states)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from node.catalog import Catalog
+from node.schema import JobState, StudyState
 
 
 def _drop_column(db: Path, table: str, column: str) -> None:
@@ -41,3 +42,27 @@ def test_a_column_that_cannot_be_added_is_a_clear_error(tmp_path: Path) -> None:
     _drop_column(tmp_path / "catalog.sqlite3", "results", "path")  # NOT NULL, no default
     with pytest.raises(RuntimeError, match="results lacks column path"):
         Catalog.for_storage(tmp_path)
+
+
+def test_old_rows_read_back_as_typed_states(tmp_path: Path) -> None:
+    """Rows an earlier version wrote (plain strings, JSON text) read back as typed states and parsed
+    JSON; a study it left ``awaiting-prior`` (now a job state) is ready again, to be routed anew."""
+    Catalog.for_storage(tmp_path).engine.dispose()
+    con = sqlite3.connect(tmp_path / "catalog.sqlite3")
+    con.execute("INSERT INTO studies (id, study_uid, state, generation, first_received_at, last_received_at, "
+                "instance_count, study_datetime) VALUES (1, '1.2.1', 'awaiting-prior', 1, 0, 0, 1, ''), "
+                "(2, '1.2.2', 'routed', 1, 0, 0, 1, '')")
+    con.execute("INSERT INTO series (id, series_uid, study_id, attributes, instance_count) "
+                """VALUES (1, '1.2.1.1', 1, '{"Modality": "CT"}', 1)""")
+    con.execute("INSERT INTO jobs (study_id, series_id, generation, model, rule, destinations, state, attempts, "
+                """not_before, created_at, updated_at) VALUES (2, 1, 1, 'm', 'r', '["pacs"]', 'done', 1, 0, 0, 0)""")
+    con.commit()
+    con.close()
+    catalog = Catalog.for_storage(tmp_path)
+    assert [s.study_uid for s in catalog.studies_in_state(StudyState.READY)] == ["1.2.1"]
+    assert catalog.studies_in_state(StudyState.ROUTED)[0].state is StudyState.ROUTED
+    [series] = catalog.series_of_study(1)
+    assert series.attributes == {"Modality": "CT"} and series.modality == "CT"
+    assert series.routing_attributes == {"Modality": "CT", "NumberOfInstances": 1}
+    [job] = catalog.jobs_in_state(JobState.DONE)
+    assert job.state is JobState.DONE and job.destinations == ["pacs"]

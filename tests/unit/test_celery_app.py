@@ -1,4 +1,5 @@
-"""workers.celery_app: torch thread cap for prefork children; the worker's main process never imports torch."""
+"""node.queue + workers.celery_app: torch thread cap for prefork children, connected only by the worker
+entry point; the worker's main process never imports torch."""
 
 from __future__ import annotations
 
@@ -10,13 +11,8 @@ from pathlib import Path
 import pytest
 
 from node.config import parse_settings
-from workers.celery_app import (
-    PROC_ALIVE_TIMEOUT_SECONDS,
-    TORCH_THREADS_CONF,
-    available_cpus,
-    create_app,
-    torch_threads,
-)
+from node.queue import PROC_ALIVE_TIMEOUT_SECONDS, TORCH_THREADS_CONF, create_app
+from workers.celery_app import available_cpus, torch_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,12 +64,14 @@ def test_parent_never_imports_torch_and_children_cap_threads(tmp_path: Path) -> 
 import os, sys
 from celery.signals import worker_init, worker_process_init
 from node.config import parse_settings
-from workers.celery_app import available_cpus, create_app, torch_threads
+from node.queue import create_app
+from workers.celery_app import available_cpus, connect_worker_signals, torch_threads
 from workers.tasks import register
 
 settings = parse_settings({{"node": {{"storage_dir": {str(tmp_path)!r}}}}})
 app = create_app(settings)
 register(app, settings)
+connect_worker_signals()  # what python -m workers does before Celery starts
 
 class FakeWorkController:  # what Celery passes as worker_init's sender
     concurrency = 2
@@ -106,7 +104,20 @@ assert "torch" not in sys.modules, "the parent imported torch"
 def test_worker_modules_do_not_import_torch() -> None:
     """What ``dicom-node worker`` imports before forking (CLI, app, tasks, pipeline, registry)."""
     code = (
-        "import sys; import node.cli, workers.celery_app, workers.tasks, workers.pipeline, models.registry; "
+        "import sys; import node.cli, workers.__main__, workers.celery_app, workers.tasks, workers.pipeline, "
+        "models.registry; "
         "assert 'torch' not in sys.modules and 'monai' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_importing_the_worker_modules_connects_no_signal() -> None:
+    """Celery signals are connected by the worker entry point only, never as an import side effect."""
+    code = (
+        "from celery.signals import worker_init, worker_process_init; "
+        "import workers.__main__, workers.celery_app, workers.tasks, workers.pipeline; "
+        "assert not worker_init.receivers and not worker_process_init.receivers, 'connected at import'; "
+        "workers.celery_app.connect_worker_signals(); "
+        "assert worker_init.receivers and worker_process_init.receivers"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

@@ -4,9 +4,10 @@ import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from node.catalog import Catalog, Job, ResultFile
+from models.errors import DestinationUnreachable
+from node.catalog import Catalog, Job, JobSpec, ResultFile
 from node.config import Settings
-from node.send.base import DestinationUnreachable, SendReport
+from node.send.base import SendReport
 from node.send.deliver import Deliverer
 from node.spool import Spool
 
@@ -36,7 +37,7 @@ def setup(tmp_path: Path, sender: FlakySender) -> tuple[Deliverer, Catalog, list
                             path="x", size=1, series_attributes={}, now=0.0)
     catalog.mark_quiet_studies_ready(1.0)
     [series] = catalog.series_of_study(1)
-    [job] = catalog.create_jobs(1, 1, [(series.id, "m", "r", ["pacs"])], 0.0)
+    [job] = catalog.create_jobs(1, 1, [JobSpec(series.id, "m", "r", ("pacs",))], 0.0)
     catalog.record_results(job, [("SEG", "1.9", "1.2.840.10008.5.1.4.1.1.66.4", "results/1.2/1.9.dcm")],
                            ["pacs"], 0.0)
     d = Deliverer(settings, catalog, Spool(tmp_path), clock=lambda: now[0], sender_factory=lambda name: sender)

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from models.base import ModelResult, Volume
-from tests.harness import pdf_text
+from testkit.harness import pdf_text
 from tests.unit.encode_helpers import (
     ct_real_20_volume,
     detection_at,

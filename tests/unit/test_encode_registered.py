@@ -9,11 +9,11 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from models.base import ModelResult, Registration
-from models.phantom import make_ct_phantom
+from testkit.dicom import write_ct_series
+from testkit.phantom import make_ct_phantom
 from tests.unit.encode_helpers import read_bytes, run_dciodvfy, write_bytes
 from workers.encode.registered import build_registered_prior
 from workers.load import load_series
-from workers.synthetic import write_ct_series
 
 
 @pytest.mark.parametrize("ts", [JPEGLSLossless, ExplicitVRLittleEndian])

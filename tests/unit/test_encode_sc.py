@@ -12,7 +12,8 @@ import pydicom
 import pytest
 
 from models.base import ModelResult, Registration, Segment, Volume
-from models.phantom import Phantom, make_ct_phantom
+from testkit.dicom import write_ct_series
+from testkit.phantom import Phantom, make_ct_phantom
 from tests.unit.encode_helpers import (
     SCT_ANATOMICAL_STRUCTURE,
     SCT_BODY,
@@ -34,7 +35,6 @@ from workers.encode.render import DETECTION_RGB, LUNG_WINDOW, SOFT_TISSUE_WINDOW
 from workers.encode.sc import build_key_images
 from workers.encode.seg import PALETTE_RGB, EmptyResultError
 from workers.encode.series import series_description, series_number
-from workers.synthetic import write_ct_series
 
 SOFTWARE_VERSION = "0.1.0-test"
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"

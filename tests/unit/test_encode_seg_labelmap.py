@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from models.base import ModelResult, Segment
+from node.conformance import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE
 from tests.unit.encode_helpers import (
     SCT_ANATOMICAL_STRUCTURE,
     SCT_BODY,
@@ -23,8 +24,6 @@ from tests.unit.encode_helpers import (
     write_bytes,
 )
 from workers.encode.seg import (
-    LABEL_MAP_SEGMENTATION_STORAGE,
-    SEGMENTATION_STORAGE,
     binary_fallback_uid,
     build_seg,
     resolve_segmentation_type,

@@ -14,7 +14,8 @@ import pytest
 
 from models.base import ModelResult, Registration, Volume
 from models.ct_registration import CtRegistration
-from models.phantom import make_ct_phantom
+from testkit.dicom import write_ct_series
+from testkit.phantom import make_ct_phantom
 from tests.unit.encode_helpers import load_ct_real_20, read_bytes, run_dciodvfy, write_bytes
 from workers.encode.series import series_description, series_number
 from workers.encode.sro import (
@@ -26,7 +27,6 @@ from workers.encode.sro import (
 )
 from workers.encode.uids import input_fingerprint, result_uids
 from workers.load import load_series
-from workers.synthetic import write_ct_series
 
 SOFTWARE_VERSION = "0.1.0-test"
 MODEL, VERSION = "test-registration", "1.0.0"

@@ -3,10 +3,10 @@
 from pathlib import Path
 from typing import Any
 
-from node.catalog import Catalog
+from node.catalog import Catalog, JobSpec
 from node.config import Settings
 from node.enqueue import Enqueuer
-from workers.celery_app import TASK_NAME
+from node.queue import TASK_NAME
 
 
 class FakeApp:
@@ -26,7 +26,8 @@ def _jobs(catalog: Catalog) -> list[int]:
                             path="x", size=1, series_attributes={"Modality": "CT"}, now=0.0)
     catalog.mark_quiet_studies_ready(1.0)
     [series] = catalog.series_of_study(1)
-    return catalog.create_jobs(1, 1, [(series.id, "cpu-model", "r", []), (series.id, "gpu-model", "r", [])], 0.0)
+    specs = [JobSpec(series.id, "cpu-model", "r", ()), JobSpec(series.id, "gpu-model", "r", ())]
+    return catalog.create_jobs(1, 1, specs, 0.0)
 
 
 def test_jobs_go_to_their_models_queue_once(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ import pytest
 
 from models import registry
 from models.base import UnsuitableInput
-from models.phantom import make_ct_phantom
+from testkit.dicom import phantom_truth_in_volume_order, write_ct_series, written_affine
+from testkit.phantom import make_ct_phantom
 from workers.load import load_series
-from workers.synthetic import phantom_truth_in_volume_order, write_ct_series, written_affine
 
 PHANTOM = make_ct_phantom(n_slices=12, rows=64, cols=64, pixel_mm=6.0, slice_mm=2.5, seed=4)
 

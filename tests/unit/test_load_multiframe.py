@@ -22,12 +22,13 @@ from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, MRImageS
 
 from models import registry
 from models.base import Code, Detection, ModelResult, UnsuitableInput, Volume
-from models.phantom import make_ct_phantom, phantom_uid
+from models.errors import UnreadableInput
+from testkit.dicom import phantom_truth_in_volume_order, write_ct_series, written_affine
+from testkit.phantom import make_ct_phantom, phantom_uid
 from tests.unit.encode_helpers import run_dciodvfy
 from workers.encode.seg import build_seg
 from workers.encode.sr import build_sr
 from workers.load import load_series, mask_to_frame_order, volume_from_datasets
-from workers.synthetic import phantom_truth_in_volume_order, write_ct_series, written_affine
 
 PHANTOM = make_ct_phantom(n_slices=12, rows=64, cols=64, pixel_mm=6.0, slice_mm=2.5, seed=4)
 SCT_NODULE = Code("27925004", "SCT", "Nodule")
@@ -260,19 +261,19 @@ def test_missing_geometry_is_refused(ct_mf: tuple[Dataset, list[Dataset]]) -> No
     mf, _ = ct_mf
     ds = copy.deepcopy(mf)
     del ds.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence
-    with pytest.raises(UnsuitableInput, match="Plane Orientation/Position"):
+    with pytest.raises(UnreadableInput, match="Plane Orientation/Position"):
         volume_from_datasets([ds])
     ds = copy.deepcopy(mf)
     del ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
-    with pytest.raises(UnsuitableInput, match="Pixel Spacing missing"):
+    with pytest.raises(UnreadableInput, match="Pixel Spacing missing"):
         volume_from_datasets([ds])
     plain = copy.deepcopy(mf)  # e.g. a multi-frame secondary capture: no functional groups
     del plain.PerFrameFunctionalGroupsSequence, plain.SharedFunctionalGroupsSequence
-    with pytest.raises(UnsuitableInput, match="without functional groups"):
+    with pytest.raises(UnreadableInput, match="without functional groups"):
         volume_from_datasets([plain])
     short = copy.deepcopy(mf)
     del short.PerFrameFunctionalGroupsSequence[-1]
-    with pytest.raises(UnsuitableInput, match="per-frame functional group items"):
+    with pytest.raises(UnreadableInput, match="per-frame functional group items"):
         volume_from_datasets([short])
 
 

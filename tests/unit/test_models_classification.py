@@ -10,7 +10,7 @@ import pytest
 from models import registry
 from models.base import Classification, Code, ModelResult, UnsuitableInput, Volume
 from models.ct_emphysema import GRADES, AirwayParams, CtEmphysema, EmphysemaParams, grade
-from models.phantom import Phantom, make_ct_phantom
+from testkit.phantom import Phantom, make_ct_phantom
 
 # Targets (written here, computed against the phantoms' truth below).
 MIN_AGREEMENT = 7  # of 8 cases

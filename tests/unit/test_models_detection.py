@@ -12,7 +12,7 @@ from models import registry
 from models.base import Code, Detection, ModelResult, UnsuitableInput, Volume, is_axial
 from models.ct_hu_segmentation.model import HuSegParams, segment_ct
 from models.ct_lung_nodules import CtLungNodules, NoduleParams, detect_nodules
-from models.phantom import FAT, LEFT_LUNG, RIGHT_LUNG, SOFT, VESSEL, Nodule, Phantom, make_ct_phantom
+from testkit.phantom import FAT, LEFT_LUNG, RIGHT_LUNG, SOFT, VESSEL, Nodule, Phantom, make_ct_phantom
 
 # Targets (written here, computed against the phantoms' truth below).
 MIN_SENSITIVITY = 0.8  # nodules >= 6 mm
@@ -142,7 +142,7 @@ def test_vessel_rejection_matters(model: CtLungNodules) -> None:
 @pytest.mark.parametrize(("diameter", "where"), [(8.0, "lateral"), (12.0, "posterior")])
 def test_juxtapleural_nodule(model: CtLungNodules, diameter: float, where: str) -> None:
     """A nodule touching the pleura (a notch in the lung mask, not a hole) is found and measured."""
-    # Right lung ellipsoid of a 64 x 160 x 160, 1.5 x 2.5 mm phantom (models.phantom geometry).
+    # Right lung ellipsoid of a 64 x 160 x 160, 1.5 x 2.5 mm phantom (testkit.phantom geometry).
     ax, ay, length = 0.4 * 240, 0.28 * 240, 64 * 2.5
     lung_a, lung_b, lung_x, lung_z = 0.33 * ax, 0.62 * ay, 0.47 * ax, 0.15 * length
     r = diameter / 2

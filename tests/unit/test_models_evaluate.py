@@ -1,4 +1,4 @@
-"""models.evaluate: held-out phantom evaluation of the classical models, and its truth helpers."""
+"""testkit.evaluate: held-out phantom evaluation of the classical models, and its truth helpers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from models.base import Code, Detection
-from models.evaluate import (
+from testkit.evaluate import (
     FAMILIES,
     EvalRow,
     body_points,
@@ -19,7 +19,7 @@ from models.evaluate import (
     rigid_truth,
     target_errors,
 )
-from models.phantom import Nodule, make_ct_phantom
+from testkit.phantom import Nodule, make_ct_phantom
 
 
 def detection(centre: tuple[float, float, float], diameter: float) -> Detection:

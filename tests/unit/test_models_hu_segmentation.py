@@ -12,8 +12,8 @@ import pytest
 
 from models.base import ModelResult, UnsuitableInput, Volume
 from models.ct_hu_segmentation import CtHuSegmentation
-from models.phantom import Phantom, make_ct_phantom
-from workers.synthetic import phantom_truth_in_volume_order, write_ct_series
+from testkit.dicom import phantom_truth_in_volume_order, write_ct_series
+from testkit.phantom import Phantom, make_ct_phantom
 
 NAMES = ("Body", "Right Lung", "Left Lung", "Bone", "Airway")
 DICE_MIN = {"Body": 0.9, "Right Lung": 0.9, "Left Lung": 0.9, "Bone": 0.8}

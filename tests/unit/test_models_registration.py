@@ -12,7 +12,7 @@ import pytest
 from models import registry
 from models.base import Code, ModelResult, PairModel, Registration, UnsuitableInput, Volume, is_pair_model
 from models.ct_registration import CtRegistration, RegistrationParams, to_sitk
-from models.phantom import NODULE, Nodule, Phantom, make_ct_phantom, phantom_uid
+from testkit.phantom import NODULE, Nodule, Phantom, make_ct_phantom, phantom_uid
 
 # Targets (written here, computed against the phantoms' known motion below).
 MAX_MEAN_TRE_MM = 2.0

@@ -1,4 +1,4 @@
-"""The CT phantom (models.phantom) and its DICOM writer (workers.synthetic)."""
+"""The CT phantom (testkit.phantom) and its DICOM writer (testkit.dicom)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 from scipy import ndimage as ndi
 
-from models import phantom as ph
 from models.base import Volume
-from models.phantom import Nodule, Phantom, make_ct_phantom
-from workers.synthetic import (
+from testkit import phantom as ph
+from testkit.dicom import (
     phantom_truth_in_volume_order,
     write_ct_series,
     written_affine,
     written_volume_order,
 )
+from testkit.phantom import Nodule, Phantom, make_ct_phantom
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 

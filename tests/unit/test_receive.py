@@ -35,7 +35,7 @@ def test_success_is_durable_and_deduplicated(receiver: Receiver) -> None:
     assert [p.name for p in stored] == ["1.2.3.4.5.dcm"] and stored[0].read_bytes() == data
     assert receiver.catalog.counts()["instances"]["total"] == 1
     series = receiver.catalog.series_of_study(receiver.catalog.studies_in_state("receiving")[0].id)
-    assert '"CallingAETitle": "SCANNER"' in series[0].attributes
+    assert series[0].attributes["CallingAETitle"] == "SCANNER"
 
 
 def test_uid_mismatch_is_a900(receiver: Receiver) -> None:

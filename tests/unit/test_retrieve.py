@@ -1,4 +1,4 @@
-"""Prior retrieval (node.retrieve) with a fake PACS: choice of the prior, holding, failures, config."""
+"""Prior retrieval (node.retrieve) with a fake PACS: choice of the prior, jobs awaiting it, failures, config."""
 
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ from node.catalog import Catalog
 from node.config import ConfigError, Settings, parse_settings
 from node.receive.scp import STATUS_SUCCESS, Receiver
 from node.retrieve import (
-    AWAITING,
     Candidate,
     PriorQuery,
     PriorRetriever,
-    PriorSourceError,
     Retrieved,
+    RetrieveError,
     choose_prior,
     find_identifier,
 )
 from node.route import Router
+from node.schema import JobState
 from node.spool import Spool
 from tests.dsfactory import ct_slice, encode
 
@@ -117,7 +117,7 @@ class FakePacs:
     def find(self, query: PriorQuery, timeout: float) -> list[Candidate]:
         self.finds.append(query)
         if self.fail == "find":
-            raise PriorSourceError("no association with pacs (127.0.0.1:104)")
+            raise RetrieveError("no association with pacs (127.0.0.1:104)")
         return [c for c, _ in self.studies.values() if c.patient_id == query.patient_id]
 
     def find_series(self, study_uid: str, modality: str, timeout: float) -> list[str]:
@@ -126,10 +126,10 @@ class FakePacs:
     def retrieve(self, study_uid: str, series_uids: list[str], timeout: float) -> Retrieved:
         self.retrieved.append(study_uid)
         if self.fail == "retrieve":
-            raise PriorSourceError("C-MOVE: timed out after 1 s")
+            raise RetrieveError("C-MOVE: timed out after 1 s")
         if self.fail == "cut-short":  # one instance arrives, then the retrieval times out
             self.store(self.studies[study_uid][1][0], "", "", "PACS")
-            raise PriorSourceError("C-MOVE: timed out after 1 s")
+            raise RetrieveError("C-MOVE: timed out after 1 s")
         statuses = [self.store(data, "", "", "PACS") for data in self.studies[study_uid][1]]
         return Retrieved(sum(s == STATUS_SUCCESS for s in statuses))
 
@@ -157,7 +157,8 @@ class Node:
         submit = self.tasks.append if defer else (lambda task: task())
         self.retriever = PriorRetriever(settings, self.catalog, self.spool, self.pacs, self.clock, submit=submit)
         self.assembler = Assembler(self.catalog, 5, self.clock)
-        self.router = Router(self.catalog, settings.rules, self.clock)
+        self.router = Router(self.catalog, settings.rules, self.clock,
+                             priors_from_pacs=settings.priors is not None)
 
     def store(self, data: bytes, sop_class: str, sop_uid: str, calling: str) -> int:
         # a C-STORE sub-operation: the request names the instance's own UIDs
@@ -176,8 +177,9 @@ class Node:
         """One pipeline pass after the quiet period; returns the new job ids."""
         self.clock.t += 10
         self.assembler.tick()
-        self.retriever.tick()
-        return self.router.route_ready()
+        jobs = self.router.route_ready()
+        self.retriever.tick()  # acts on the jobs routing created awaiting their prior
+        return jobs
 
     def states(self) -> dict[str, str]:
         with self.catalog.session() as s:
@@ -211,16 +213,24 @@ def test_prior_is_fetched_before_routing_and_never_routed(tmp_path: Path, caplog
     assert PATIENT not in caplog.text and "20230101" not in caplog.text
 
 
-def test_study_waits_while_its_prior_is_fetched(tmp_path: Path) -> None:
-    node = Node(tmp_path, _settings(tmp_path, {"source": "pacs"}), defer=True)
+def test_job_waits_while_its_prior_is_fetched(tmp_path: Path) -> None:
+    node = Node(tmp_path, _settings(tmp_path, {"source": "pacs"},
+                                    models=("ct-registration", "ct-hu-segmentation")), defer=True)
     prior_uid, current_uid = generate_uid(), generate_uid()
     node.pacs.studies[prior_uid] = (Candidate(prior_uid, PATIENT, "20230101"), _series(prior_uid, "20230101"))
     node.push(_series(current_uid, "20240101"))
-    assert node.tick() == []
-    assert node.states() == {current_uid: AWAITING}
+    jobs = node.tick()
+    assert len(jobs) == 2 and node.states() == {current_uid: "routed"}
+    by_model = {j.model: j for j in (node.catalog.get_job(i) for i in jobs) if j is not None}
+    assert by_model["ct-registration"].state == JobState.AWAITING_PRIOR  # routing recorded it
+    assert by_model["ct-hu-segmentation"].state == JobState.QUEUED  # the other model does not wait
+    assert [m for _, m in node.catalog.jobs_to_enqueue(node.clock())] == ["ct-hu-segmentation"]
     assert node.tick() == [] and len(node.tasks) == 1  # handed over once
     node.tasks.pop()()
-    assert len(node.tick()) == 1
+    registration = node.catalog.get_job(by_model["ct-registration"].id)
+    assert registration is not None and registration.state == JobState.QUEUED
+    assert node.catalog.prior_series(registration) is not None
+    assert node.tick() == [] and not node.tasks
 
 
 def test_late_instance_while_waiting_reopens_the_study(tmp_path: Path) -> None:
@@ -230,11 +240,16 @@ def test_late_instance_while_waiting_reopens_the_study(tmp_path: Path) -> None:
     files = _series(current_uid, "20240101", n=4)
     node.push(files[:3])
     node.tick()
+    [first] = node.catalog.jobs_in_state(JobState.AWAITING_PRIOR)
     node.push(files[3:])  # re-opens the study (generation 2)
-    node.tasks.pop()()  # the fetch ends: the study is not released (it changed)
+    node.tasks.pop()()  # the fetch ends: the job of generation 1 is not released (the study changed)
     assert node.states()[current_uid] == "receiving"
+    assert node.catalog.jobs_to_enqueue(node.clock()) == []
     jobs = node.tick()  # generation 2: the prior is in the catalog now, no second fetch
     assert len(jobs) == 1 and len(node.pacs.finds) == 1 and not node.tasks
+    old = node.catalog.get_job(first.id)
+    assert old is not None and old.state == JobState.SUPERSEDED
+    assert [j for j, _ in node.catalog.jobs_to_enqueue(node.clock())] == jobs
 
 
 @pytest.mark.parametrize("fail", ["find", "retrieve", "nothing", "no-series"])
@@ -274,23 +289,25 @@ def test_nothing_fetched_when_not_needed(tmp_path: Path) -> None:
     assert node.catalog.counts()["studies"] == {"routed": 1}
 
 
-def test_reconcile_releases_studies_left_waiting(tmp_path: Path) -> None:
+def test_a_restart_fetches_again_for_jobs_left_waiting(tmp_path: Path) -> None:
     node = Node(tmp_path, _settings(tmp_path, {"source": "pacs"}), defer=True)
     prior_uid, current_uid = generate_uid(), generate_uid()
     node.pacs.studies[prior_uid] = (Candidate(prior_uid, PATIENT, "20230101"), _series(prior_uid, "20230101"))
     node.push(_series(current_uid, "20240101"))
-    node.tick()
+    [job_id] = node.tick()
     # a crash in the middle of the retrieval: the fetch row says "retrieving", part of the prior is in
-    study_id = node.catalog.studies_in_state(AWAITING)[0].id
-    node.catalog.record_prior_fetch(study_id, 1, "CT", "retrieving", node.clock(), prior_study_uid=prior_uid)
+    [job] = node.catalog.jobs_in_state(JobState.AWAITING_PRIOR)
+    node.catalog.record_prior_fetch(job.study_id, 1, "CT", "retrieving", node.clock(), prior_study_uid=prior_uid)
     node.push(node.pacs.studies[prior_uid][1][:1])
-    restarted = PriorRetriever(node.retriever.settings, node.catalog, node.spool, node.pacs, node.clock,
-                               submit=lambda task: task())
-    assert restarted.reconcile() == 1
-    node.retriever = restarted
-    assert len(node.tick()) == 1
+    node.tasks.clear()  # the fetch in flight died with the process
+    node.retriever = PriorRetriever(node.retriever.settings, node.catalog, node.spool, node.pacs, node.clock,
+                                    submit=lambda task: task())
+    assert node.tick() == []  # nothing new to route; the restarted retriever takes the waiting job up
     assert node.pacs.retrieved == [prior_uid]  # fetched again although part of it was already here
     assert node.catalog.counts()["instances"]["total"] == 6
+    released = node.catalog.get_job(job_id)
+    assert released is not None and released.state == JobState.QUEUED
+    assert node.catalog.prior_series(released) is not None
 
 
 def test_a_prior_cut_short_is_not_used_and_is_fetched_again(tmp_path: Path) -> None:

@@ -12,9 +12,10 @@ import httpx
 import pydicom
 import pytest
 
+from models.errors import DestinationUnreachable
 from node.config import ConfigError, DicomwebDestination, parse_settings
 from node.receive.stow import StoreOutcome, parse_media_type, parse_multipart, store_response
-from node.send.base import BINARY_VARIANT, LABELMAP_VARIANT, DestinationUnreachable
+from node.schema import BINARY_VARIANT, LABELMAP_VARIANT
 from node.send.deliver import default_sender_factory
 from node.send.dimse import DimseSender
 from node.send.stow import StowSender

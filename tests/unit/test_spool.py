@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from node.spool import Spool, SpoolError, is_valid_uid
+from node.spool import Spool, StorageError, is_valid_uid
 
 
 def test_write_is_atomic_and_deduplicated(tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def test_concurrent_writers_store_once(tmp_path: Path) -> None:
 @pytest.mark.parametrize("uid", ["../etc", "1.2.03", "", "1..2", "1.2/3", "a.b", "1" * 65])
 def test_invalid_uids_never_become_paths(tmp_path: Path, uid: str) -> None:
     assert not is_valid_uid(uid)
-    with pytest.raises(SpoolError):
+    with pytest.raises(StorageError):
         Spool(tmp_path).instance_relpath("1.2", "1.2.3", uid)
 
 

@@ -36,11 +36,11 @@ from typing import Any
 import pydicom
 import pytest
 
-from models.phantom import make_ct_phantom
+from testkit.dicom import write_ct_series
+from testkit.harness import REPO, storescu, wait_for
+from testkit.phantom import make_ct_phantom
 from tests.e2e.test_end_to_end import Stack, _start
-from tests.harness import REPO, storescu, wait_for
 from tests.viewer.ohif_server import OhifServer
-from workers.synthetic import write_ct_series
 
 pytestmark = [pytest.mark.e2e, pytest.mark.viewer, pytest.mark.timeout(300)]
 

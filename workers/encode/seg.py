@@ -37,9 +37,6 @@ LABELMAP_TRANSFER_SYNTAXES: frozenset[str] = frozenset(BINARY_TRANSFER_SYNTAXES 
 #: 1.50 s, uncompressed 78.8 MB in 0.52 s (BINARY uncompressed: 25 MB in 3.6 s). pydicom (pyjpegls),
 #: dcmtk, Orthanc and OHIF all decode it.
 DEFAULT_LABELMAP_TRANSFER_SYNTAX = JPEGLSLossless
-#: SOP Class UIDs of the two segmentation types (the label map class is newer: PS3.4 2024).
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 MAX_LABELMAP_SEGMENTS = 255
 """Labels are written as 8-bit when they fit; highdicom moves to 16-bit above this."""
 

@@ -35,11 +35,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 
 from models.base import Code, ModelResult
+from node.conformance import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE
 from workers.encode.measure import SegmentMeasurement
 from workers.encode.seg import (
     DEFAULT_MANUFACTURER,
-    LABEL_MAP_SEGMENTATION_STORAGE,
-    SEGMENTATION_STORAGE,
     EmptyResultError,
     binary_fallback_uid,
     to_pydicom_code,

@@ -1,0 +1,42 @@
+"""Settings checked against the model registry: what every command and the worker load first.
+
+:func:`node.config.load_settings` validates the file on its own; this adds what needs the registry
+(manifests only: no model code, no torch): every model named in a rule or under ``models:`` exists,
+its options can be honoured, and where its jobs run on this host its optional extra is installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from models import registry
+from node.config import Settings, load_settings
+
+
+def check_models(settings: Settings, *, queues: Sequence[str] | None = None) -> None:
+    """Raise a :class:`models.errors.ConfigError` (its subclasses name the model and the key) if a
+    configured model cannot run.
+
+    ``queues``: this host runs a worker for these queues, so the models routed to them must be
+    installed here. ``None``: the host of ``dicom-node run``, whose embedded workers (if
+    ``queue.embedded_workers``) run every model. Paths are not checked: a remote worker may hold them.
+    """
+    names = list(dict.fromkeys([m for rule in settings.rules for m in rule.models] + list(settings.models)))
+    registry.validate_names(names)
+    for name, ms in settings.models.items():
+        registry.check_options(name, registry.ModelOptions(path=ms.path, device=ms.device, batch_size=ms.batch_size,
+                                                           precision=ms.precision))
+    if queues is not None:
+        here = [n for n in names if settings.model_settings(n).queue in queues]
+    else:
+        here = names if settings.queue.embedded_workers else []
+    for name in here:
+        registry.check_installed(name)  # MissingExtraError names the extra and the missing modules
+
+
+def load_checked_settings(path: Path, *, queues: Sequence[str] | None = None) -> Settings:
+    """:func:`node.config.load_settings` then :func:`check_models`."""
+    settings = load_settings(path)
+    check_models(settings, queues=queues)
+    return settings
