@@ -553,6 +553,13 @@ class Catalog:
             return d.attempts
 
     # ---- status ----------------------------------------------------------------------------
+    def writable(self) -> bool:
+        """Whether a write transaction can start now (``/readyz``); a locked SQLite file waits for
+        its busy timeout first."""
+        with self.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE takes the write lock
+            conn.exec_driver_sql("SELECT 1")
+        return True
+
     def counts(self) -> dict[str, dict[str, int]]:
         """State counts per table, for ``dicom-node status`` and tests."""
         out: dict[str, dict[str, int]] = {}

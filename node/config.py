@@ -66,15 +66,17 @@ class NodeSettings(_Frozen):
     """Below this much free space in storage_dir, C-STORE answers 0xA700 (Out of Resources)."""
 
 
-class StowSettings(_Frozen):
-    """DICOMweb STOW-RS, the second door: ``POST http://host:port/dicom-web/studies``."""
+class HttpSettings(_Frozen):
+    """The node's HTTP service (one ASGI app on uvicorn): DICOMweb under ``/dicom-web`` (STOW-RS,
+    QIDO-RS, WADO-RS), the REST API under ``/api/v1``, ``/healthz``, ``/readyz``, ``/metrics``."""
 
-    enabled: bool = False
-    host: str = "0.0.0.0"
-    port: int = Field(8080, ge=1, le=65535)
-    path_prefix: str = Field("/dicom-web", pattern=r"^(/[A-Za-z0-9._-]+)*$")
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    """Loopback by default; listen on a LAN address only behind the access control you need."""
+    port: int = Field(8080, ge=0, le=65535)
+    """0: any free port (tests)."""
     max_request_mb: int = Field(1024, ge=1)
-    """Larger requests get 413 before their body is read (each request is held in memory)."""
+    """A STOW-RS request larger than this gets 413 (parts are streamed to the spool, never held whole)."""
     timeout_seconds: float = Field(60, gt=0)
     """A client that sends nothing for this long is disconnected."""
 
@@ -245,7 +247,7 @@ class LoggingSettings(_Frozen):
 
 class Settings(_Frozen):
     node: NodeSettings
-    stow: StowSettings = Field(default_factory=StowSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     send: SendSettings = Field(default_factory=SendSettings)
@@ -254,6 +256,15 @@ class Settings(_Frozen):
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     priors: PriorSettings | None = None
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_sections(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stow" in data:
+            raise ValueError("stow: the STOW-RS door is part of the HTTP service now: use http.enabled, http.host, "
+                             "http.port, http.max_request_mb and http.timeout_seconds (STOW-RS is served at "
+                             "/dicom-web/studies)")
+        return data
 
     @model_validator(mode="after")
     def _references(self) -> Settings:

@@ -95,3 +95,13 @@ def create_app(settings: Settings) -> Celery:
         )
     app.conf.update(conf)
     return app
+
+
+def broker_reachable(app: Celery, timeout: float = 2.0) -> bool:
+    """Whether the broker accepts a connection within ``timeout`` seconds (``/readyz``)."""
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+    except Exception:  # kombu raises the transport's own errors; any of them means "not reachable"
+        return False
+    return True

@@ -17,9 +17,11 @@ from node.assemble import Assembler
 from node.catalog import Catalog, job_policy
 from node.config import Settings
 from node.enqueue import Enqueuer
-from node.queue import create_app
+from node.http.app import create_app as create_http_app
+from node.http.context import NodeContext
+from node.http.server import HttpServer
+from node.queue import broker_reachable, create_app
 from node.receive.scp import Receiver
-from node.receive.stow import StowServer, receiver_store
 from node.retrieve import PriorRetriever
 from node.route import Router
 from node.send.deliver import Deliverer, SenderFactory
@@ -38,21 +40,23 @@ class NodeService:
         self.catalog = Catalog.for_storage(storage)
         self.spool = Spool(storage)
         self.receiver = Receiver(settings, self.catalog, self.spool, clock)
-        self.stow = self._stow_server() if settings.stow.enabled else None
         self.assembler = Assembler(self.catalog, settings.assembly.study_quiet_seconds, clock)
         self.retriever = PriorRetriever.from_settings(settings, self.catalog, self.spool, self.receiver.store, clock)
         self.router = Router(self.catalog, settings.rules, clock, priors_from_pacs=settings.priors is not None)
-        self.enqueuer = Enqueuer(create_app(settings), self.catalog, clock,
+        self.celery = create_app(settings)
+        self.enqueuer = Enqueuer(self.celery, self.catalog, clock,
                                  queue_of=lambda model: settings.model_settings(model).queue)
         self.deliverer = Deliverer(settings, self.catalog, self.spool, clock, sender_factory)
         self.job_policy = job_policy(settings)
+        self.http = self._http_server() if settings.http.enabled else None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def _stow_server(self) -> StowServer:
-        st = self.settings.stow
-        return StowServer(st.host, st.port, receiver_store(self.receiver), st.max_request_mb * 2**20, st.path_prefix,
-                          timeout_seconds=st.timeout_seconds)
+    def _http_server(self) -> HttpServer:
+        ctx = NodeContext(self.settings, self.catalog, self.spool, self.receiver, self.clock,
+                          broker_reachable=lambda: broker_reachable(self.celery))
+        h = self.settings.http
+        return HttpServer(create_http_app(ctx), h.host, h.port, timeout_seconds=h.timeout_seconds)
 
     def reconcile(self) -> None:
         removed = self.spool.clean_temp()
@@ -80,9 +84,8 @@ class NodeService:
     def start(self) -> None:
         self.reconcile()
         self.receiver.start()
-        if self.stow is not None:
-            self.stow.start()
-            log.info("STOW-RS listening on %s", self.stow.url)
+        if self.http is not None:
+            self.http.start()
         loops = (
             ("pipeline", self.pipeline_tick, self.settings.assembly.poll_seconds),
             ("send", self.deliverer.tick, self.settings.send.poll_seconds),
@@ -94,8 +97,8 @@ class NodeService:
 
     def stop(self) -> None:
         self._stop.set()
-        if self.stow is not None:
-            self.stow.stop()
+        if self.http is not None:
+            self.http.stop()
         self.receiver.stop()
         if self.retriever is not None:
             self.retriever.stop()

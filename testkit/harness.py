@@ -212,10 +212,14 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def node_config(workdir: Path, *, node_port: int, orthanc: Orthanc, quiet_seconds: float = 2.0,
                 broker_url: str = "", embedded_workers: bool = True,
-                models: tuple[str, ...] = ("ct-hu-segmentation",), overrides: dict[str, Any] | None = None) -> Path:
+                models: tuple[str, ...] = ("ct-hu-segmentation",), overrides: dict[str, Any] | None = None,
+                http_port: int | None = None) -> Path:
+    """A node configuration file in ``workdir``; its HTTP service listens on ``http_port`` (a free
+    loopback port when None)."""
     cfg = {
         "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": node_port,
                  "storage_dir": str(workdir / "node-storage"), "min_free_mb": 0},
+        "http": {"host": "127.0.0.1", "port": free_port() if http_port is None else http_port},
         "assembly": {"study_quiet_seconds": quiet_seconds, "poll_seconds": 0.2},
         "queue": {"broker_url": broker_url, "embedded_workers": embedded_workers, "poll_seconds": 0.1},
         "send": {"retry_initial_seconds": 1, "retry_max_seconds": 5, "poll_seconds": 0.2},

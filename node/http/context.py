@@ -1,0 +1,32 @@
+"""What the HTTP routes read and act through: one object, built by the node service, passed to
+:func:`node.http.app.create_app` (no module-level state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from node.catalog import Catalog
+from node.config import Settings
+from node.receive.scp import Receiver
+from node.spool import Spool
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    settings: Settings
+    catalog: Catalog
+    spool: Spool
+    receiver: Receiver
+    clock: Callable[[], float]
+    broker_reachable: Callable[[], bool]
+    """Whether the queue broker answers (``/readyz``)."""
+
+
+def node_context(request: Request) -> NodeContext:
+    """FastAPI dependency: the context the app was built with."""
+    ctx = request.app.state.node
+    assert isinstance(ctx, NodeContext)
+    return ctx
