@@ -23,7 +23,8 @@ class Assembler:
 
     def tick(self) -> list[int]:
         """Mark every study that has been quiet long enough as ready; return their ids."""
-        ready = self.catalog.mark_quiet_studies_ready(self.clock() - self.quiet_seconds)
+        now = self.clock()
+        ready = self.catalog.mark_quiet_studies_ready(now - self.quiet_seconds, now=now)
         for study in ready:
             log.info("study #%d ready (quiet for %.0f s)", study, self.quiet_seconds)
         return ready

@@ -1,6 +1,7 @@
 """The catalog: the node's source of truth (SQLite in WAL mode by default, any SQLAlchemy URL works).
 
-Tables (:mod:`node.schema`): studies, series, instances, prior fetches, jobs, results, deliveries.
+Tables (:mod:`node.schema`): studies, series, instances, prior fetches, jobs, results, deliveries,
+destination state (paused or not).
 Every stage reads and writes here;
 queue messages carry only a job id. Transactions are short so many association threads and worker
 processes can share one SQLite file without "database is locked" reaching a C-STORE status.
@@ -8,8 +9,6 @@ processes can share one SQLite file without "database is locked" reaching a C-ST
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,10 +24,13 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.config import Settings
-from node.db import add_missing_columns, catalog_url, make_engine, upgrade_states
+from node.catalog_ops import NEW_RUN, DeliveryAndOperatorQueries
+from node.db import add_missing_columns, add_missing_indexes, catalog_url, make_engine, upgrade_states
+from node.dicomweb.attributes import IndexedAttributes, study_columns
+from node.policy import JobPolicy
 from node.schema import (
     BINARY_VARIANT,
+    LABELMAP_VARIANT,
     Base,
     Delivery,
     DeliveryState,
@@ -39,12 +41,10 @@ from node.schema import (
     PriorFetchState,
     Result,
     Series,
+    SeriesOrigin,
     Study,
     StudyState,
 )
-
-JOB_LEASE_MARGIN_SECONDS = 120
-"""A job running longer than its time limit plus this margin has lost its worker."""
 
 
 class JobSpec(NamedTuple):
@@ -66,6 +66,13 @@ class ResultFile(NamedTuple):
     sop_class_uid: str
     path: str
     variant: str = ""
+    series_uid: str = ""
+    """With a Series Instance UID the result is also recorded as an instance of its own series in the
+    study (origin ``result``), so QIDO-RS/WADO-RS serve it; without, it is only sent."""
+    transfer_syntax_uid: str = ""
+    size: int = 0
+    indexed: IndexedAttributes | None = None
+    """Its series- and instance-level attributes (:func:`node.dicomweb.attributes.indexed_attributes`)."""
 
 
 @dataclass(frozen=True)
@@ -79,38 +86,6 @@ class Recorded:
     """"new" for a study's first instance, "reopened" when a late instance re-opens a routed study."""
 
 
-@dataclass(frozen=True)
-class JobPolicy:
-    """How jobs are retried and when a running job counts as abandoned."""
-
-    max_attempts: int = 3
-    retry_initial_seconds: float = 30.0
-    retry_max_seconds: float = 600.0
-    lease_seconds: float = 3600.0
-    """A job running longer than this has lost its worker (longer than the job time limit)."""
-    local_host: str = ""
-    """This host's name: a job claimed here by a pid that no longer exists is abandoned at once."""
-
-    def backoff(self, attempts: int) -> float:
-        return float(min(self.retry_max_seconds, self.retry_initial_seconds * 2 ** max(0, attempts - 1)))
-
-    def abandoned(self, job: Job, now: float) -> bool:
-        if job.updated_at < now - self.lease_seconds:
-            return True
-        host, _, pid = (job.worker or "").rpartition(":")
-        return bool(self.local_host) and host == self.local_host and pid.isdigit() and not _pid_alive(int(pid))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 _INCOMPLETE_PRIORS = (
     select(PriorFetch.prior_study_uid)
     .where(PriorFetch.prior_study_uid.is_not(None))
@@ -120,15 +95,18 @@ _INCOMPLETE_PRIORS = (
 """Prior study UIDs with no complete fetch (see :meth:`Catalog.incomplete_prior_uids`)."""
 
 
-class Catalog:
+
+class Catalog(DeliveryAndOperatorQueries):
     """Thin, typed access to the catalog database. Safe to share between threads."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
         add_missing_columns(self.engine)
+        add_missing_indexes(self.engine)
         upgrade_states(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(make_engine(url, read_only=True), expire_on_commit=False)
 
     @classmethod
     def for_storage(cls, storage_dir: Path) -> Catalog:
@@ -140,6 +118,16 @@ class Catalog:
         """One short transaction: commit on success, roll back on error."""
         with self._sessions() as s, s.begin():
             yield s
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only transaction that takes no write lock (DICOMweb queries and retrievals): a long
+        scan never delays a C-STORE's commit. Writes made in it are rolled back."""
+        with self._read_sessions() as s:
+            try:
+                yield s
+            finally:
+                s.rollback()
 
     # ---- receive ---------------------------------------------------------------------------
     def record_instance(
@@ -156,11 +144,14 @@ class Catalog:
         now: float,
         patient_key: str | None = None,
         study_datetime: str = "",
+        indexed: IndexedAttributes | None = None,
         _retry: bool = False,
     ) -> Recorded:
         """Record a spooled instance (idempotent: a known SOP Instance is reported, not added).
 
         A new instance for a study that was already routed re-opens it (late arrival -> rerun).
+        ``indexed``: the attributes QIDO-RS matches and returns, kept from a study's and a series'
+        first instance that has them.
         """
         try:
             with self.session() as s:
@@ -184,12 +175,18 @@ class Catalog:
                     event = "reopened"
                 study.last_received_at = now
                 study.instance_count += 1
+                if indexed is not None and study.dicom is None:
+                    study.dicom = indexed.study
+                    for column, value in study_columns(indexed.study).items():
+                        setattr(study, column, value)
                 series = s.scalar(select(Series).where(Series.series_uid == series_uid))
                 if series is None:
                     series = Series(series_uid=series_uid, study_id=study.id, attributes=series_attributes)
                     s.add(series)
                     s.flush()
                 series.instance_count += 1
+                if indexed is not None and series.dicom is None:
+                    series.dicom = indexed.series
                 s.add(
                     Instance(
                         sop_instance_uid=sop_instance_uid,
@@ -199,6 +196,7 @@ class Catalog:
                         size=size,
                         transfer_syntax_uid=transfer_syntax_uid,
                         received_at=now,
+                        dicom=None if indexed is None else indexed.instance,
                     )
                 )
                 return Recorded(new=True, study_id=study.id, study_event=event)
@@ -210,13 +208,15 @@ class Catalog:
                 study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_instance_uid,
                 sop_class_uid=sop_class_uid, transfer_syntax_uid=transfer_syntax_uid, path=path, size=size,
                 series_attributes=series_attributes, now=now, patient_key=patient_key,
-                study_datetime=study_datetime, _retry=True,
+                study_datetime=study_datetime, indexed=indexed, _retry=True,
             )
 
     # ---- assemble --------------------------------------------------------------------------
-    def mark_quiet_studies_ready(self, quiet_before: float) -> list[int]:
+    def mark_quiet_studies_ready(self, quiet_before: float, now: float | None = None) -> list[int]:
         """Studies still receiving whose last instance came before ``quiet_before`` become ready
-        (a study fetched as a prior becomes ``prior`` instead and is not returned)."""
+        (a study fetched as a prior becomes ``prior`` instead and is not returned); ``ready_at`` is
+        ``now`` (``quiet_before`` when not given)."""
+        ready_at = quiet_before if now is None else now
         with self.session() as s:
             ids = list(
                 s.scalars(
@@ -227,8 +227,9 @@ class Catalog:
                 priors = set(s.scalars(select(Study.id).where(
                     Study.id.in_(ids), Study.study_uid.in_(select(PriorFetch.prior_study_uid)))))
                 ids = [i for i in ids if i not in priors]
-                s.execute(update(Study).where(Study.id.in_(ids)).values(state=StudyState.READY))
-                s.execute(update(Study).where(Study.id.in_(list(priors))).values(state=StudyState.PRIOR))
+                s.execute(update(Study).where(Study.id.in_(ids)).values(state=StudyState.READY, ready_at=ready_at))
+                s.execute(update(Study).where(Study.id.in_(list(priors)))
+                          .values(state=StudyState.PRIOR, ready_at=ready_at))
             return ids
 
     def studies_in_state(self, state: StudyState) -> list[Study]:
@@ -236,8 +237,10 @@ class Catalog:
             return list(s.scalars(select(Study).where(Study.state == state).order_by(Study.id)))
 
     def series_of_study(self, study_id: int) -> list[Series]:
+        """The study's received series (our result series are never routed)."""
         with self.session() as s:
-            return list(s.scalars(select(Series).where(Series.study_id == study_id).order_by(Series.id)))
+            return list(s.scalars(select(Series).where(Series.study_id == study_id,
+                                                       Series.origin == SeriesOrigin.RECEIVED).order_by(Series.id)))
 
     # ---- priors from the PACS (node.retrieve) ----------------------------------------------
     def jobs_awaiting_prior(self) -> list[tuple[int, int, Series]]:
@@ -338,6 +341,7 @@ class Catalog:
                 ids.append(job.id)
             study.state = StudyState.ROUTED if specs else StudyState.UNROUTED
             study.note = None if specs else "no rule matched"
+            study.routed_at = now
             return ids
 
     def get_job(self, job_id: int) -> Job | None:
@@ -376,7 +380,8 @@ class Catalog:
 
     def mark_enqueued(self, job_id: int, now: float) -> None:
         with self.session() as s:
-            s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=now))
+            s.execute(update(Job).where(Job.id == job_id)
+                      .values(enqueued_at=now, first_enqueued_at=func.coalesce(Job.first_enqueued_at, now)))
 
     def claim_job(self, job_id: int, now: float, *, worker: str, policy: JobPolicy) -> Job | None:
         """queued -> running for ``worker``; None if done, or running in a live worker within its lease.
@@ -390,18 +395,19 @@ class Catalog:
                                    or (job.state == JobState.RUNNING and policy.abandoned(job, now))):
                 return None
             if job.attempts >= policy.max_attempts:
-                job.state, job.updated_at = JobState.FAILED, now
+                job.state, job.updated_at, job.finished_at = JobState.FAILED, now, now
                 job.error = f"gave up after {job.attempts} attempt(s); last: {job.error or 'worker lost'}"[:500]
                 return None
             if job.state == JobState.RUNNING:
                 job.error = "worker lost"
-            job.state, job.worker, job.updated_at = JobState.RUNNING, worker, now
+            job.state, job.worker, job.updated_at, job.started_at = JobState.RUNNING, worker, now, now
             job.attempts += 1
             return job
 
     def finish_job(self, job_id: int, state: JobState, now: float, error: str | None = None) -> None:
         with self.session() as s:
-            s.execute(update(Job).where(Job.id == job_id).values(state=state, error=error, updated_at=now))
+            s.execute(update(Job).where(Job.id == job_id)
+                      .values(state=state, error=error, updated_at=now, finished_at=now))
 
     def fail_attempt(self, job_id: int, now: float, error: str, policy: JobPolicy) -> JobState:
         """Record a failed attempt: back to queued with backoff, or ``failed`` when attempts are used up."""
@@ -409,7 +415,7 @@ class Catalog:
             job = s.get_one(Job, job_id)
             job.error, job.updated_at = error[:500], now
             if job.attempts >= policy.max_attempts:
-                job.state = JobState.FAILED
+                job.state, job.finished_at = JobState.FAILED, now
             else:
                 job.state, job.enqueued_at = JobState.QUEUED, None
                 job.not_before = now + policy.backoff(job.attempts)
@@ -425,7 +431,7 @@ class Catalog:
                 changed.append(job.id)
                 job.updated_at = now
                 if job.attempts >= policy.max_attempts:
-                    job.state = JobState.FAILED
+                    job.state, job.finished_at = JobState.FAILED, now
                     job.error = f"gave up after {job.attempts} attempt(s); last: worker lost"
                 else:
                     job.state, job.enqueued_at, job.error = JobState.QUEUED, None, "worker lost"
@@ -442,7 +448,8 @@ class Catalog:
                 q = q.where(Job.study_id == study_id)
             elif not failed:
                 return 0
-            res = s.execute(q.values(state=JobState.QUEUED, attempts=0, enqueued_at=None, not_before=0.0, error=None))
+            res = s.execute(q.values(state=JobState.QUEUED, attempts=0, enqueued_at=None, not_before=0.0, error=None,
+                                     **NEW_RUN))
             return int(res.rowcount)  # type: ignore[attr-defined]
 
     def instances_of_series(self, series_id: int) -> list[Instance]:
@@ -459,8 +466,10 @@ class Catalog:
         """Record result objects (kind, sop_instance_uid, sop_class_uid, path[, variant]) and their
         deliveries, and mark the job done, in one transaction. A rerun with the same UIDs replaces the
         files but keeps one result row; its deliveries go back to pending so the PACS gets the new
-        version."""
+        version. A :class:`ResultFile` with a ``series_uid`` is also recorded as an instance of a
+        result series of the job's study (see :func:`_serve_result`)."""
         with self.session() as s:
+            study_id = s.get_one(Job, job_id).study_id
             for item in results:
                 kind, sop_uid, sop_class, path = item[:4]
                 variant = item.variant if isinstance(item, ResultFile) else ""
@@ -478,6 +487,8 @@ class Catalog:
                         s.add(Delivery(result_id=row.id, destination=dest, next_attempt_at=now))
                     elif rerun and d.state in (DeliveryState.SENT, DeliveryState.NOT_NEEDED):
                         d.state, d.next_attempt_at = DeliveryState.PENDING, now
+                if isinstance(item, ResultFile) and item.series_uid:
+                    _serve_result(s, study_id, item, now)
             s.execute(update(Job).where(Job.id == job_id).values(state=JobState.DONE, error=None, updated_at=now))
 
     def prior_series(self, job: Job) -> Series | None:
@@ -493,6 +504,7 @@ class Catalog:
                 select(Series, Study)
                 .join(Study, Study.id == Series.study_id)
                 .where(Study.patient_key == current.patient_key, Study.id != current.id,
+                       Series.origin == SeriesOrigin.RECEIVED,
                        Study.study_datetime <= current.study_datetime,
                        Study.study_uid.not_in(_INCOMPLETE_PRIORS))
             ).all()
@@ -516,42 +528,6 @@ class Catalog:
                 .limit(1)
             ).first()
 
-    def due_deliveries(self, now: float, limit: int = 100) -> list[tuple[Delivery, Result, int]]:
-        """Pending deliveries whose next attempt is due: (delivery, result, study id)."""
-        with self.session() as s:
-            rows = s.execute(
-                select(Delivery, Result, Job.study_id)
-                .join(Result, Result.id == Delivery.result_id)
-                .join(Job, Job.id == Result.job_id)
-                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-                .order_by(Delivery.id)
-                .limit(limit)
-            )
-            return [(d, r, study_id) for d, r, study_id in rows]
-
-    def delivery_sent(self, delivery_id: int, now: float) -> None:
-        with self.session() as s:
-            s.execute(
-                update(Delivery)
-                .where(Delivery.id == delivery_id)
-                .values(state=DeliveryState.SENT, sent_at=now, attempts=Delivery.attempts + 1, last_error=None)
-            )
-
-    def delivery_not_needed(self, delivery_id: int, now: float) -> None:
-        """The destination took the other variant of this result (e.g. LABELMAP, not BINARY)."""
-        with self.session() as s:
-            s.execute(update(Delivery).where(Delivery.id == delivery_id)
-                      .values(state=DeliveryState.NOT_NEEDED, sent_at=now, last_error=None))
-
-    def delivery_failed(self, delivery_id: int, error: str, next_attempt_at: float) -> int:
-        """Record a failed attempt; returns the number of attempts so far."""
-        with self.session() as s:
-            d = s.get_one(Delivery, delivery_id)
-            d.attempts += 1
-            d.last_error = error[:500]
-            d.next_attempt_at = next_attempt_at
-            return d.attempts
-
     # ---- status ----------------------------------------------------------------------------
     def writable(self) -> bool:
         """Whether a write transaction can start now (``/readyz``); a locked SQLite file waits for
@@ -567,22 +543,44 @@ class Catalog:
             for name, model in (("studies", Study), ("jobs", Job), ("deliveries", Delivery)):
                 rows = s.execute(select(model.state, func.count()).group_by(model.state))
                 out[name] = {state: n for state, n in rows}
-            out["instances"] = {"total": s.scalar(select(func.count()).select_from(Instance)) or 0}
+            out["instances"] = {"total": s.scalar(  # received ones; result objects are counted as results
+                select(func.count()).select_from(Instance).join(Series, Series.id == Instance.series_id)
+                .where(Series.origin == SeriesOrigin.RECEIVED)) or 0}
             out["results"] = {"total": s.scalar(select(func.count()).select_from(Result)) or 0}
         return out
 
 
-def job_policy(settings: Settings) -> JobPolicy:
-    q = settings.queue
-    return JobPolicy(
-        max_attempts=q.job_max_attempts,
-        retry_initial_seconds=q.job_retry_initial_seconds,
-        retry_max_seconds=q.job_retry_max_seconds,
-        lease_seconds=q.job_time_limit_seconds + JOB_LEASE_MARGIN_SECONDS,
-        local_host=socket.gethostname(),
-    )
+def _serve_result(s: Session, study_id: int, item: ResultFile, now: float) -> None:
+    """Record a result file as an instance of its own series (origin ``result``) in the study, for
+    QIDO-RS/WADO-RS. The study's receive bookkeeping (instance count, state, generation, times) is
+    not touched; a rerun that rewrites the same SOP Instance updates its row, new UIDs add rows. A
+    series or instance UID already received (the PACS sent our object back) is left as received.
 
-
-def worker_identity() -> str:
-    """``host:pid`` of this process, as recorded on the jobs it claims."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    The LABELMAP set of a result (:data:`LABELMAP_VARIANT`: the Label Map SEG and the SR citing it)
+    is not served: viewers get the BINARY copy, which every one of them opens (OHIF 3.12 draws a
+    LABELMAP SEG with an extra Background row and every colour shifted by one)."""
+    if item.variant == LABELMAP_VARIANT:
+        return
+    indexed = item.indexed
+    series = s.scalar(select(Series).where(Series.series_uid == item.series_uid))
+    if series is None:
+        series = Series(series_uid=item.series_uid, study_id=study_id, origin=SeriesOrigin.RESULT,
+                        attributes={"Modality": item.kind, "SOPClassUID": item.sop_class_uid},
+                        dicom=None if indexed is None else indexed.series, instance_count=0)
+        s.add(series)
+        s.flush()
+    elif series.origin != SeriesOrigin.RESULT:
+        return
+    elif indexed is not None:
+        series.dicom = indexed.series
+    instance = s.scalar(select(Instance).where(Instance.sop_instance_uid == item.sop_instance_uid))
+    if instance is None:
+        s.add(Instance(sop_instance_uid=item.sop_instance_uid, sop_class_uid=item.sop_class_uid, series_id=series.id,
+                       path=item.path, size=item.size, transfer_syntax_uid=item.transfer_syntax_uid, received_at=now,
+                       dicom=None if indexed is None else indexed.instance))
+        series.instance_count += 1
+    elif instance.series_id == series.id:
+        instance.path, instance.size, instance.received_at = item.path, item.size, now
+        instance.sop_class_uid, instance.transfer_syntax_uid = item.sop_class_uid, item.transfer_syntax_uid
+        if indexed is not None:
+            instance.dicom = indexed.instance

@@ -27,7 +27,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
+    """The catalog's engine. ``read_only``: transactions begin DEFERRED instead of IMMEDIATE, so a
+    long read (a QIDO-RS scan) holds no write lock (WAL: readers and the writer do not block each other)."""
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
@@ -38,7 +40,7 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "begin")
         def _begin_immediate(conn: Any) -> None:
             # Take the write lock at BEGIN: no deadlocking read->write upgrades between threads.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)
@@ -68,6 +70,22 @@ def add_missing_columns(engine: Engine) -> list[str]:
                 conn.exec_driver_sql(ddl)
                 added.append(f"{table.name}.{column.name}")
     return added
+
+
+def add_missing_indexes(engine: Engine) -> list[str]:
+    """Create the indexes of :mod:`node.schema` an existing catalog lacks (``create_all`` creates
+    the indexes of new tables only, not those on columns :func:`add_missing_columns` added).
+    Returns the names of the indexes created."""
+    created: list[str] = []
+    with engine.begin() as conn:
+        inspector = inspect(conn)
+        for table in Base.metadata.sorted_tables:
+            present = {ix["name"] for ix in inspector.get_indexes(table.name)}
+            for index in table.indexes:
+                if index.name not in present:
+                    index.create(conn)
+                    created.append(str(index.name))
+    return created
 
 
 def upgrade_states(engine: Engine) -> int:

@@ -28,3 +28,5 @@ def setup_logging(level: str, process: str) -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO/DEBUG (and dataset summaries at DEBUG): keep it quiet.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # pydicom warns about malformed elements with their values (PHI): only errors above DEBUG.
+    logging.getLogger("pydicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)

@@ -1,5 +1,5 @@
 """Catalog tables (SQLAlchemy ORM): studies, series, instances, prior fetches, jobs, results,
-deliveries, with their typed states. :mod:`node.catalog` holds the queries; new columns need a
+deliveries, destination state, with their typed states. :mod:`node.catalog` holds the queries; new columns need a
 scalar default so that :func:`node.db.add_missing_columns` can add them to an existing catalog.
 
 States are :class:`enum.StrEnum` members stored as their string values (VARCHAR columns, as
@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -44,6 +44,14 @@ class DeliveryState(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     NOT_NEEDED = "not-needed"
+
+
+class SeriesOrigin(StrEnum):
+    """Where a series' instances come from: received (C-STORE, STOW-RS, a prior fetched from the PACS),
+    or our own result objects (written by a worker, served by QIDO-RS/WADO-RS, never routed)."""
+
+    RECEIVED = "received"
+    RESULT = "result"
 
 
 class PriorFetchState(StrEnum):
@@ -85,9 +93,23 @@ class Study(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     note: Mapped[str | None] = mapped_column(Text, default=None)
     patient_key: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
-    """SHA-256 of Patient ID + Issuer: finds a patient's prior studies without storing the ID."""
+    """SHA-256 of Patient ID + Issuer: finds a patient's prior studies (Patient ID + Issuer as one key)."""
     study_datetime: Mapped[str] = mapped_column(String(32), default="")
     """StudyDate + StudyTime as sent (orders a patient's studies)."""
+    ready_at: Mapped[float | None] = mapped_column(Float, default=None)
+    """When the quiet period made it ready (assembler; the latest generation's)."""
+    routed_at: Mapped[float | None] = mapped_column(Float, default=None)
+    """When routing created its jobs (or found none: unrouted)."""
+    patient_id: Mapped[str] = mapped_column(String(64), default="", server_default="", index=True)
+    """Patient ID as sent (QIDO-RS matching; the node serves its studies over DICOMweb, so the catalog
+    holds the attributes a query answers, see :mod:`node.dicomweb.attributes`). Never logged."""
+    patient_name: Mapped[str] = mapped_column(String(324), default="", server_default="")
+    """Patient Name (its Alphabetic group) as sent, for QIDO-RS matching."""
+    study_date: Mapped[str] = mapped_column(String(8), default="", server_default="", index=True)
+    accession_number: Mapped[str] = mapped_column(String(16), default="", server_default="", index=True)
+    dicom: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    """Study-level attributes of its first instance as DICOM JSON (QIDO-RS); None in rows written
+    before this column existed."""
 
 
 class Series(Base):
@@ -98,6 +120,12 @@ class Series(Base):
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     """The routing attributes (config.MATCHABLE_ATTRIBUTES) taken from the first instance (JSON)."""
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    origin: Mapped[SeriesOrigin] = mapped_column(_state(SeriesOrigin), default=SeriesOrigin.RECEIVED,
+                                                 server_default=SeriesOrigin.RECEIVED.value, index=True)
+    """``result`` for a series of our own result objects (``Catalog.record_results``): served over
+    DICOMweb, ignored by routing, priors and the receive bookkeeping."""
+    dicom: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    """Series-level attributes of its first instance as DICOM JSON (QIDO-RS)."""
 
     @property
     def routing_attributes(self) -> dict[str, Any]:
@@ -121,6 +149,8 @@ class Instance(Base):
     size: Mapped[int] = mapped_column(Integer)
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[float] = mapped_column(Float)
+    dicom: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    """Instance-level attributes (Instance Number, Rows, Columns, Number of Frames...) as DICOM JSON."""
 
 
 class PriorFetch(Base):
@@ -169,6 +199,18 @@ class Job(Base):
     """``host:pid`` of the process that claimed it, to detect a worker that died mid-job."""
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    first_enqueued_at: Mapped[float | None] = mapped_column(Float, default=None)
+    """When its first queue message of this run was sent (``enqueued_at`` is reset on every requeue)."""
+    started_at: Mapped[float | None] = mapped_column(Float, default=None)
+    """When a worker last claimed it."""
+    finished_at: Mapped[float | None] = mapped_column(Float, default=None)
+    """When it ended done, skipped or failed."""
+    load_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    infer_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    encode_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    """Stage durations of the run that produced its results (written by the worker)."""
+    model_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    """Version of the model that produced its results."""
 
 
 class Result(Base):
@@ -198,3 +240,15 @@ class Delivery(Base):
     next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     sent_at: Mapped[float | None] = mapped_column(Float, default=None)
+    first_attempt_at: Mapped[float | None] = mapped_column(Float, default=None)
+    """When the first send of it was attempted (whatever its outcome)."""
+
+
+class DestinationState(Base):
+    """Operator state of a destination (``POST /api/v1/destinations/{name}/pause``): its pending
+    deliveries are held while paused and become due at once on resume. No row: not paused."""
+
+    __tablename__ = "destination_state"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[float] = mapped_column(Float, default=0.0)

@@ -14,12 +14,14 @@ import time
 from collections.abc import Callable
 
 from node.assemble import Assembler
-from node.catalog import Catalog, job_policy
+from node.catalog import Catalog
 from node.config import Settings
 from node.enqueue import Enqueuer
 from node.http.app import create_app as create_http_app
 from node.http.context import NodeContext
 from node.http.server import HttpServer
+from node.metrics import NodeMetrics
+from node.policy import job_policy
 from node.queue import broker_reachable, create_app
 from node.receive.scp import Receiver
 from node.retrieve import PriorRetriever
@@ -39,7 +41,9 @@ class NodeService:
         storage.mkdir(parents=True, exist_ok=True)
         self.catalog = Catalog.for_storage(storage)
         self.spool = Spool(storage)
-        self.receiver = Receiver(settings, self.catalog, self.spool, clock)
+        self.metrics = NodeMetrics(settings, self.catalog, self.spool)  # /metrics; hooked into the receiver
+        self.receiver = Receiver(settings, self.catalog, self.spool, clock, on_answered=self.metrics.answered,
+                                 on_accepted=self.metrics.accepted)
         self.assembler = Assembler(self.catalog, settings.assembly.study_quiet_seconds, clock)
         self.retriever = PriorRetriever.from_settings(settings, self.catalog, self.spool, self.receiver.store, clock)
         self.router = Router(self.catalog, settings.rules, clock, priors_from_pacs=settings.priors is not None)
@@ -54,7 +58,7 @@ class NodeService:
 
     def _http_server(self) -> HttpServer:
         ctx = NodeContext(self.settings, self.catalog, self.spool, self.receiver, self.clock,
-                          broker_reachable=lambda: broker_reachable(self.celery))
+                          broker_reachable=lambda: broker_reachable(self.celery), metrics=self.metrics)
         h = self.settings.http
         return HttpServer(create_http_app(ctx), h.host, h.port, timeout_seconds=h.timeout_seconds)
 

@@ -65,14 +65,17 @@ class Spool:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
+    def new_temp(self) -> Path:
+        """A fresh name in ``tmp/`` for a file to :meth:`place` later (removed by :meth:`clean_temp` after a crash)."""
+        return self.tmp / f"{secrets.token_hex(8)}.part"
+
     def write(self, relative: str, data: bytes | memoryview, *, replace: bool = False) -> Stored:
         """Durably store ``data`` at ``relative``. Without ``replace`` an existing file wins (dedup)."""
         final = self.root / relative
         if not replace and final.exists():
             return Stored(final, relative, final.stat().st_size, new=False)
-        tmp = self.tmp / f"{secrets.token_hex(8)}.part"
+        tmp = self.new_temp()
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 view = memoryview(data)
@@ -82,6 +85,39 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot store file: {exc.strerror or exc}") from exc
+        return self._install(tmp, relative, replace=replace)
+
+    def place(self, tmp: Path, relative: str) -> Stored:
+        """Durably store an already written temp file of ``tmp/`` at ``relative``: fsync it, link it
+        into place (an existing file wins, as in :meth:`write`), fsync the directory. ``tmp`` is
+        always consumed: moved into place or removed."""
+        if tmp.parent != self.tmp or tmp.suffix != ".part":
+            raise StorageError("not a temp file of this spool")
+        final = self.root / relative
+        try:
+            if final.exists():
+                tmp.unlink()
+                return Stored(final, relative, final.stat().st_size, new=False)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot store file: {exc.strerror or exc}") from exc
+        return self._install(tmp, relative, replace=False)
+
+    def _install(self, tmp: Path, relative: str, *, replace: bool) -> Stored:
+        """Move the fsynced ``tmp`` to ``relative`` and fsync the directory (``tmp`` is consumed)."""
+        final = self.root / relative
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
             if replace:
                 os.replace(tmp, final)
                 new = True

@@ -20,8 +20,11 @@ from models import registry
 from models.base import Model, is_pair_model
 from models.errors import ConfigError, InputError, ModelError, TransientModelError, UnsuitableInput
 from models.registry import ModelOptions
-from node.catalog import Catalog, JobPolicy, ResultFile, job_policy, worker_identity
+from node.catalog import Catalog, ResultFile
+from node.catalog_ops import JobTimings
 from node.config import Settings
+from node.dicomweb.attributes import indexed_attributes
+from node.policy import JobPolicy, job_policy, worker_identity
 from node.schema import BINARY_VARIANT, Job, JobState
 from node.spool import Spool
 from node.version import software_version
@@ -96,13 +99,18 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | Literal["not-claimed"
         for item in encoded:
             ds = item.dataset
             rel = ctx.spool.result_relpath(study_uid, str(ds.SOPInstanceUID))
-            ctx.spool.write(rel, _to_bytes(ds), replace=True)
-            written.append(ResultFile(str(ds.Modality), str(ds.SOPInstanceUID), str(ds.SOPClassUID), rel,
-                                      item.variant))
+            data = _to_bytes(ds)
+            ctx.spool.write(rel, data, replace=True)
+            written.append(result_file(ds, rel, data, item.variant))
         t3 = time.monotonic()
     except Exception as exc:  # job_outcome() decides, by the exception's class, how the job ends
         return _end_attempt(ctx, job, exc, policy)
-    ctx.catalog.record_results(job_id, written, job.destinations, ctx.clock())
+    written_at = ctx.clock()
+    ctx.catalog.record_results(job_id, written, job.destinations, written_at)
+    version = result.model_version or model.manifest.version
+    ctx.catalog.record_job_timings(job_id, JobTimings(t1 - t0, t2 - t1, t3 - t2, version), ctx.clock())
+    # a rerun of this job: a delivery sent before now (all files written) may have carried the earlier file
+    ctx.catalog.resend_replaced(job_id, [w.sop_instance_uid for w in written], written_at, ctx.clock())
     log.info(
         "job #%d study #%d model=%s done: %d object(s), %d slices; load %.1fs infer %.1fs encode %.1fs",
         job_id, job.study_id, job.model, len(written), volume.voxels.shape[0], t1 - t0, t2 - t1, t3 - t2,
@@ -152,6 +160,15 @@ def _end_attempt(ctx: WorkerContext, job: Job, exc: Exception, policy: JobPolicy
               job.attempts, type(exc).__name__, what)
     log.debug("job #%d traceback", job.id, exc_info=True)
     return state
+
+
+def result_file(ds: Dataset, rel: str, data: bytes, variant: str = "") -> ResultFile:
+    """The catalog's record of a result object written at spool path ``rel`` as ``data``: sent to the
+    destinations, and served over DICOMweb as an instance of its own series in the study."""
+    meta = pydicom.dcmread(BytesIO(data), stop_before_pixels=True).file_meta
+    return ResultFile(str(ds.Modality), str(ds.SOPInstanceUID), str(ds.SOPClassUID), rel, variant,
+                      series_uid=str(ds.SeriesInstanceUID), transfer_syntax_uid=str(meta.TransferSyntaxUID),
+                      size=len(data), indexed=indexed_attributes(ds))
 
 
 def _to_bytes(ds: Dataset) -> bytes:

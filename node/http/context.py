@@ -10,6 +10,7 @@ from fastapi import Request
 
 from node.catalog import Catalog
 from node.config import Settings
+from node.metrics import NodeMetrics
 from node.receive.scp import Receiver
 from node.spool import Spool
 
@@ -23,6 +24,9 @@ class NodeContext:
     clock: Callable[[], float]
     broker_reachable: Callable[[], bool]
     """Whether the queue broker answers (``/readyz``)."""
+    metrics: NodeMetrics | None = None
+    """The node's metrics registry (``/metrics``), fed by the receiver's hooks; None: ``create_app``
+    gives the app one of its own (catalog metrics only)."""
 
 
 def node_context(request: Request) -> NodeContext:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 
@@ -28,18 +29,19 @@ class HttpServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
-        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+        """Bind the port here (an address in use raises OSError in the caller), then serve on a thread."""
+        sock = socket.create_server((self.host, self._config.port), backlog=self._config.backlog)
+        sock.set_inheritable(False)
+        self.port = int(sock.getsockname()[1])
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="http",
+                                        daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
-            if not self._thread.is_alive():
-                raise OSError(f"HTTP service could not listen on {self.host}:{self._config.port}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("HTTP service did not start")
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise OSError(f"HTTP service did not start on {self.host}:{self.port}")
             time.sleep(0.02)
-        sockets = [s for server in self._server.servers for s in server.sockets]
-        if sockets:
-            self.port = int(sockets[0].getsockname()[1])
         log.info("HTTP service listening on %s", self.url)
 
     def stop(self) -> None:

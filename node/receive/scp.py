@@ -13,6 +13,7 @@ catalog row committed. Failures get the DICOM status a sending modality understa
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -21,7 +22,8 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -32,6 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.catalog import Catalog
 from node.config import Settings
 from node.conformance import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
+from node.dicomweb.attributes import indexed_attributes
 from node.logutil import ref
 from node.nodelay import NODELAY_HANDLERS
 from node.spool import Spool, StorageError, Stored, is_valid_uid
@@ -53,6 +56,20 @@ class StoredInstance:
     series_uid: str
     sop_instance_uid: str
     new: bool
+
+
+@dataclass(frozen=True)
+class Answered:
+    """Passed to ``on_answered`` hooks once per instance any door answered, whatever the status
+    (typed event; the node's metrics count them). Carries no tag values."""
+
+    door: Literal["dimse", "stow"]
+    """``dimse``: C-STORE (a request announced the UIDs); ``stow``: STOW-RS."""
+    source: str
+    """The calling AE title (DIMSE) or the door's source label (STOW-RS)."""
+    status: int
+    size: int
+    """Bytes of the encoded instance."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,29 @@ def pixel_data_problem(ds: Dataset, transfer_syntax: str) -> str | None:
     return None
 
 
+_ReceiveMethod = TypeVar("_ReceiveMethod", bound=Callable[..., "Received"])
+
+
+def _reports_answer(receive: _ReceiveMethod) -> _ReceiveMethod:
+    """Wraps :meth:`Receiver.receive` and :meth:`Receiver.receive_file` (each door's entry: first
+    argument the instance's bytes or temp file, then its source; a C-STORE request makes it ``dimse``):
+    the ``on_answered`` hook hears of every status they answer."""
+
+    @functools.wraps(receive)
+    def wrapper(self: Receiver, data: bytes | Path, source: str, *args: Any, **kwargs: Any) -> Received:
+        size = 0
+        with contextlib.suppress(OSError):  # a temp file is consumed by the call: measure it first
+            size = data.stat().st_size if isinstance(data, Path) else len(data)
+        received: Received = receive(self, data, source, *args, **kwargs)
+        if self.on_answered is not None:
+            request = args[0] if args else kwargs.get("request")
+            self.on_answered(Answered("dimse" if request is not None else "stow", source.strip(), received.status,
+                                      size))
+        return received
+
+    return cast(_ReceiveMethod, wrapper)
+
+
 def _time_out_accepted_sockets(server: ThreadedAssociationServer, seconds: float) -> None:
     """Give every accepted socket a timeout.
 
@@ -136,12 +176,19 @@ class Receiver:
         spool: Spool,
         clock: Callable[[], float],
         on_stored: Callable[[StoredInstance], None] | None = None,
+        *,
+        on_answered: Callable[[Answered], None] | None = None,
+        on_accepted: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_answered``: every status answered (:class:`Answered`); ``on_accepted``: the calling AE
+        title of every association accepted (the node service passes its metrics in here)."""
         self.settings = settings
         self.catalog = catalog
         self.spool = spool
         self.clock = clock
         self.on_stored = on_stored
+        self.on_answered = on_answered
+        self.on_accepted = on_accepted
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
         self._assoc_stats: dict[int, Counter[str]] = {}
@@ -151,18 +198,47 @@ class Receiver:
         """Validate and durably store one C-STORE'd instance (File Meta included); return the status."""
         return self.receive(encoded, calling_ae, (request_sop_class, request_sop_uid)).status
 
+    @_reports_answer
     def receive(self, encoded: bytes, source: str, request: tuple[str, str] | None = None) -> Received:
         """Validate and durably store one encoded Part 10 instance from any door.
 
         ``request`` is the (SOP Class, SOP Instance) UID pair a C-STORE request announced; STOW-RS
         has none, so the SOP Class is checked against the accepted storage classes instead.
         """
-        min_free = self.settings.node.min_free_mb * 1024 * 1024
-        if min_free and self.spool.free_bytes() < min_free + len(encoded):
+        if not self.has_room(len(encoded)):
             log.warning("refusing instance: free space below node.min_free_mb")
             return Received(STATUS_OUT_OF_RESOURCES, *(request or (None, None)))
+        return self._accept(lambda: pydicom.dcmread(io.BytesIO(encoded), force=False), source, request,
+                            lambda rel: self.spool.write(rel, encoded))  # an existing file (duplicate) is kept
+
+    @_reports_answer
+    def receive_file(self, tmp: Path, source: str) -> Received:
+        """Validate and durably store one Part 10 instance already written to a temp file of the
+        spool (:meth:`Spool.new_temp`): the STOW-RS door, which streams each part to disk.
+
+        Same checks and statuses as :meth:`receive` (no C-STORE request, so the SOP Class is checked
+        against the accepted storage classes). ``tmp`` is consumed: linked into the spool, or removed.
+        """
         try:
-            ds = pydicom.dcmread(io.BytesIO(encoded), force=False)
+            if not self.has_room():  # the file is written: its bytes are already off the free space
+                log.warning("refusing instance: free space below node.min_free_mb")
+                return Received(STATUS_OUT_OF_RESOURCES, None, None)
+            return self._accept(lambda: pydicom.dcmread(tmp, force=False), source, None,
+                                lambda rel: self.spool.place(tmp, rel))
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def has_room(self, size: int = 0) -> bool:
+        """Whether the spool stays above ``node.min_free_mb`` with ``size`` more bytes written."""
+        min_free = self.settings.node.min_free_mb * 1024 * 1024
+        return not min_free or self.spool.free_bytes() >= min_free + size
+
+    def _accept(self, read: Callable[[], Dataset], source: str, request: tuple[str, str] | None,
+                place: Callable[[str], Stored]) -> Received:
+        """The checks, the spool and the catalog, shared by both doors: ``read`` parses the instance,
+        ``place`` stores its file durably at a spool path."""
+        try:
+            ds = read()
             transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
             study_uid, series_uid = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
             sop_uid, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
@@ -170,6 +246,7 @@ class Receiver:
             attributes = _series_attributes(ds, source)
             patient = patient_key(ds)
             study_datetime = f"{ds.get('StudyDate', '')}{ds.get('StudyTime', '')}"[:32]
+            indexed = indexed_attributes(ds)  # what QIDO-RS matches and returns
         except (Exception, RecursionError) as exc:  # anything the parser throws is the sender's fault
             log.warning("cannot parse instance: %s", type(exc).__name__)
             return Received(STATUS_CANNOT_PARSE, *(request or (None, None)))
@@ -191,7 +268,7 @@ class Receiver:
         stored: Stored | None = None
         try:
             rel = self.spool.instance_relpath(study_uid, series_uid, sop_uid)
-            stored = self.spool.write(rel, encoded)  # an existing file (duplicate) is kept as it is
+            stored = place(rel)  # an existing file (duplicate) is kept as it is
             recorded = self.catalog.record_instance(
                 study_uid=study_uid,
                 series_uid=series_uid,
@@ -204,6 +281,7 @@ class Receiver:
                 now=self.clock(),
                 patient_key=patient,
                 study_datetime=study_datetime,
+                indexed=indexed,
             )
         except StorageError as exc:
             log.error("spool error: %s", exc)
@@ -241,6 +319,10 @@ class Receiver:
     def _handle_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
+    def _handle_accepted(self, event: evt.Event) -> None:
+        if self.on_accepted is not None:
+            self.on_accepted(event.assoc.requestor.ae_title.strip())
+
     def _handle_released(self, event: evt.Event) -> None:
         with self._lock:
             stats = self._assoc_stats.pop(id(event.assoc), None)
@@ -267,6 +349,7 @@ class Receiver:
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_ACCEPTED, self._handle_accepted),
             (evt.EVT_RELEASED, self._handle_released),
             (evt.EVT_ABORTED, self._handle_released),
             *NODELAY_HANDLERS,

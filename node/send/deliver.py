@@ -2,6 +2,8 @@
 
 Backoff doubles from ``send.retry_initial_seconds`` up to ``send.retry_max_seconds``; a delivery
 stays pending (with its last error visible in ``dicom-node status``) until the destination takes it.
+Deliveries to a paused destination (``POST /api/v1/destinations/{name}/pause``) stay pending, untried,
+until it is resumed.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ class Deliverer:
         return float(min(s.retry_max_seconds, s.retry_initial_seconds * 2 ** max(0, attempts - 1)))
 
     def tick(self) -> int:
-        """Attempt every due delivery once; returns the number sent."""
-        due = self.catalog.due_deliveries(self.clock())
+        """Attempt every due delivery once (those to a paused destination are held); returns the number sent."""
+        due = self.catalog.due_deliveries(self.clock(), skip_paused=True)
         by_dest: dict[str, list[tuple[int, Path, int]]] = defaultdict(list)
         variants: dict[str, dict[Path, str]] = defaultdict(dict)
         studies: dict[str, set[int]] = defaultdict(set)
@@ -83,7 +85,7 @@ class Deliverer:
                 else:
                     reason = failures.get(path, "not sent")
                     delay = self.backoff(attempts + 1)
-                    self.catalog.delivery_failed(delivery_id, reason, self.clock() + delay)
+                    self.catalog.delivery_failed(delivery_id, reason, self.clock() + delay, now=self.clock())
             ids = ", ".join(f"#{i}" for i in sorted(studies[dest]))
             if sent:
                 log.info("study %s: delivered %d object(s) to %s", ids, len(sent), dest)

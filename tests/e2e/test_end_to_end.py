@@ -33,6 +33,7 @@ from testkit.harness import (
     free_port,
     node_config,
     pdf_text,
+    port_open,
     start_node_process,
     stop_process,
     storescu,
@@ -52,7 +53,7 @@ EXPECTED_SEGMENTS = {"Body", "Right Lung", "Left Lung", "Bone", "Airway"}
 class Stack:
     workdir: Path
     node_port: int
-    stow_port: int
+    http_port: int
     orthanc: Orthanc
     procs: list[subprocess.Popen[bytes]]
 
@@ -66,14 +67,14 @@ def _start(tmp_path: Path, redis_mode: bool, models: tuple[str, ...] = ("ct-hu-s
     procs: list[subprocess.Popen[bytes]] = []
     redis = Redis(tmp_path).start() if redis_mode else None
     try:
-        stow_port = free_port()
+        http_port = free_port()
         cfg = node_config(tmp_path, node_port=node_port, orthanc=orthanc, quiet_seconds=QUIET_SECONDS,
                           broker_url=redis.url if redis else "", embedded_workers=not redis_mode, models=models,
-                          overrides={"stow": {"enabled": True, "host": "127.0.0.1", "port": stow_port}})
+                          http_port=http_port)
         procs.append(start_node_process(cfg, "run", "node.log", port=node_port))
         if redis_mode:
             procs.append(start_node_process(cfg, "worker", "worker.log"))
-        yield Stack(tmp_path, node_port, stow_port, orthanc, procs)
+        yield Stack(tmp_path, node_port, http_port, orthanc, procs)
     finally:
         for p in reversed(procs):
             stop_process(p)
@@ -288,10 +289,12 @@ def test_redis_mode_with_separate_worker(redis_stack: Stack, tmp_path: Path) -> 
 
 
 def test_stow_rs_door(embedded: Stack, tmp_path: Path) -> None:
-    """The second door: a series posted with STOW-RS comes back as SEG + SR like a C-STORE'd one."""
+    """The second door (STOW-RS on the node's HTTP service): a series posted with STOW-RS comes back
+    as SEG + SR like a C-STORE'd one."""
     phantom = make_ct_phantom(n_slices=30, rows=128, cols=128, pixel_mm=3.0, seed=5)
     files = write_ct_series(phantom, tmp_path / "stow", uid_seed="stow-door")
-    status, body = stow_request(f"http://127.0.0.1:{embedded.stow_port}/dicom-web", [f.read_bytes() for f in files])
+    wait_for(lambda: port_open(embedded.http_port), 30, what="the node's HTTP service")
+    status, body = stow_request(f"http://127.0.0.1:{embedded.http_port}/dicom-web", [f.read_bytes() for f in files])
     assert status == 200 and len(body["00081199"]["Value"]) == 30
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     wait_for(lambda: {"SEG": 1, "SR": 1, "DOC": 1}.items() <= embedded.orthanc.modalities_of_study(study_uid).items(),

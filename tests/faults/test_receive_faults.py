@@ -26,10 +26,11 @@ from pynetdicom import AE
 from node.catalog import Catalog, Instance
 from node.config import Settings
 from node.receive.scp import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver
-from node.receive.stow import StowServer, multipart_body, receiver_store, stow_request
+from node.receive.stow import multipart_body, stow_request
 from node.spool import Spool
 from testkit.harness import NODE_AE, c_store, free_port, storescu, wait_for
 from tests.dsfactory import ct_slice, encode
+from tests.httpkit import serve
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -86,26 +87,26 @@ def test_disk_floor_refuses_then_recovers(tmp_path: Path) -> None:
         pytest.skip(f"needs about 1.2 GB free disk, has {free_mb} MB")
     r = make_receiver(tmp_path, min_free_mb=int(free_mb - 300))
     r.start()
-    stow = StowServer("127.0.0.1", 0, receiver_store(r), 2**30)
-    stow.start()
     try:
-        files = write_slices(tmp_path / "in", 4)
-        assert c_store(r.settings.node.port, files[:1]) == {"1.2.826.0.1.7.1.1": STATUS_SUCCESS}
-        ballast = tmp_path / "s" / "ballast"
-        with open(ballast, "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, 600 * 2**20)  # now below the floor
-        assert c_store(r.settings.node.port, files[1:2]) == {"1.2.826.0.1.7.1.2": STATUS_OUT_OF_RESOURCES}
-        http_status, body = stow_request(stow.url, [files[3].read_bytes()])
-        assert http_status == 503  # STOW-RS: out of resources, retry later
-        assert body["00081198"]["Value"][0]["00081197"]["Value"] == [STATUS_OUT_OF_RESOURCES]
-        ballast.unlink()  # space returns: service resumes by itself
-        assert stow_request(stow.url, [files[3].read_bytes()])[0] == 200
-        assert c_store(r.settings.node.port, files[1:3]) == {
-            "1.2.826.0.1.7.1.2": STATUS_SUCCESS, "1.2.826.0.1.7.1.3": STATUS_SUCCESS}
-        assert_spool_consistent(r)
-        assert r.catalog.counts()["instances"]["total"] == 4
+        with serve(r) as service:
+            stow = service.url + "/dicom-web"
+            files = write_slices(tmp_path / "in", 4)
+            assert c_store(r.settings.node.port, files[:1]) == {"1.2.826.0.1.7.1.1": STATUS_SUCCESS}
+            ballast = tmp_path / "s" / "ballast"
+            with open(ballast, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, 600 * 2**20)  # now below the floor
+            assert c_store(r.settings.node.port, files[1:2]) == {"1.2.826.0.1.7.1.2": STATUS_OUT_OF_RESOURCES}
+            http_status, body = stow_request(stow, [files[3].read_bytes()])
+            assert http_status == 503  # STOW-RS: out of resources, retry later
+            assert body["00081198"]["Value"][0]["00081197"]["Value"] == [STATUS_OUT_OF_RESOURCES]
+            assert list(r.spool.tmp.iterdir()) == []  # the refused part left no temp file
+            ballast.unlink()  # space returns: service resumes by itself
+            assert stow_request(stow, [files[3].read_bytes()])[0] == 200
+            assert c_store(r.settings.node.port, files[1:3]) == {
+                "1.2.826.0.1.7.1.2": STATUS_SUCCESS, "1.2.826.0.1.7.1.3": STATUS_SUCCESS}
+            assert_spool_consistent(r)
+            assert r.catalog.counts()["instances"]["total"] == 4
     finally:
-        stow.stop()
         r.stop()
 
 
@@ -304,19 +305,17 @@ FUZZ_STOW = 2000
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about each invalid value it reads
 def test_fuzz_stow_rs(receiver: Receiver, tmp_path: Path) -> None:
     rng = random.Random(7)
-    stow = StowServer("127.0.0.1", 0, receiver_store(receiver), 8 * 2**20, timeout_seconds=2)
-    stow.start()
     stored_ok: set[str] = set()
     statuses: Counter[int] = Counter()
     t0 = time.monotonic()
-    try:
+    with serve(receiver, max_request_mb=8, timeout_seconds=2) as service:
         for i, (_sop, raw) in enumerate(_mutated_instances(rng, FUZZ_STOW, 20_000)):
             body, content_type = multipart_body([raw])
             if i % 3 == 1:
                 body = _mutate(rng, body)
             elif i % 3 == 2:
                 content_type = _mutate(rng, content_type.encode()).decode("latin-1")
-            conn = http.client.HTTPConnection("127.0.0.1", stow.port, timeout=10)
+            conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
             try:
                 conn.request("POST", "/dicom-web/studies", body=body,
                              headers={"Content-Type": content_type, "Accept": "application/dicom+json"})
@@ -336,9 +335,7 @@ def test_fuzz_stow_rs(receiver: Receiver, tmp_path: Path) -> None:
         assert statuses[200] >= FUZZ_STOW // 20
         assert_spool_consistent(receiver, answered_success=stored_ok)
         good = write_slices(tmp_path / "after", 2, study="1.2.826.0.1.4")
-        assert stow_request(stow.url, [p.read_bytes() for p in good])[0] == 200  # still serving
-    finally:
-        stow.stop()
+        assert stow_request(service.url + "/dicom-web", [p.read_bytes() for p in good])[0] == 200  # still serving
 
 
 def _capture_associate_rq() -> bytes:

@@ -1,9 +1,11 @@
-"""STOW-RS over real loopback HTTP into a real Receiver (spool + catalog), and from Orthanc's client."""
+"""STOW-RS on the node's HTTP service over real loopback HTTP into a real Receiver (spool + catalog),
+from our client, a raw socket that gives up half way, and Orthanc's DICOMweb client."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +15,12 @@ import pytest
 
 from node.catalog import Catalog
 from node.config import Settings
+from node.http.server import HttpServer
 from node.receive.scp import Receiver
-from node.receive.stow import FAILURE_STUDY_MISMATCH, StowServer, receiver_store, stow_request
+from node.receive.stow import FAILURE_STUDY_MISMATCH, multipart_body, stow_request
 from node.spool import Spool
 from testkit.harness import Orthanc, free_port, wait_for
+from tests.httpkit import serve
 
 REAL_CT = Path(__file__).resolve().parents[1] / "data" / "ct-real-20"
 FILES = sorted(p for p in REAL_CT.iterdir() if p.is_file())
@@ -30,43 +34,45 @@ def receiver(tmp_path: Path) -> Receiver:
 
 
 @pytest.fixture
-def server(receiver: Receiver) -> Iterator[StowServer]:
-    s = StowServer("127.0.0.1", 0, receiver_store(receiver), max_body_bytes=256 * 1024 * 1024)
-    s.start()
-    yield s
-    s.stop()
+def server(receiver: Receiver) -> Iterator[HttpServer]:
+    with serve(receiver, max_request_mb=256) as s:
+        yield s
+
+
+def dicomweb(server: HttpServer) -> str:
+    return server.url + "/dicom-web"
 
 
 def spooled(receiver: Receiver) -> set[str]:
     return {p.stem for p in (receiver.spool.root / "instances").rglob("*.dcm")}
 
 
-def test_real_ct_series_is_stored(receiver: Receiver, server: StowServer) -> None:
+def test_real_ct_series_is_stored(receiver: Receiver, server: HttpServer) -> None:
     files = [p.read_bytes() for p in FILES]
     study = str(pydicom.dcmread(FILES[0], stop_before_pixels=True).StudyInstanceUID)
-    status, module = stow_request(server.url, files, study_uid=study)
+    status, module = stow_request(dicomweb(server), files, study_uid=study)
     assert status == 200 and "00081198" not in module
     stored = [item["00081155"]["Value"][0] for item in module["00081199"]["Value"]]
     assert set(stored) == spooled(receiver) == {p.name[3:] for p in FILES}
     assert receiver.catalog.counts()["instances"]["total"] == len(FILES)
-    assert stow_request(server.url, files[:3])[0] == 200  # a resend is a success, not a duplicate
+    assert stow_request(dicomweb(server), files[:3])[0] == 200  # a resend is a success, not a duplicate
     assert receiver.catalog.counts()["instances"]["total"] == len(FILES)
 
 
-def test_truncated_and_foreign_instances_fail(receiver: Receiver, server: StowServer) -> None:
+def test_truncated_and_foreign_instances_fail(receiver: Receiver, server: HttpServer) -> None:
     whole, cut = FILES[0].read_bytes(), FILES[1].read_bytes()
-    status, module = stow_request(server.url, [whole, cut[: len(cut) // 2]])
+    status, module = stow_request(dicomweb(server), [whole, cut[: len(cut) // 2]])
     assert status == 202
     (failed,) = module["00081198"]["Value"]
     assert failed["00081197"]["Value"][0] in (0xC210, 0xC211)
     assert spooled(receiver) == {FILES[0].name[3:]}
-    status, module = stow_request(server.url, [FILES[2].read_bytes()], study_uid="1.2.3.4")
+    status, module = stow_request(dicomweb(server), [FILES[2].read_bytes()], study_uid="1.2.3.4")
     assert status == 409 and module["00081198"]["Value"][0]["00081197"]["Value"] == [FAILURE_STUDY_MISMATCH]
     assert receiver.catalog.counts()["instances"]["total"] == 1
 
 
 @pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Orthanc not installed")
-def test_orthanc_stow_client_is_accepted(tmp_path: Path, receiver: Receiver, server: StowServer) -> None:
+def test_orthanc_stow_client_is_accepted(tmp_path: Path, receiver: Receiver, server: HttpServer) -> None:
     orthanc = Orthanc(tmp_path, node_port=free_port()).start()
     try:
         for p in FILES:
@@ -74,10 +80,29 @@ def test_orthanc_stow_client_is_accepted(tmp_path: Path, receiver: Receiver, ser
                                    timeout=30).close()
         study_id = orthanc.get("/studies")[0]
         put = urllib.request.Request(orthanc.url("/dicom-web/servers/node"), method="PUT",
-                                     data=json.dumps({"Url": server.url + "/"}).encode())
+                                     data=json.dumps({"Url": dicomweb(server) + "/"}).encode())
         urllib.request.urlopen(put, timeout=10).close()
         orthanc.post("/dicom-web/servers/node/stow", {"Resources": [study_id]})
         wait_for(lambda: len(spooled(receiver)) == len(FILES), 30, what="instances sent by Orthanc")
     finally:
         orthanc.stop()
     assert receiver.catalog.counts()["instances"]["total"] == len(FILES)
+
+
+def test_client_gone_mid_request_keeps_finished_instances_only(receiver: Receiver, server: HttpServer) -> None:
+    """A client that sends headers, two whole instances and half of a third, then closes: the two
+    are stored, the third leaves neither a spooled file, a catalog row nor a temp file."""
+    files = [p.read_bytes() for p in FILES[:3]]
+    body, content_type = multipart_body(files)
+    cut = body.index(files[2]) + len(files[2]) // 2
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"POST /dicom-web/studies HTTP/1.1\r\nHost: node\r\nContent-Type: {content_type}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:cut])
+        wait_for(lambda: receiver.catalog.counts()["instances"]["total"] == 2, 10, interval=0.02,
+                 what="the two whole instances stored")
+        wait_for(lambda: list(receiver.spool.tmp.iterdir()), 10, interval=0.02, what="the third part in a temp file")
+    wait_for(lambda: not list(receiver.spool.tmp.iterdir()), 10, interval=0.02, what="no temp file")
+    assert spooled(receiver) == {p.name[3:] for p in FILES[:2]}
+    assert receiver.catalog.counts()["instances"]["total"] == 2
+    status, _ = stow_request(dicomweb(server), files)  # the client tries again: all three stored
+    assert status == 200 and receiver.catalog.counts()["instances"]["total"] == 3

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from node.assemble import Assembler
-from node.catalog import Catalog, JobPolicy, Recorded
+from node.catalog import Catalog, Recorded
 from node.config import Rule
+from node.policy import JobPolicy
 from node.route import Router
 
 

@@ -66,3 +66,36 @@ def test_old_rows_read_back_as_typed_states(tmp_path: Path) -> None:
     assert series.routing_attributes == {"Modality": "CT", "NumberOfInstances": 1}
     [job] = catalog.jobs_in_state(JobState.DONE)
     assert job.state is JobState.DONE and job.destinations == ["pacs"]
+
+
+def test_dicomweb_columns_and_indexes_are_added_to_an_old_catalog(tmp_path: Path) -> None:
+    """A catalog from before the DICOMweb origin: its series read back as received (routed, served),
+    the query columns and their indexes are created, old rows have no query attributes yet."""
+    Catalog.for_storage(tmp_path).engine.dispose()
+    db = tmp_path / "catalog.sqlite3"
+    con = sqlite3.connect(db)
+    for index in ("ix_studies_patient_id", "ix_studies_study_date", "ix_studies_accession_number",
+                  "ix_series_origin"):
+        con.execute(f"DROP INDEX {index}")
+    con.commit()
+    con.close()
+    for table, column in (("studies", "patient_id"), ("studies", "patient_name"), ("studies", "study_date"),
+                          ("studies", "accession_number"), ("studies", "dicom"), ("series", "origin"),
+                          ("series", "dicom"), ("instances", "dicom")):
+        _drop_column(db, table, column)
+    con = sqlite3.connect(db)
+    con.execute("INSERT INTO studies (id, study_uid, state, generation, first_received_at, last_received_at, "
+                "instance_count, study_datetime) VALUES (1, '1.2.1', 'routed', 1, 0, 0, 1, '')")
+    con.execute("INSERT INTO series (id, series_uid, study_id, attributes, instance_count) "
+                """VALUES (1, '1.2.1.1', 1, '{"Modality": "CT"}', 1)""")
+    con.commit()
+    con.close()
+    catalog = Catalog.for_storage(tmp_path)
+    [series] = catalog.series_of_study(1)  # routing still sees it: origin defaults to received
+    assert series.origin == "received" and series.dicom is None
+    con = sqlite3.connect(db)
+    indexes = {row[1] for row in con.execute("SELECT type, name FROM sqlite_master WHERE type = 'index'")}
+    assert {"ix_studies_patient_id", "ix_studies_study_date", "ix_studies_accession_number",
+            "ix_series_origin"} <= indexes
+    assert con.execute("SELECT patient_id, study_date, dicom FROM studies").fetchall() == [("", "", None)]
+    con.close()

@@ -1,3 +1,4 @@
+import os
 import threading
 from pathlib import Path
 
@@ -51,3 +52,39 @@ def test_clean_temp_removes_partial_files(tmp_path: Path) -> None:
     (sp.tmp / "abc.part").write_bytes(b"half")
     assert sp.clean_temp() == 1
     assert list(sp.tmp.iterdir()) == []
+
+
+def test_place_links_a_written_temp_file_with_write_semantics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sp = Spool(tmp_path)
+    rel = sp.instance_relpath("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    tmp = sp.new_temp()
+    tmp.write_bytes(b"first")
+    first = sp.place(tmp, rel)
+    assert first.new and first.size == 5 and sp.path(rel).read_bytes() == b"first"
+    assert len(synced) == 2  # the file, then its directory
+    again = sp.new_temp()
+    again.write_bytes(b"second")
+    second = sp.place(again, rel)  # an existing file wins (dedup), the temp file is removed
+    assert not second.new and sp.path(rel).read_bytes() == b"first"
+    assert list(sp.tmp.iterdir()) == []
+
+
+def test_place_takes_only_its_own_temp_files(tmp_path: Path) -> None:
+    sp = Spool(tmp_path)
+    outside = tmp_path / "x.part"
+    outside.write_bytes(b"x")
+    with pytest.raises(StorageError):
+        sp.place(outside, sp.instance_relpath("1.2", "1.2.3", "1.2.3.4"))
+    assert outside.exists()
+    missing = sp.new_temp()
+    with pytest.raises(StorageError):
+        sp.place(missing, sp.instance_relpath("1.2", "1.2.3", "1.2.3.4"))
+    assert sp.new_temp().suffix == ".part" and sp.new_temp() != sp.new_temp()

@@ -186,15 +186,16 @@ def _assert_no_error_shown(page: Any, console: list[str]) -> None:
 Driver = Callable[[Any, str, Path, list[str]], None]
 
 
-def _run_viewer(chest: Chest, drive: Driver, name: str) -> None:
-    """Serve OHIF in front of the stack's Orthanc, open a headless Chromium page and ``drive(page,
+def _run_viewer(chest: Chest, drive: Driver, name: str, dicomweb_port: int | None = None) -> None:
+    """Serve OHIF in front of the stack's Orthanc (or the DICOMweb origin at ``dicomweb_port``: the
+    node's own), open a headless Chromium page and ``drive(page,
     viewer_url, out_dir, console)``; then check that no uncaught exception, no upstream error and
     no request to a host other than 127.0.0.1 happened. The console goes to ``<name>-console.log``;
     on failure the page is saved as ``<name>-failure.png``."""
     sync_api = _require_viewer()
     t0 = time.monotonic()
     out_dir = artifacts_dir()
-    server = OhifServer(OHIF_DIST, chest.stack.orthanc.http_port).start()
+    server = OhifServer(OHIF_DIST, dicomweb_port or chest.stack.orthanc.http_port).start()
     hosts: set[str] = set()
     page_errors: list[str] = []
     console: list[str] = []
@@ -244,6 +245,20 @@ def test_ohif_opens_segmentation_sr(chest: Chest) -> None:
     _run_viewer(chest, _drive_segmentation_sr, "ohif-seg-sr")
 
 
+def test_ohif_opens_the_study_from_the_node(chest: Chest) -> None:
+    """OHIF pointed at the node's own DICOMweb origin (QIDO-RS + WADO-RS), no PACS in between: the
+    CT and the node's SEG (its BINARY copy) open, with names and colours."""
+    _run_viewer(chest, _drive_seg_from_node, "ohif-node", dicomweb_port=chest.stack.http_port)
+
+
+def _drive_seg_from_node(page: Any, url: str, out_dir: Path, console: list[str]) -> None:
+    viewport = _open_study(page, url)
+    for description in (NODULE_SR_DESCRIPTION, SEGMENTATION_SR_DESCRIPTION):  # the study's results, listed
+        _thumbnail(page, description).wait_for()
+    baseline = _hue_fractions(_image(viewport))
+    _check_seg(page, viewport, baseline, out_dir, console, screenshot="ohif-node-seg.png")
+
+
 def _drive_viewer(page: Any, url: str, out_dir: Path, console: list[str]) -> None:
     viewport = _open_study(page, url)
     baseline = _hue_fractions(_image(viewport))  # the CT alone: grey, plus the viewport's icons
@@ -254,7 +269,8 @@ def _drive_viewer(page: Any, url: str, out_dir: Path, console: list[str]) -> Non
     _check_measurements_listed(page, viewport, baseline, diameters, out_dir, console)
 
 
-def _check_seg(page: Any, viewport: Any, baseline: list[float], out_dir: Path, console: list[str]) -> None:
+def _check_seg(page: Any, viewport: Any, baseline: list[float], out_dir: Path, console: list[str],
+               screenshot: str = "ohif-seg.png") -> None:
     """The SEG: names in the segmentation panel, overlay in colour on the CT."""
     seg_thumb = _thumbnail(page, SEG_DESCRIPTION)
     seg_thumb.wait_for()
@@ -278,7 +294,7 @@ def _check_seg(page: Any, viewport: Any, baseline: list[float], out_dir: Path, c
                     what="the segmentation overlay drawn in at least 3 colours")
     print(f"SEG overlay: new hues (degrees: fraction of the image) {hues}; segment rows {row_texts}")
     _assert_no_error_shown(page, console)
-    page.screenshot(path=str(out_dir / "ohif-seg.png"))
+    page.screenshot(path=str(out_dir / screenshot))
 
 
 def _scroll_until(page: Any, viewport: Any, locator: Any, tries: int = 6) -> int:
