@@ -26,6 +26,8 @@ from testkit.dicom import write_ct_series
 from testkit.harness import (
     ORTHANC_AE,
     Orthanc,
+    bearer,
+    create_token,
     free_port,
     node_config,
     start_node_process,
@@ -39,12 +41,13 @@ from testkit.phantom import make_ct_phantom
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
-def median_seconds(client: httpx.Client, url: str, accept: str, repeat: int) -> float:
-    """Median wall time of ``repeat`` GETs of ``url``, the body read whole."""
+def median_seconds(client: httpx.Client, url: str, accept: str, repeat: int,
+                   headers: dict[str, str] | None = None) -> float:
+    """Median wall time of ``repeat`` GETs of ``url``, the body read whole; ``headers``: added (a token)."""
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        r = client.get(url, headers={"Accept": accept})
+        r = client.get(url, headers={"Accept": accept, **(headers or {})})
         r.raise_for_status()
         _ = r.content
         times.append(time.perf_counter() - t0)
@@ -84,6 +87,7 @@ def main() -> None:
         orthanc = Orthanc(tmp / "orthanc", node_port=node_port).start()
         cfg = node_config(tmp, node_port=node_port, orthanc=orthanc, http_port=http_port,
                           overrides={"rules": [], "queue": {"embedded_workers": False}})
+        node_auth = bearer(create_token(cfg, "viewer"))  # QIDO-RS and WADO-RS need a viewer's token
         node = start_node_process(cfg, "run", "node.log", port=node_port)
         try:
             subprocess.run(["storescu", "-aec", ORTHANC_AE, "+sd", "+r", "127.0.0.1", str(orthanc.dicom_port),
@@ -95,7 +99,7 @@ def main() -> None:
             with httpx.Client(timeout=120) as client:
                 def count(base: str) -> int:
                     r = client.get(f"{base}/studies/{study}/series/{series}/instances",
-                                   headers={"Accept": "application/dicom+json"})
+                                   headers={"Accept": "application/dicom+json", **node_auth})
                     return len(r.json()) if r.status_code == 200 else 0
 
                 wait_for(lambda: count(node_base) == len(files), 120, what="the series in the node's catalog")
@@ -104,7 +108,7 @@ def main() -> None:
                 for name, (node_url, accept) in requests(node_base, study, series, instance, patient).items():
                     orthanc_url = node_url.replace(node_base, orthanc_base)
 
-                    t_node = median_seconds(client, node_url, accept, args.repeat)
+                    t_node = median_seconds(client, node_url, accept, args.repeat, node_auth)
                     t_ref = median_seconds(client, orthanc_url, accept, args.repeat)
                     print(f"{name:32} {t_node * 1000:8.1f}ms {t_ref * 1000:8.1f}ms {t_node / t_ref:7.2f}")
         finally:

@@ -37,6 +37,8 @@ from pydicom.uid import UID
 from testkit.dicom import write_ct_series
 from testkit.harness import (
     Orthanc,
+    bearer,
+    create_token,
     free_port,
     node_config,
     port_open,
@@ -51,8 +53,10 @@ MB = 1e6
 RSS_TARGET_MB = 150
 
 
-def stow_files(url: str, files: list[Path], timeout: float = 1800) -> tuple[int, dict[str, Any]]:
-    """POST ``files`` as one multipart/related request to ``url``, streamed from disk."""
+def stow_files(url: str, files: list[Path], timeout: float = 1800,
+               headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """POST ``files`` as one multipart/related request to ``url``, streamed from disk; ``headers``:
+    added to the request (the node's ``Authorization``)."""
     boundary = uuid.uuid4().hex
     head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
     tail = f"--{boundary}--\r\n".encode()
@@ -72,7 +76,7 @@ def stow_files(url: str, files: list[Path], timeout: float = 1800) -> tuple[int,
     try:
         conn.request("POST", target.path, body=body(), headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Content-Length": str(length), "Accept": "application/dicom+json"})
+            "Content-Length": str(length), "Accept": "application/dicom+json", **(headers or {})})
         response = conn.getresponse()
         payload = response.read()
     finally:
@@ -94,6 +98,7 @@ class Node:
         config = node_config(work, node_port=self.dicom_port, orthanc=orthanc, quiet_seconds=3600,
                              embedded_workers=False, http_port=self.http_port,
                              overrides={"rules": [], "http": {"max_request_mb": 4096}})
+        self.auth = bearer(create_token(config, "sender"))  # STOW-RS needs a sender's token
         self.proc = start_node_process(config, "run", "node.log", port=self.dicom_port)
         wait_for(lambda: port_open(self.http_port), 30, what="the node's HTTP service")
 
@@ -120,8 +125,8 @@ def timed(send: Callable[[], None]) -> float:
     return time.monotonic() - t0
 
 
-def stow_ok(url: str, files: list[Path]) -> None:
-    status, module = stow_files(url, files)
+def stow_ok(url: str, files: list[Path], headers: dict[str, str] | None = None) -> None:
+    status, module = stow_files(url, files, headers=headers)
     assert status == 200, (status, str(module)[:500])
 
 
@@ -156,7 +161,7 @@ def peak_rss(node: Node, files: list[Path]) -> tuple[float, float, float, float]
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        took = timed(lambda: stow_ok(node.dicomweb, files))
+        took = timed(lambda: stow_ok(node.dicomweb, files, node.auth))
     finally:
         done.set()
         sampler.join()
@@ -197,10 +202,10 @@ def main() -> None:
 
             def batches(node: Node) -> None:
                 for i in range(0, n, args.batch):
-                    stow_ok(node.dicomweb, files[i:i + args.batch])
+                    stow_ok(node.dicomweb, files[i:i + args.batch], node.auth)
 
             into_node("node C-STORE (storescu, 1 association)", cstore)
-            into_node("node STOW-RS, 1 request", lambda node: stow_ok(node.dicomweb, files))
+            into_node("node STOW-RS, 1 request", lambda node: stow_ok(node.dicomweb, files, node.auth))
             into_node(f"node STOW-RS, requests of {args.batch}", batches)
             ref = Orthanc(work / "orthanc-stow", node_port=free_port()).start()
             try:

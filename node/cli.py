@@ -10,14 +10,16 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
 from models.errors import ConfigError, ManifestError
 from node.checks import load_checked_settings
-from node.config import DicomwebDestination, Settings, load_settings
+from node.config import DicomwebDestination, Settings, check_files, load_settings
 from node.logutil import setup_logging
 from node.queue import worker_command
+from node.roles import Role
 from node.version import software_version
 
 log = logging.getLogger("node.cli")
@@ -26,9 +28,13 @@ WORKER_RESTART_DELAY_SECONDS = 5.0
 """How long ``run`` waits before restarting an embedded worker that exited."""
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    """The configuration, checked against the model registry (:mod:`node.checks`)."""
-    return load_checked_settings(args.config)
+def _settings(args: argparse.Namespace, *, node_files: bool = False) -> Settings:
+    """The configuration, checked against the model registry (:mod:`node.checks`); ``node_files``: also
+    the files the node process reads (TLS keys and certificates, secrets: :func:`node.config.check_files`)."""
+    settings = load_checked_settings(args.config)
+    if node_files:
+        check_files(settings)
+    return settings
 
 
 class _WorkerSupervisor:
@@ -70,7 +76,7 @@ class _WorkerSupervisor:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _settings(args, node_files=True)
     setup_logging(settings.logging.level, "node")
     from node.service import NodeService
 
@@ -110,7 +116,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _settings(args, node_files=True)
     unreadable = [f"destinations[{d.name}].{key}: cannot read {path}"
                   for d in settings.destinations if isinstance(d, DicomwebDestination)
                   for key, path in (("password_file", d.password_file), ("token_file", d.token_file),
@@ -174,6 +180,59 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """API tokens of the HTTP service: the token is printed once by ``create`` (alone on stdout) and
+    only its hash is stored; ``list`` shows names, roles and dates, never a token."""
+    settings = load_settings(args.config)
+    from node.catalog import Catalog
+    from node.tokens import create_token, list_tokens, revoke_token
+
+    catalog = Catalog.for_storage(settings.node.storage_dir)
+    if args.action == "create":
+        token = create_token(catalog, args.name, args.role, time.time())
+        print(f"token {args.name!r} (role {args.role}) created; it is shown once, keep it now:", file=sys.stderr)
+        print(token)
+        return 0
+    if args.action == "revoke":
+        if not revoke_token(catalog, args.name, time.time()):
+            print(f"dicom-node: no active token named {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"token {args.name!r} revoked")
+        return 0
+    rows = list_tokens(catalog)
+    print(f"{'name':<24} {'role':<9} {'created':<20} {'last used':<20} revoked")
+    for t in rows:
+        print(f"{t.name:<24} {t.role.value:<9} {_when(t.created_at):<20} {_when(t.last_used_at):<20} "
+              f"{_when(t.revoked_at)}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The audit trail (``<storage_dir>/audit/audit.log`` and its rotated files), oldest first."""
+    settings = load_settings(args.config)
+    from node.audit import EVENT_NAMES, audit_dir, format_table, parse_time, read_records
+
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"dicom-node: --since/--until: {exc} (ISO 8601, e.g. 2026-12-01T00:00)", file=sys.stderr)
+        return 2
+    records = read_records(audit_dir(settings), since=since, until=until, event=args.event)
+    rows = list(records)
+    n = len(rows)
+    if rows or not args.json:
+        print("\n".join(rec.line() for rec in rows) if args.json else format_table(rows))
+    if not n and args.event and args.event.lower() not in EVENT_NAMES.values() and not args.event.isdigit():
+        print(f"no record of event {args.event!r}; events: {', '.join(sorted(EVENT_NAMES.values()))}",
+              file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dicom-node",
@@ -214,6 +273,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="first phantom seed of the held-out set")
     m.add_argument("--dl", action="store_true", help="also evaluate the deep-learning demo models (needs torch)")
     m.set_defaults(func=cmd_models)
+    au = with_config(sub.add_parser("audit", help="list audit records (rotated files included), oldest first"))
+    au.add_argument("--since", help="from this time on (ISO 8601; local time without a zone), e.g. 2026-12-01T00:00")
+    au.add_argument("--until", help="before this time (ISO 8601)")
+    au.add_argument("--event", metavar="NAME",
+                    help="only this event: application-activity, user-authentication, security-alert, "
+                    "instances-transferred, instances-accessed, query, begin-transferring (or an EventID or "
+                    "EventTypeCode code or name, e.g. 110120, 'Application Stop', study-rerun)")
+    au.add_argument("--json", action="store_true", help="the records as stored: one JSON object per line")
+    au.set_defaults(func=cmd_audit)
+    tk = sub.add_parser("token", help="API tokens of the HTTP service: create (printed once), list, revoke")
+    tks = tk.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tc = with_config(tks.add_parser("create", help="create a token and print it (only its hash is stored)"))
+    tc.add_argument("--name", required=True, help="who or what uses it (1-64 letters, digits, _ . @ -)")
+    tc.add_argument("--role", required=True, choices=[r.value for r in Role],
+                    help="viewer (QIDO/WADO, API reads, metrics, docs), sender (STOW-RS), "
+                    "operator (viewer + retry/rerun/pause), admin (everything)")
+    tl = with_config(tks.add_parser("list", help="names, roles, dates (never the tokens)"))
+    tr = with_config(tks.add_parser("revoke", help="revoke a token: it is refused (401) from the next request"))
+    tr.add_argument("name", help="the token's name")
+    for sp in (tc, tl, tr):
+        sp.set_defaults(func=cmd_token)
     return p
 
 

@@ -8,8 +8,10 @@ There is no module-level mutable configuration. ``load_settings(path)`` returns 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,12 +20,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.errors import ConfigError
+from node.roles import Role
+from node.syslog import facility_number
 
 ENV_PREFIX = "DICOM_NODE__"
 """Environment variables with this prefix override YAML keys (``__`` separates levels)."""
 
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
 """DICOM AE titles: 1-16 printable characters, no backslash."""
+
+HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+"""A DNS host name (RFC 1123 labels)."""
 
 MATCHABLE_ATTRIBUTES: tuple[str, ...] = (
     "Modality",
@@ -46,6 +54,78 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+PeerService = Literal["echo", "store", "find", "move", "get"]
+"""DIMSE services a peer may invoke (the node serves echo and store; find, move and get are reserved)."""
+
+
+class Peer(_Frozen):
+    """A calling AE allowed to associate (``node.peers``)."""
+
+    ae_title: str = Field(pattern=AE_TITLE_PATTERN)
+    """Its calling AE title (exact, case-sensitive; leading/trailing spaces are not significant)."""
+    host: str | None = None
+    """Where it may connect from: an IP address, a CIDR network (``10.1.2.0/24``) or a host name
+    (resolved at each association); None: any address."""
+    allow: list[PeerService]
+    """What it may do: ``echo`` (C-ECHO), ``store`` (C-STORE); ``find``, ``move``, ``get`` are reserved."""
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = v.strip()
+        try:
+            if "/" in v:
+                return str(ipaddress.ip_network(v, strict=True))
+            return str(ipaddress.ip_address(v))
+        except ValueError as exc:
+            if "/" in v:
+                raise ValueError(f"{v!r} is not a CIDR network ({exc})") from None
+        if not HOSTNAME.fullmatch(v):
+            raise ValueError(f"{v!r} is neither an IP address, a CIDR network nor a host name")
+        return v.lower()
+
+
+class TlsServerSettings(_Frozen):
+    """DICOM TLS for the Storage SCP (``node.tls``): TLS 1.2+ with BCP 195 ciphers (``node.tls`` module)."""
+
+    port: int = Field(ge=1, le=65535)
+    """The TLS port (2762 is DICOM's registered port for TLS)."""
+    cert_file: Path
+    """PEM certificate chain of the node (its certificate first)."""
+    key_file: Path
+    """PEM private key (unencrypted), readable by the node's user only (chmod 600)."""
+    ca_file: Path | None = None
+    """PEM bundle of the CAs whose client certificates are trusted; needed with require_client_cert."""
+    require_client_cert: bool = True
+    """Refuse a client without a certificate signed by ``ca_file`` (mutual TLS)."""
+
+    @model_validator(mode="after")
+    def _ca(self) -> TlsServerSettings:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CAs that sign client certificates)")
+        return self
+
+
+class TlsClientSettings(_Frozen):
+    """DICOM TLS towards a dimse destination (``destinations[].tls``)."""
+
+    ca_file: Path | None = None
+    """PEM bundle trusted for the destination's certificate; None: the system's trust store. Its
+    certificate must name ``host`` (DNS or IP subject alternative name)."""
+    cert_file: Path | None = None
+    """Our client certificate (PEM chain), for a destination that requires one; with key_file."""
+    key_file: Path | None = None
+    """Its PEM private key (unencrypted, chmod 600)."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsClientSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class NodeSettings(_Frozen):
     ae_title: str = Field("AI-NODE", pattern=AE_TITLE_PATTERN)
     """Our AE title; scanners and PACS send to it."""
@@ -60,25 +140,95 @@ class NodeSettings(_Frozen):
     network_timeout_seconds: float = Field(60, gt=0)
     maximum_pdu_size: int = Field(0, ge=0)
     """0 = unlimited, the fastest for large images on a LAN."""
-    require_called_ae_title: bool = False
-    """Reject associations whose Called AE Title is not ``ae_title``."""
+    require_called_ae_title: bool = True
+    """Reject associations whose Called AE Title is not ``ae_title`` (A-ASSOCIATE-RJ, reason 0x07)."""
     min_free_mb: int = Field(256, ge=0)
     """Below this much free space in storage_dir, C-STORE answers 0xA700 (Out of Resources)."""
+    peers: list[Peer] = Field(default_factory=list)
+    """The AEs allowed to associate (besides the dimse destinations, which may push: see ``node.peers``)."""
+    accept_unknown_peers: bool = False
+    """True: a calling AE title not in ``peers`` may associate and echo/store (a known AE title from an
+    address outside its ``host`` is still rejected). False: it gets A-ASSOCIATE-RJ (reason 0x03)."""
+    plain: bool = True
+    """The plain (unencrypted) DIMSE port ``port``; false with ``tls`` to accept DICOM TLS only."""
+    tls: TlsServerSettings | None = None
+    """A second Storage SCP on ``tls.port`` speaking DICOM TLS (PS3.15 Annex B, BCP 195)."""
+
+    @model_validator(mode="after")
+    def _doors(self) -> NodeSettings:
+        if not self.plain and self.tls is None:
+            raise ValueError("plain: false needs tls (the node would have no DIMSE port)")
+        if self.plain and self.tls is not None and self.tls.port == self.port:
+            raise ValueError(f"tls.port {self.tls.port} is the plain DIMSE port too")
+        return self
+
+
+class HttpTlsSettings(_Frozen):
+    """HTTPS for the HTTP service (``http.tls``): TLS 1.2 or later."""
+
+    cert_file: Path
+    """PEM certificate chain (the server's certificate first)."""
+    key_file: Path
+    """PEM private key, readable by the node's user only."""
+
+
+JwtAlgorithm = Literal["RS256", "ES256"]
+JWT_ALGORITHMS: tuple[JwtAlgorithm, ...] = ("RS256", "ES256")
+
+
+class OidcSettings(_Frozen):
+    """OpenID Connect bearer tokens (``http.oidc``): JWTs signed by the identity provider, verified
+    against its JWKS (signature by ``kid``, ``iss``, ``aud``, ``exp``/``nbf``); the roles claim maps to
+    node roles through ``role_map``."""
+
+    issuer: str = Field(min_length=1)
+    """The ``iss`` a token must carry (exactly)."""
+    audience: str = Field(min_length=1)
+    """An ``aud`` a token must carry (the node's client id at the provider)."""
+    jwks_file: Path | None = None
+    """The provider's signing keys (a JWKS document) from a file; or ``jwks_url``."""
+    jwks_url: str | None = Field(None, pattern=r"^https?://\S+$")
+    """Fetched at start-up and again, at most once a minute, when a token names an unknown ``kid``."""
+    ca_file: Path | None = None
+    """PEM bundle trusted for an https ``jwks_url``; default: the system's trust store."""
+    roles_claim: str = Field("roles", pattern=r"^[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$")
+    """Where the token lists its roles: a claim name, or a dotted path (``realm_access.roles``)."""
+    role_map: dict[str, Role] = Field(default_factory=dict)
+    """Claim value -> node role (viewer, sender, operator, admin); a token with no mapped value gets 403."""
+    name_claim: str = "sub"
+    """The claim that names the caller (in the audit trail)."""
+    algorithms: list[JwtAlgorithm] = Field(default_factory=lambda: list(JWT_ALGORITHMS), min_length=1)
+    """Signature algorithms accepted (never ``none`` or HMAC)."""
+    leeway_seconds: float = Field(30, ge=0, le=300)
+    """Clock skew tolerated on ``exp``, ``nbf`` and ``iat``."""
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> OidcSettings:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("give exactly one of jwks_file and jwks_url")
+        return self
 
 
 class HttpSettings(_Frozen):
     """The node's HTTP service (one ASGI app on uvicorn): DICOMweb under ``/dicom-web`` (STOW-RS,
-    QIDO-RS, WADO-RS), the REST API under ``/api/v1``, ``/healthz``, ``/readyz``, ``/metrics``."""
+    QIDO-RS, WADO-RS), the REST API under ``/api/v1``, ``/healthz``, ``/readyz``, ``/metrics``.
+
+    Every route but ``/healthz`` and ``/readyz`` needs a bearer token (``dicom-node token create``)
+    or, with ``oidc``, a JWT of the identity provider; with neither, they all answer 401."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
-    """Loopback by default; listen on a LAN address only behind the access control you need."""
+    """Loopback by default; listen on a LAN address with ``tls`` (tokens travel in every request)."""
     port: int = Field(8080, ge=0, le=65535)
     """0: any free port (tests)."""
     max_request_mb: int = Field(1024, ge=1)
     """A STOW-RS request larger than this gets 413 (parts are streamed to the spool, never held whole)."""
     timeout_seconds: float = Field(60, gt=0)
     """A client that sends nothing for this long is disconnected."""
+    tls: HttpTlsSettings | None = None
+    """HTTPS (certificate and key files); None: plain HTTP."""
+    oidc: OidcSettings | None = None
+    """Also accept OpenID Connect JWTs; None: API tokens only."""
 
 
 class AssemblySettings(_Frozen):
@@ -126,6 +276,8 @@ class DimseDestination(_Frozen):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = Field(None, pattern=AE_TITLE_PATTERN)
     """Defaults to ``node.ae_title``."""
+    tls: TlsClientSettings | None = None
+    """Associate over DICOM TLS (C-STORE, and C-FIND/C-MOVE/C-GET when it is ``priors.source``)."""
 
 
 class DicomwebDestination(_Frozen):
@@ -241,6 +393,52 @@ class ModelSettings(_Frozen):
     """Celery queue its jobs go to: run GPU models on ``gpu`` workers (concurrency 1 per GPU)."""
 
 
+class AuditSyslogSettings(_Frozen):
+    """A copy of each audit record to a syslog collector (RFC 5424; the record's JSON is the MSG).
+
+    Sent from a bounded queue by a background thread: a collector that is down never blocks or breaks
+    the node; when the queue is full records are dropped from syslog (counted and logged), never from
+    the audit file."""
+
+    host: str = Field(min_length=1)
+    port: int | None = Field(None, ge=1, le=65535)
+    """None: 514 (udp), 601 (tcp), 6514 (tls)."""
+    protocol: Literal["udp", "tcp", "tls"] = "tls"
+    """``udp``: one datagram per record (RFC 5426); ``tcp`` / ``tls``: octet-counting framing (RFC 5425)."""
+    ca_file: Path | None = None
+    """PEM bundle trusted for the collector's certificate (tls); default: the system's trust store."""
+    cert_file: Path | None = None
+    """Our client certificate (PEM) when the collector requires mutual TLS."""
+    key_file: Path | None = None
+    facility: int | str = 10
+    """0-23 or a name (``authpriv`` = 10, the default; ``security`` = 13, ``local0``..``local7``)."""
+    queue_size: int = Field(10000, ge=1)
+    """Records waiting for the collector before further ones are dropped."""
+
+    @field_validator("facility")
+    @classmethod
+    def _facility(cls, v: int | str) -> int | str:
+        facility_number(v)  # raises ValueError for an unknown one
+        return v
+
+
+class AuditSettings(_Frozen):
+    """The audit trail (``node.audit``): ``<storage_dir>/audit/audit.log``, one JSON record per line,
+    rotated by size."""
+
+    enabled: bool = True
+    max_mb: float = Field(10, gt=0)
+    """The file is rotated (``audit.log.1``, ...) when it would grow past this."""
+    keep: int = Field(10, ge=1, le=1000)
+    """Rotated files kept; older ones are deleted."""
+    fsync: bool = False
+    """fsync every record (survives a power loss). Off: each record is written to the OS at once
+    (survives a crash of the node) and fsynced at rotation and shutdown."""
+    site_id: str | None = None
+    """AuditEnterpriseSiteID of every record (the hospital or site)."""
+    syslog: AuditSyslogSettings | None = None
+
+
 class LoggingSettings(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -256,6 +454,7 @@ class Settings(_Frozen):
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     priors: PriorSettings | None = None
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -321,6 +520,67 @@ def _describe(exc: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         lines.append(f"  {loc}: {err['msg']}")
     return "\n".join(lines)
+
+
+SECRET_MODE_MASK = 0o077
+"""Permission bits a private key or secret file must not have (group or others may not touch it)."""
+
+
+def check_readable_file(key: str, path: Path) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``path`` is a regular file this process can read."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{key}: {path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{key}: cannot read {path}: permission denied")
+
+
+def check_secret_file(key: str, path: Path, *, must_exist: bool = True) -> None:
+    """Refuse a private key or secret file (``key`` names the setting, e.g. ``node.tls.key_file``) that
+    group or others may read or write: :class:`ConfigError` naming the key and the file, suggesting
+    ``chmod 600``. ``must_exist=False``: a missing file passes (it is read later, e.g. at each send)."""
+    if not must_exist and not path.exists():
+        return
+    check_readable_file(key, path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & SECRET_MODE_MASK:
+        raise ConfigError(f"{key}: {path} is readable by group or others (mode {mode:04o}); "
+                          f"make it private to the node's user: chmod 600 {path}")
+
+
+def check_files(settings: Settings) -> None:
+    """The files the node process reads: TLS certificates, keys and CA bundles exist and are readable,
+    private keys and secret files are private (:func:`check_secret_file`). Run by ``dicom-node run`` and
+    ``check-config`` (not by workers, which never read them); raises :class:`ConfigError`."""
+    n = settings.node
+    if n.tls is not None:
+        check_readable_file("node.tls.cert_file", n.tls.cert_file)
+        check_secret_file("node.tls.key_file", n.tls.key_file)
+        if n.tls.ca_file is not None:
+            check_readable_file("node.tls.ca_file", n.tls.ca_file)
+    for d in settings.destinations:
+        where = f"destinations[{d.name}]"
+        if isinstance(d, DimseDestination) and d.tls is not None:
+            if d.tls.ca_file is not None:
+                check_readable_file(f"{where}.tls.ca_file", d.tls.ca_file)
+            if d.tls.cert_file is not None and d.tls.key_file is not None:
+                check_readable_file(f"{where}.tls.cert_file", d.tls.cert_file)
+                check_secret_file(f"{where}.tls.key_file", d.tls.key_file)
+        elif isinstance(d, DicomwebDestination):
+            for key, path in (("password_file", d.password_file), ("token_file", d.token_file)):
+                if path is not None:  # read at each send: a missing one is check-config's "cannot read"
+                    check_secret_file(f"{where}.{key}", path, must_exist=False)
+    h = settings.http
+    if h.tls is not None:
+        check_readable_file("http.tls.cert_file", h.tls.cert_file)
+        check_secret_file("http.tls.key_file", h.tls.key_file)
+    if h.oidc is not None:
+        for key, path in (("jwks_file", h.oidc.jwks_file), ("ca_file", h.oidc.ca_file)):
+            if path is not None:
+                check_readable_file(f"http.oidc.{key}", path)
 
 
 def parse_settings(data: Mapping[str, Any], source: str = "<settings>") -> Settings:

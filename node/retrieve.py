@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -60,6 +60,7 @@ from node.logutil import ref
 from node.nodelay import NODELAY_HANDLERS
 from node.schema import PriorFetchState
 from node.spool import Spool
+from node.tls import client_context
 
 log = logging.getLogger("node.retrieve")
 
@@ -117,6 +118,36 @@ class Retrieved:
     completed: int
     failed: int = 0
     warning: int = 0
+
+
+STUDY_FIND_KEYS = ("QueryRetrieveLevel", "PatientID", "IssuerOfPatientID", "StudyInstanceUID", "StudyDate",
+                   "StudyTime", "ModalitiesInStudy")
+"""The keys of :func:`find_identifier` (what the audit trail records of a C-FIND: names, never values)."""
+SERIES_FIND_KEYS = ("QueryRetrieveLevel", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
+
+
+@dataclass(frozen=True)
+class PriorExchange:
+    """Passed to ``on_exchange`` after each C-FIND, C-MOVE or C-GET the node makes to the PACS for a
+    prior (typed event; the audit trail subscribes). The PACS is named by its ``destinations`` entry;
+    a C-FIND by its level and the names of its keys, never their values."""
+
+    operation: Literal["find", "move", "get"]
+    source: str
+    """``priors.source``."""
+    level: str = ""
+    keys: tuple[str, ...] = ()
+    study_uid: str | None = None
+    """The study retrieved (C-MOVE/C-GET) or whose series were searched."""
+    count: int = 0
+    """Matches (C-FIND) or completed sub-operations (C-MOVE/C-GET)."""
+    failed: int = 0
+    """Failed sub-operations."""
+    error: str | None = None
+    """Why the operation failed (no association, timeout, failure status)."""
+
+
+_T = TypeVar("_T")
 
 
 class PriorSource(Protocol):
@@ -184,6 +215,8 @@ class DimsePriorSource:
         ae.dimse_timeout = ae.network_timeout = timeout
         d = self.destination
         kwargs["evt_handlers"] = [*NODELAY_HANDLERS, *kwargs.get("evt_handlers", [])]
+        if d.tls is not None:  # DICOM TLS; a C-MOVE's pushes arrive wherever the PACS sends to (node.tls.port)
+            kwargs["tls_args"] = (client_context(d.tls, f"destinations[{d.name}].tls"), d.host)
         assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, **kwargs)
         if not assoc.is_established:
             raise RetrieveError(f"no association with {d.name} ({d.host}:{d.port})")
@@ -282,7 +315,9 @@ class PriorRetriever:
     """Holds back studies that need a prior from the PACS, and fetches it on its own thread."""
 
     def __init__(self, settings: Settings, catalog: Catalog, spool: Spool, source: PriorSource,
-                 clock: Callable[[], float], submit: Callable[[Callable[[], object]], object] | None = None) -> None:
+                 clock: Callable[[], float], submit: Callable[[Callable[[], object]], object] | None = None, *,
+                 on_exchange: Callable[[PriorExchange], None] | None = None) -> None:
+        """``on_exchange``: every C-FIND, C-MOVE and C-GET made to the PACS (:class:`PriorExchange`)."""
         assert settings.priors is not None
         self.settings = settings
         self.priors = settings.priors
@@ -291,6 +326,7 @@ class PriorRetriever:
         self.source = source
         self.clock = clock
         self._submit = submit or self._enqueue
+        self.on_exchange = on_exchange
         self._handed: set[tuple[int, int]] = set()
         """(study id, generation) handed to the retrieval thread and not finished yet."""
         self._lock = threading.Lock()
@@ -299,7 +335,8 @@ class PriorRetriever:
 
     @classmethod
     def from_settings(cls, settings: Settings, catalog: Catalog, spool: Spool, store: StoreFn,
-                      clock: Callable[[], float]) -> PriorRetriever | None:
+                      clock: Callable[[], float], *,
+                      on_exchange: Callable[[PriorExchange], None] | None = None) -> PriorRetriever | None:
         """None without a ``priors:`` section (priors come from the catalog only). ``store`` is the
         receiving door (``Receiver.store``) that C-GET sub-operations go through."""
         if settings.priors is None:
@@ -309,7 +346,7 @@ class PriorRetriever:
         source = DimsePriorSource(pacs, settings.node.ae_title,
                                   settings.priors.method, store, move_destination=settings.node.ae_title,
                                   acse_timeout=settings.node.acse_timeout_seconds)
-        return cls(settings, catalog, spool, source, clock)
+        return cls(settings, catalog, spool, source, clock, on_exchange=on_exchange)
 
     def _enqueue(self, task: Callable[[], object]) -> None:
         """Run ``task`` on the retrieval thread (a daemon: a fetch in flight at exit is redone at start-up)."""
@@ -358,6 +395,31 @@ class PriorRetriever:
         return PriorQuery(pid, _text(ds, "IssuerOfPatientID"), modality, _text(ds, "StudyInstanceUID"), date,
                           _text(ds, "StudyTime"), self.priors.max_age_days)
 
+    def _exchange(self, call: Callable[[], _T], operation: Literal["find", "move", "get"], *, level: str = "",
+                  keys: tuple[str, ...] = (), study_uid: str | None = None) -> _T:
+        """``call()`` (one C-FIND, or the C-MOVE/C-GETs of a study), reported to ``on_exchange``."""
+        try:
+            result = call()
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, RetrieveError) else type(exc).__name__
+            self._report(PriorExchange(operation, self.priors.source, level, keys, study_uid, error=error))
+            raise
+        if isinstance(result, Retrieved):
+            self._report(PriorExchange(operation, self.priors.source, level, keys, study_uid, result.completed,
+                                       result.failed))
+        else:
+            self._report(PriorExchange(operation, self.priors.source, level, keys, study_uid,
+                                       len(result) if isinstance(result, list) else 0))
+        return result
+
+    def _report(self, event: PriorExchange) -> None:
+        if self.on_exchange is None:
+            return
+        try:
+            self.on_exchange(event)
+        except Exception:
+            log.exception("on_exchange hook failed")
+
     def fetch(self, study_id: int, generation: int, series_id: int, modality: str) -> PriorFetchState:
         """Find and retrieve the prior, then queue the jobs that awaited it; returns the fetch state."""
         t0 = time.monotonic()
@@ -368,7 +430,8 @@ class PriorRetriever:
             if query is None:
                 state, note = PriorFetchState.NO_QUERY, "no usable Modality, Patient ID or Study Date in the instance"
             else:
-                candidates = self.source.find(query, timeout)
+                candidates = self._exchange(lambda: self.source.find(query, timeout), "find", level="STUDY",
+                                            keys=STUDY_FIND_KEYS)
                 known = self.catalog.known_study_uids([c.study_uid for c in candidates])
                 earlier = self.catalog.prior_fetch(study_id, generation)
                 if earlier is not None and earlier.prior_study_uid:  # cut short by a crash: fetch it again
@@ -381,12 +444,15 @@ class PriorRetriever:
                     self.catalog.record_prior_fetch(study_id, generation, modality, PriorFetchState.RETRIEVING,
                                                     self.clock(), prior_study_uid=chosen.study_uid)
                     left = max(1.0, timeout - (time.monotonic() - t0))
-                    series = self.source.find_series(chosen.study_uid, modality, left)
+                    series = self._exchange(lambda: self.source.find_series(chosen.study_uid, modality, left),
+                                            "find", level="SERIES", keys=SERIES_FIND_KEYS,
+                                            study_uid=chosen.study_uid)
                     if not series:
                         state, note = PriorFetchState.NOT_FOUND, f"no {modality} series in the chosen study"
                     else:
                         left = max(1.0, timeout - (time.monotonic() - t0))
-                        got = self.source.retrieve(chosen.study_uid, series, left)
+                        got = self._exchange(lambda: self.source.retrieve(chosen.study_uid, series, left),
+                                             self.priors.method, study_uid=chosen.study_uid)
                         state = PriorFetchState.RETRIEVED if got.failed == 0 else PriorFetchState.PARTIAL
                         detail = f"prior {ref(chosen.study_uid)}: {got.completed} instance(s) in {len(series)} series"
                         note = f"{got.failed} sub-operation(s) failed" if got.failed else ""

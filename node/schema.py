@@ -1,6 +1,7 @@
 """Catalog tables (SQLAlchemy ORM): studies, series, instances, prior fetches, jobs, results,
-deliveries, destination state, with their typed states. :mod:`node.catalog` holds the queries; new columns need a
-scalar default so that :func:`node.db.add_missing_columns` can add them to an existing catalog.
+deliveries, destination state, API tokens, with their typed states. :mod:`node.catalog` holds the
+queries; new columns need a scalar default so that :func:`node.db.add_missing_columns` can add them
+to an existing catalog.
 
 States are :class:`enum.StrEnum` members stored as their string values (VARCHAR columns, as
 before): they compare equal to those strings, and mypy checks every assignment.
@@ -252,3 +253,20 @@ class DestinationState(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
     updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class ApiToken(Base):
+    """A bearer token of the HTTP service (``dicom-node token create``): only its SHA-256 is kept, never
+    the token. A revoked token keeps its row (``revoked_at``); its name may then be given to a new one."""
+
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    """A :class:`node.roles.Role` value."""
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    """Hex SHA-256 of the token."""
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, default=None)
+    last_used_at: Mapped[float | None] = mapped_column(Float, default=None)
+    """Updated at most once a minute per token (:mod:`node.tokens`)."""

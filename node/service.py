@@ -4,6 +4,9 @@ Stages never call into each other: each loop reads the catalog and writes the ca
 the node reconciles what a crash may have left: temp files are removed, jobs whose queue message
 may be lost are sent again (a job runs once: workers claim it in the catalog), pending deliveries
 are simply due again.
+
+The audit trail (:mod:`node.audit`) is wired here: the receiver, the retriever, the deliverer and the
+HTTP app report through their typed hooks (none of them imports it); start and stop are recorded here.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from node.assemble import Assembler
+from node.audit import AuditTrail
 from node.catalog import Catalog
 from node.config import Settings
 from node.enqueue import Enqueuer
@@ -42,15 +46,20 @@ class NodeService:
         self.catalog = Catalog.for_storage(storage)
         self.spool = Spool(storage)
         self.metrics = NodeMetrics(settings, self.catalog, self.spool)  # /metrics; hooked into the receiver
+        audit = self.audit = AuditTrail.from_settings(settings, clock) if settings.audit.enabled else None
         self.receiver = Receiver(settings, self.catalog, self.spool, clock, on_answered=self.metrics.answered,
-                                 on_accepted=self.metrics.accepted)
+                                 on_accepted=self.metrics.accepted,
+                                 on_association=audit.association if audit else None,
+                                 on_received=audit.instances_received if audit else None)
         self.assembler = Assembler(self.catalog, settings.assembly.study_quiet_seconds, clock)
-        self.retriever = PriorRetriever.from_settings(settings, self.catalog, self.spool, self.receiver.store, clock)
+        self.retriever = PriorRetriever.from_settings(settings, self.catalog, self.spool, self.receiver.store, clock,
+                                                      on_exchange=audit.prior_exchange if audit else None)
         self.router = Router(self.catalog, settings.rules, clock, priors_from_pacs=settings.priors is not None)
         self.celery = create_app(settings)
         self.enqueuer = Enqueuer(self.celery, self.catalog, clock,
                                  queue_of=lambda model: settings.model_settings(model).queue)
-        self.deliverer = Deliverer(settings, self.catalog, self.spool, clock, sender_factory)
+        self.deliverer = Deliverer(settings, self.catalog, self.spool, clock, sender_factory,
+                                   on_batch=audit.delivered if audit else None)
         self.job_policy = job_policy(settings)
         self.http = self._http_server() if settings.http.enabled else None
         self._stop = threading.Event()
@@ -58,9 +67,11 @@ class NodeService:
 
     def _http_server(self) -> HttpServer:
         ctx = NodeContext(self.settings, self.catalog, self.spool, self.receiver, self.clock,
-                          broker_reachable=lambda: broker_reachable(self.celery), metrics=self.metrics)
+                          broker_reachable=lambda: broker_reachable(self.celery), metrics=self.metrics,
+                          on_audit=self.audit.http if self.audit else None)
         h = self.settings.http
-        return HttpServer(create_http_app(ctx), h.host, h.port, timeout_seconds=h.timeout_seconds)
+        return HttpServer(create_http_app(ctx), h.host, h.port, timeout_seconds=h.timeout_seconds,
+                          certfile=h.tls.cert_file if h.tls else None, keyfile=h.tls.key_file if h.tls else None)
 
     def reconcile(self) -> None:
         removed = self.spool.clean_temp()
@@ -86,6 +97,8 @@ class NodeService:
             self._stop.wait(interval)
 
     def start(self) -> None:
+        if self.audit is not None:
+            self.audit.application_started()
         self.reconcile()
         self.receiver.start()
         if self.http is not None:
@@ -108,3 +121,6 @@ class NodeService:
             self.retriever.stop()
         for t in self._threads:
             t.join(timeout=30)
+        if self.audit is not None:
+            self.audit.application_stopped()
+            self.audit.close()

@@ -33,6 +33,17 @@ VENV_BIN = Path(sys.executable).parent
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 ORTHANC_AE = "ORTHANC"
 NODE_AE = "AI-NODE"
+SCANNER_AE = "SCANNER"
+"""The calling AE title of :func:`storescu` (a modality pushing studies)."""
+FAULT_SCU_AE = "FAULT-SCU"
+"""The calling AE title of :func:`c_store` (pynetdicom sender of the fault tests)."""
+
+
+def peer_entries(*ae_titles: str, allow: tuple[str, ...] = ("echo", "store")) -> list[dict[str, Any]]:
+    """``node.peers`` entries for the test senders (all on 127.0.0.1): default :data:`SCANNER_AE` and
+    :data:`FAULT_SCU_AE`. The Orthanc of :class:`Orthanc` needs none: as a dimse destination it may push."""
+    return [{"ae_title": ae, "host": "127.0.0.1", "allow": list(allow)}
+            for ae in (ae_titles or (SCANNER_AE, FAULT_SCU_AE))]
 
 
 def free_port() -> int:
@@ -218,7 +229,7 @@ def node_config(workdir: Path, *, node_port: int, orthanc: Orthanc, quiet_second
     loopback port when None)."""
     cfg = {
         "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": node_port,
-                 "storage_dir": str(workdir / "node-storage"), "min_free_mb": 0},
+                 "storage_dir": str(workdir / "node-storage"), "min_free_mb": 0, "peers": peer_entries()},
         "http": {"host": "127.0.0.1", "port": free_port() if http_port is None else http_port},
         "assembly": {"study_quiet_seconds": quiet_seconds, "poll_seconds": 0.2},
         "queue": {"broker_url": broker_url, "embedded_workers": embedded_workers, "poll_seconds": 0.1},
@@ -230,6 +241,22 @@ def node_config(workdir: Path, *, node_port: int, orthanc: Orthanc, quiet_second
     path = workdir / "node.yaml"
     path.write_text(yaml.safe_dump(_merge(cfg, overrides or {})))
     return path
+
+
+def create_token(config: Path, role: str, name: str | None = None) -> str:
+    """A new API token of ``role`` for the node of ``config`` (running or not): ``dicom-node token
+    create``, whose stdout is the token alone. ``name``: default ``<role>-<random>``."""
+    name = name or f"{role}-{os.urandom(4).hex()}"
+    out = subprocess.run([str(VENV_BIN / "dicom-node"), "token", "create", "--name", name, "--role", role,
+                          "--config", str(config)], capture_output=True, text=True, timeout=60, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"dicom-node token create: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The ``Authorization`` header of an API token."""
+    return {"Authorization": f"Bearer {token}"}
 
 
 def start_node_process(config: Path, command: str, log_name: str, port: int | None = None) -> subprocess.Popen[bytes]:
@@ -248,8 +275,9 @@ def start_node_process(config: Path, command: str, log_name: str, port: int | No
     return proc
 
 
-def storescu(port: int, files_or_dir: Path, *extra: str, aet: str = "SCANNER") -> subprocess.CompletedProcess[str]:
-    args = ["storescu", "-aet", aet, "-aec", NODE_AE, *extra]
+def storescu(port: int, files_or_dir: Path, *extra: str, aet: str = SCANNER_AE,
+             aec: str = NODE_AE) -> subprocess.CompletedProcess[str]:
+    args = ["storescu", "-aet", aet, "-aec", aec, *extra]
     if files_or_dir.is_dir():
         args += ["+sd", "+r"]
     args += ["127.0.0.1", str(port), str(files_or_dir)]
@@ -290,7 +318,7 @@ def c_store(port: int, files: list[Path], *, stop_after: int | None = None) -> d
     (-1: no response). Stops early when the association dies (a killed peer)."""
     from pynetdicom import AE
 
-    ae = AE(ae_title="FAULT-SCU")
+    ae = AE(ae_title=FAULT_SCU_AE)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     classes = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID) for f in files[:5]}
     for c in classes:

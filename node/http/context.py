@@ -10,6 +10,7 @@ from fastapi import Request
 
 from node.catalog import Catalog
 from node.config import Settings
+from node.http.audit import HttpAudited
 from node.metrics import NodeMetrics
 from node.receive.scp import Receiver
 from node.spool import Spool
@@ -27,6 +28,9 @@ class NodeContext:
     metrics: NodeMetrics | None = None
     """The node's metrics registry (``/metrics``), fed by the receiver's hooks; None: ``create_app``
     gives the app one of its own (catalog metrics only)."""
+    on_audit: Callable[[HttpAudited], None] | None = None
+    """Hears of every auditable request (:class:`node.http.audit.AuditMiddleware`); the node service
+    passes its audit trail in. None: nothing is reported."""
 
 
 def node_context(request: Request) -> NodeContext:

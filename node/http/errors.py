@@ -7,6 +7,7 @@ problem+json for the rest. Details never carry patient data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -20,19 +21,26 @@ PROBLEM_JSON = "application/problem+json"
 class Problem(Exception):
     """An HTTP error answered as problem+json: ``status``, a stable machine ``code``, a ``detail``."""
 
-    def __init__(self, status: int, code: str, detail: str = "", *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str, detail: str = "", *, headers: dict[str, str] | None = None,
+                 repeated: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(detail or code)
         self.status = status
         self.code = code
         self.detail = detail
         self.headers = headers or {}
+        self.repeated = tuple(repeated)
+        """Headers that may occur more than once (several ``WWW-Authenticate`` challenges)."""
 
 
-def problem_response(status: int, code: str, detail: str = "", headers: dict[str, str] | None = None) -> JSONResponse:
+def problem_response(status: int, code: str, detail: str = "", headers: dict[str, str] | None = None,
+                     repeated: Sequence[tuple[str, str]] = ()) -> JSONResponse:
     body = {"type": f"about:blank#{code}", "title": HTTPStatus(status).phrase, "status": status, "code": code}
     if detail:
         body["detail"] = detail
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    response = JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    for name, value in repeated:
+        response.headers.append(name, value)
+    return response
 
 
 _CODES = {400: "bad-request", 401: "unauthorized", 403: "forbidden", 404: "not-found", 405: "method-not-allowed",
@@ -45,7 +53,7 @@ def install_handlers(app: FastAPI) -> None:
 
     async def on_problem(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Problem)
-        return problem_response(exc.status, exc.code, exc.detail, exc.headers)
+        return problem_response(exc.status, exc.code, exc.detail, exc.headers, exc.repeated)
 
     async def on_http(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

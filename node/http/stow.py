@@ -49,8 +49,10 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from models.errors import InputError
+from node.http.audit import requestor_of
 from node.http.context import NodeContext, node_context
 from node.http.errors import Problem, problem_response
+from node.receive.scp import InstancesReceived
 from node.receive.stow import (
     ACCEPTABLE,
     DICOM_JSON,
@@ -200,7 +202,7 @@ class PartFiles:
                 if study != self._study:
                     return StoreOutcome(FAILURE_STUDY_MISMATCH, sop_class, sop_uid)
             r = self._receiver.receive_file(path, SOURCE)
-            return StoreOutcome(r.status, r.sop_class_uid, r.sop_instance_uid)
+            return StoreOutcome(r.status, r.sop_class_uid, r.sop_instance_uid, r.study_uid)
         except Exception as exc:
             log.error("STOW-RS: storing an instance failed: %s", type(exc).__name__)
             log.debug("STOW-RS store failure", exc_info=True)
@@ -274,6 +276,8 @@ async def _stow(request: Request, ctx: NodeContext, study: str) -> Response:
             await run_in_threadpool(parts.settle)
     outcomes = parts.outcomes
     stored = sum(o.stored for o in outcomes)
+    with anyio.CancelScope(shield=True):  # reported also when the client went away
+        await run_in_threadpool(_report, request, ctx, outcomes)  # the audit trail may fsync
     if refusal is not None:
         if refusal.code == "client-gone":
             log.info("STOW-RS client %s disconnected after %d part(s), %d stored, %.1f MB", client, len(outcomes),
@@ -291,6 +295,20 @@ async def _stow(request: Request, ctx: NodeContext, study: str) -> Response:
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
     return Response(json.dumps(module, separators=(",", ":")).encode(), status_code=status,
                     media_type=DICOM_JSON, headers=headers)
+
+
+def _report(request: Request, ctx: NodeContext, outcomes: list[StoreOutcome]) -> None:
+    """What the request stored, per study, to the receiver's ``on_received`` hook (the audit trail)."""
+    if not outcomes:
+        return
+    studies: dict[str, Counter[str]] = {}
+    for o in outcomes:
+        if o.stored and o.study_uid:
+            studies.setdefault(o.study_uid, Counter())[o.sop_class_uid or ""] += 1
+    who = requestor_of(request.scope)
+    ctx.receiver.report_received(InstancesReceived(
+        "stow", who.name or SOURCE, who.address or "", {uid: dict(c) for uid, c in studies.items()},
+        sum(not o.stored for o in outcomes), who.kind))
 
 
 async def _guarded(request: Request, ctx: NodeContext, study: str) -> Response:

@@ -8,6 +8,12 @@ catalog row committed. Failures get the DICOM status a sending modality understa
     0xC210  Cannot understand   the data set could not be parsed
     0xC211  Cannot understand   required identifiers missing/invalid, or Pixel Data truncated
     0x0122  SOP Class not supported   (STOW-RS only; DIMSE negotiation refuses it earlier)
+    0x0124  Refused: Not Authorized   the peer may associate but not store (``node.peers[].allow``)
+
+Who may associate at all is decided on the A-ASSOCIATE-RQ (:mod:`node.peers`): an unknown calling AE
+title, a known one from an address outside its ``host``, or a called AE title other than ours gets an
+A-ASSOCIATE-RJ (rejected-permanent, service-user, reason 0x03 or 0x07) before any data set is read.
+With ``node.tls`` a second server speaks DICOM TLS on its own port (:mod:`node.tls`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import hashlib
 import io
 import logging
 import socket
+import ssl
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,6 +36,7 @@ from typing import Any, Literal, TypeVar, cast
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -37,7 +46,9 @@ from node.conformance import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATIO
 from node.dicomweb.attributes import indexed_attributes
 from node.logutil import ref
 from node.nodelay import NODELAY_HANDLERS
+from node.peers import PeerTable
 from node.spool import Spool, StorageError, Stored, is_valid_uid
+from node.tls import server_context
 
 log = logging.getLogger("node.receive")
 
@@ -47,6 +58,37 @@ STATUS_SOP_MISMATCH = 0xA900
 STATUS_CANNOT_PARSE = 0xC210
 STATUS_INVALID = 0xC211
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_NOT_AUTHORIZED = 0x0124
+"""PS3.7 Annex C general status "Refused: Not Authorized" (a Failure): the C-STORE or C-ECHO of a peer
+whose ``allow`` lacks the service. Not 0xA7xx (Out of Resources), which a modality retries later."""
+
+REJECT_PERMANENT = 0x01
+REJECT_SOURCE_USER = 0x01
+REJECT_CALLING_AE = 0x03
+REJECT_CALLED_AE = 0x07
+REJECT_NO_REASON = 0x01
+
+
+@dataclass(frozen=True)
+class AssociationEvent:
+    """Passed to ``on_association`` hooks for every association accepted or rejected (typed event; the
+    audit trail subscribes). Carries AE titles and addresses, never tag values."""
+
+    accepted: bool
+    calling_ae: str
+    """The calling AE title ("" when rejected before the A-ASSOCIATE-RQ: a failed TLS handshake)."""
+    called_ae: str
+    address: str
+    """The peer's IP address."""
+    port: int
+    """The peer's TCP port."""
+    tls: bool
+    """Whether it came in on the DICOM TLS port."""
+    reason: str = ""
+    """Why it was rejected ("" when accepted)."""
+    allow: frozenset[str] = frozenset()
+    """The services granted (``echo``, ``store``, ...) when accepted."""
+
 
 @dataclass(frozen=True)
 class StoredInstance:
@@ -79,6 +121,27 @@ class Received:
     status: int
     sop_class_uid: str | None
     sop_instance_uid: str | None
+    study_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class InstancesReceived:
+    """Passed to ``on_received`` hooks once per association that sent C-STOREs (when it ends) and once
+    per STOW-RS request (:meth:`Receiver.report_received`): what arrived, aggregated (typed event; the
+    audit trail subscribes). Carries UIDs, AE titles and addresses, never other tag values."""
+
+    door: Literal["dimse", "stow"]
+    source: str
+    """The calling AE title (DIMSE), or who sent the STOW-RS request (its principal's name, else
+    ``STOW-RS``)."""
+    address: str
+    """The peer's IP address ("" if unknown)."""
+    studies: dict[str, dict[str, int]]
+    """Stored instances: Study Instance UID -> SOP Class UID -> count."""
+    failed: int
+    """Instances answered with a failure status."""
+    kind: str | None = None
+    """How the STOW-RS sender was authenticated (``token``, ``oidc``); None for DIMSE."""
 
 
 def _series_attributes(ds: Dataset, calling_ae: str) -> dict[str, Any]:
@@ -151,16 +214,22 @@ def _reports_answer(receive: _ReceiveMethod) -> _ReceiveMethod:
 
 
 def _time_out_accepted_sockets(server: ThreadedAssociationServer, seconds: float) -> None:
-    """Give every accepted socket a timeout.
+    """Give every accepted socket a timeout; on a TLS server, leave the handshake to the association.
 
     pynetdicom 3.0 sets ``network_timeout`` on the listening socket only; accepted sockets block,
     so a peer that stops in the middle of a PDU holds its thread and an association slot forever.
+    Its TLS server also handshakes inside ``get_request``, on the accept loop, with that blocking
+    socket: one silent client would stop every other. Here the socket is wrapped without handshaking
+    (``Receiver._handle_tls_handshake`` does it on the association's thread, with the timeout).
     """
-    accept = server.get_request
+    listener = cast(socket.socket, server.socket)
+    context = server.ssl_context
 
     def get_request() -> tuple[socket.socket, tuple[str, int]]:
-        sock, address = accept()
+        sock, address = listener.accept()
         sock.settimeout(seconds)
+        if context is not None:
+            sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
 
     server.get_request = get_request  # type: ignore[method-assign]
@@ -179,9 +248,15 @@ class Receiver:
         *,
         on_answered: Callable[[Answered], None] | None = None,
         on_accepted: Callable[[str], None] | None = None,
+        on_association: Callable[[AssociationEvent], None] | None = None,
+        on_received: Callable[[InstancesReceived], None] | None = None,
+        peers: PeerTable | None = None,
     ) -> None:
         """``on_answered``: every status answered (:class:`Answered`); ``on_accepted``: the calling AE
-        title of every association accepted (the node service passes its metrics in here)."""
+        title of every association accepted (the node service passes its metrics in here);
+        ``on_association``: every association accepted or rejected (:class:`AssociationEvent`).
+        ``on_received``: what each association (and STOW-RS request) stored (:class:`InstancesReceived`).
+        ``peers``: who may associate (default: from ``settings``, :meth:`PeerTable.from_settings`)."""
         self.settings = settings
         self.catalog = catalog
         self.spool = spool
@@ -189,9 +264,20 @@ class Receiver:
         self.on_stored = on_stored
         self.on_answered = on_answered
         self.on_accepted = on_accepted
+        self.on_association = on_association
+        self.on_received = on_received
+        self.peers = peers if peers is not None else PeerTable.from_settings(settings)
         self._server: ThreadedAssociationServer | None = None
+        """The plain DIMSE server (``node.plain``)."""
+        self._tls_server: ThreadedAssociationServer | None = None
+        """The DICOM TLS server (``node.tls``)."""
         self._lock = threading.Lock()
         self._assoc_stats: dict[int, Counter[str]] = {}
+        self._assoc_studies: dict[int, dict[str, Counter[str]]] = {}
+        """Per association: Study Instance UID -> SOP Class UID -> instances stored."""
+        self._granted: weakref.WeakKeyDictionary[Association, frozenset[str]] = weakref.WeakKeyDictionary()
+        """Services granted to each association admitted (none recorded: everything is refused)."""
+        self._refusal_logged: weakref.WeakSet[Association] = weakref.WeakSet()
 
     # ---- the part that decides the status (testable without a network) ---------------------
     def store(self, encoded: bytes, request_sop_class: str, request_sop_uid: str, calling_ae: str) -> int:
@@ -251,7 +337,8 @@ class Receiver:
             log.warning("cannot parse instance: %s", type(exc).__name__)
             return Received(STATUS_CANNOT_PARSE, *(request or (None, None)))
         uids = Received(STATUS_SUCCESS, str(sop_class) if is_valid_uid(sop_class) else None,
-                        str(sop_uid) if is_valid_uid(sop_uid) else None)
+                        str(sop_uid) if is_valid_uid(sop_uid) else None,
+                        str(study_uid) if is_valid_uid(study_uid) else None)
         if request is not None and (sop_uid != request[1] or sop_class != request[0]):
             log.warning("SOP Class/Instance UID in the data set differ from the C-STORE request")
             return replace(uids, status=STATUS_SOP_MISMATCH)
@@ -300,35 +387,159 @@ class Receiver:
         return uids
 
     # ---- pynetdicom glue --------------------------------------------------------------------
+    def _granted_to(self, event: evt.Event, service: str) -> bool:
+        """Whether the association was admitted with ``service``; logs the first refusal of each."""
+        assoc = event.assoc
+        with self._lock:
+            granted = self._granted.get(assoc)
+            first = granted is None or service not in granted
+            if first and assoc in self._refusal_logged:
+                first = False
+            elif first:
+                self._refusal_logged.add(assoc)
+        if granted is not None and service in granted:
+            return True
+        if first:
+            log.warning("%s from %s (%s) refused with 0x%04X: the peer is not allowed to %s (node.peers)",
+                        "C-STORE" if service == "store" else "C-ECHO", assoc.requestor.ae_title.strip(),
+                        assoc.requestor.address, STATUS_NOT_AUTHORIZED, service)
+        return False
+
     def _handle_store(self, event: evt.Event) -> int:
         status = STATUS_CANNOT_PARSE
+        received: Received | None = None
         try:
+            if not self._granted_to(event, "store"):
+                status = STATUS_NOT_AUTHORIZED  # nothing is read, nothing is stored
+                if self.on_answered is not None:
+                    self.on_answered(Answered("dimse", event.assoc.requestor.ae_title.strip(), status, 0))
+                return status
             request = cast(C_STORE, event.request)
-            status = self.store(
-                event.encoded_dataset(include_meta=True),
-                str(request.AffectedSOPClassUID),
-                str(request.AffectedSOPInstanceUID),
-                event.assoc.requestor.ae_title,
-            )
+            received = self.receive(event.encoded_dataset(include_meta=True), event.assoc.requestor.ae_title,
+                                    (str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)))
+            status = received.status
             return status
         finally:
             with self._lock:
                 stats = self._assoc_stats.setdefault(id(event.assoc), Counter())
                 stats["ok" if status == STATUS_SUCCESS else f"0x{status:04X}"] += 1
+                if status == STATUS_SUCCESS and received is not None and received.study_uid:
+                    studies = self._assoc_studies.setdefault(id(event.assoc), {})
+                    studies.setdefault(received.study_uid, Counter())[received.sop_class_uid or ""] += 1
 
     def _handle_echo(self, event: evt.Event) -> int:
-        return STATUS_SUCCESS
+        return STATUS_SUCCESS if self._granted_to(event, "echo") else STATUS_NOT_AUTHORIZED
+
+    @staticmethod
+    def _is_tls(assoc: Association) -> bool:
+        return isinstance(getattr(assoc.dul.socket, "socket", None), ssl.SSLSocket)
+
+    def _emit(self, event: AssociationEvent) -> None:
+        if self.on_association is None:
+            return
+        try:
+            self.on_association(event)
+        except Exception:  # a subscriber's bug must not decide the association
+            log.exception("on_association hook failed")
+
+    def _reject(self, assoc: Association, diagnostic: int, reason: str, calling: str, called: str) -> None:
+        """Send A-ASSOCIATE-RJ (rejected-permanent, service-user, ``diagnostic``) and end the association."""
+        address, port = assoc.requestor.address, assoc.requestor.port
+        log.warning("association from %s at %s refused: %s (called AE %s)", calling or "(none)", address, reason,
+                    called or "(none)")
+        self._emit(AssociationEvent(False, calling, called, address, port, self._is_tls(assoc), reason))
+        assoc.acse.send_reject(REJECT_PERMANENT, REJECT_SOURCE_USER, diagnostic)
+        assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the peer closed (or the ARTIM timer fired)
+
+    def _handle_requested(self, event: evt.Event) -> None:
+        """EVT_REQUESTED: decide on the A-ASSOCIATE-RQ before negotiation (fail closed: any error rejects)."""
+        assoc = event.assoc
+        calling = called = ""
+        try:
+            rq = assoc.requestor.primitive
+            assert rq is not None
+            calling = str(rq.calling_ae_title).strip()
+            called = str(rq.called_ae_title).strip()
+            node = self.settings.node
+            if node.require_called_ae_title and called != node.ae_title.strip():
+                self._reject(assoc, REJECT_CALLED_AE, "called AE title not recognised", calling, called)
+                return
+            admission = self.peers.admit(calling, assoc.requestor.address)
+            if admission.allow is None:
+                self._reject(assoc, REJECT_CALLING_AE, admission.reason, calling, called)
+                return
+            with self._lock:
+                self._granted[assoc] = admission.allow
+        except Exception:
+            log.exception("association from %s at %s: admission check failed; rejecting", calling or "(none)",
+                          assoc.requestor.address)
+            if not assoc.is_rejected:
+                self._reject(assoc, REJECT_NO_REASON, "admission check failed", calling, called)
+
+    def _handle_rejected(self, event: evt.Event) -> None:
+        """EVT_REJECTED: pynetdicom's own rejections (too many associations); ours are reported in _reject."""
+        assoc = event.assoc
+        rj = assoc.acceptor.primitive
+        detail = (f"result 0x{rj.result or 0:02X}, source 0x{rj.result_source or 0:02X}, "
+                  f"reason 0x{rj.diagnostic or 0:02X}") if rj is not None else "no detail"
+        rq = assoc.requestor.primitive
+        calling = str(rq.calling_ae_title).strip() if rq is not None else ""
+        called = str(rq.called_ae_title).strip() if rq is not None else ""
+        reason = f"rejected by the DICOM stack ({detail})"
+        log.warning("association from %s at %s refused: %s", calling or "(none)", assoc.requestor.address, reason)
+        self._emit(AssociationEvent(False, calling, called, assoc.requestor.address, assoc.requestor.port,
+                                    self._is_tls(assoc), reason))
+
+    def _handle_tls_handshake(self, event: evt.Event) -> None:
+        """EVT_CONN_OPEN on the TLS server: the handshake, on the association's own thread (the accept
+        loop only wraps the socket); a failed one closes the connection before any PDU is read."""
+        assoc = event.assoc
+        channel = assoc.dul.socket
+        sock = getattr(channel, "socket", None)
+        if channel is None or not isinstance(sock, ssl.SSLSocket):
+            return
+        try:
+            sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            reason = f"TLS handshake failed: {getattr(exc, 'reason', None) or type(exc).__name__}"
+            address, port = assoc.requestor.address, assoc.requestor.port
+            log.warning("association from %s at %s refused: %s", "(none)", address, reason)
+            self._emit(AssociationEvent(False, "", "", address, port, True, reason))
+            with contextlib.suppress(OSError):
+                sock.close()  # pynetdicom skips close() when shutdown() fails, as it does here
+            channel.close()
 
     def _handle_accepted(self, event: evt.Event) -> None:
+        calling = event.assoc.requestor.ae_title.strip()
         if self.on_accepted is not None:
-            self.on_accepted(event.assoc.requestor.ae_title.strip())
+            self.on_accepted(calling)
+        with self._lock:
+            granted = self._granted.get(event.assoc, frozenset())
+        self._emit(AssociationEvent(True, calling, event.assoc.acceptor.ae_title.strip(),
+                                    event.assoc.requestor.address, event.assoc.requestor.port,
+                                    self._is_tls(event.assoc), allow=granted))
 
     def _handle_released(self, event: evt.Event) -> None:
         with self._lock:
             stats = self._assoc_stats.pop(id(event.assoc), None)
+            studies = self._assoc_studies.pop(id(event.assoc), {})
         if stats:
             detail = ", ".join(f"{k}={v}" for k, v in sorted(stats.items()))
             log.info("association from %s closed: %s", event.assoc.requestor.ae_title.strip(), detail)
+            self.report_received(InstancesReceived(
+                "dimse", event.assoc.requestor.ae_title.strip(), event.assoc.requestor.address or "",
+                {uid: dict(by_class) for uid, by_class in studies.items()},
+                sum(n for k, n in stats.items() if k != "ok")))
+
+    def report_received(self, event: InstancesReceived) -> None:
+        """Hand ``event`` to the ``on_received`` hook (the SCP's associations, and the STOW-RS route for
+        its requests); a failing hook is logged, never raised into the door."""
+        if self.on_received is None:
+            return
+        try:
+            self.on_received(event)
+        except Exception:
+            log.exception("on_received hook failed")
 
     def build_ae(self) -> AE:
         n = self.settings.node
@@ -344,9 +555,10 @@ class Receiver:
             ae.add_supported_context(cls, list(TRANSFER_SYNTAXES))
         return ae
 
-    def start(self) -> None:
-        n = self.settings.node
-        handlers: list[Any] = [
+    def _handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_REQUESTED, self._handle_requested),
+            (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_ACCEPTED, self._handle_accepted),
@@ -354,13 +566,35 @@ class Receiver:
             (evt.EVT_ABORTED, self._handle_released),
             *NODELAY_HANDLERS,
         ]
-        server = self.build_ae().start_server((n.host, n.port), block=False, evt_handlers=handlers)
-        assert server is not None  # non-blocking start returns the server
-        _time_out_accepted_sockets(server, n.network_timeout_seconds)
-        self._server = server
-        log.info("storage SCP %s listening on %s:%d", n.ae_title, n.host, n.port)
+
+    def start(self) -> None:
+        """Start the plain server (``node.plain``) and the TLS server (``node.tls``); returns once they listen.
+        :class:`ConfigError` if the TLS certificate, key or CA file cannot be used."""
+        n = self.settings.node
+        tls_context = server_context(n.tls) if n.tls is not None else None  # fail before listening
+        ae = self.build_ae()
+        if n.plain:
+            server = ae.start_server((n.host, n.port), block=False, evt_handlers=self._handlers())
+            assert server is not None  # non-blocking start returns the server
+            _time_out_accepted_sockets(server, n.network_timeout_seconds)
+            self._server = server
+            log.info("storage SCP %s listening on %s:%d", n.ae_title, n.host, n.port)
+        if n.tls is not None and tls_context is not None:
+            handlers = [(evt.EVT_CONN_OPEN, self._handle_tls_handshake), *self._handlers()]
+            try:
+                server = ae.start_server((n.host, n.tls.port), block=False, evt_handlers=handlers,
+                                         ssl_context=tls_context)
+            except BaseException:
+                self.stop()
+                raise
+            assert server is not None
+            _time_out_accepted_sockets(server, n.network_timeout_seconds)
+            self._tls_server = server
+            log.info("storage SCP %s listening with DICOM TLS on %s:%d (client certificate %s)", n.ae_title, n.host,
+                     n.tls.port, "required" if n.tls.require_client_cert else "optional")
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None

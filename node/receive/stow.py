@@ -61,6 +61,7 @@ class StoreOutcome:
     status: int
     sop_class_uid: str | None
     sop_instance_uid: str | None
+    study_uid: str | None = None
 
     @property
     def stored(self) -> bool:
@@ -257,12 +258,15 @@ def multipart_body(files: list[bytes]) -> tuple[bytes, str]:
 
 
 def stow_request(url: str, files: list[bytes], study_uid: str | None = None,
-                 timeout: float = 120.0) -> tuple[int, dict[str, Any]]:
-    """POST Part 10 ``files`` to ``{url}/studies[/{study_uid}]``: (HTTP status, response DICOM JSON or {})."""
+                 timeout: float = 120.0, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    """POST Part 10 ``files`` to ``{url}/studies[/{study_uid}]``: (HTTP status, response DICOM JSON or {});
+    ``token``: sent as ``Authorization: Bearer``."""
     body, content_type = multipart_body(files)
     target = url.rstrip("/") + "/studies" + (f"/{study_uid}" if study_uid else "")
-    request = urllib.request.Request(target, data=body, method="POST",
-                                     headers={"Content-Type": content_type, "Accept": DICOM_JSON})
+    headers = {"Content-Type": content_type, "Accept": DICOM_JSON}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(target, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, payload = int(response.status), response.read()

@@ -4,6 +4,9 @@ For each SOP class we propose the file's own transfer syntax plus Explicit and I
 Endian; if the destination accepts only an uncompressed syntax for a compressed file, the file is
 decompressed before sending, so a PACS that lacks a codec still gets the object.
 
+With ``tls`` on the destination the association runs over DICOM TLS (:mod:`node.tls`): the
+destination's certificate must be trusted and name its ``host``.
+
 Label map SEGs (SOP class 1.2.840.10008.5.1.4.1.1.66.7) are newer than most PACS: when a batch
 holds both variants of a result, the labelmap set is sent if the destination accepted that class
 in this association, else the binary set; the other set is reported as not needed.
@@ -19,12 +22,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
-from models.errors import DestinationUnreachable
+from models.errors import ConfigError, DestinationUnreachable
 from node.config import DimseDestination
 from node.conformance import LABEL_MAP_SEGMENTATION_STORAGE, UNCOMPRESSED_TRANSFER_SYNTAXES
 from node.nodelay import NODELAY_HANDLERS
 from node.schema import BINARY_VARIANT, LABELMAP_VARIANT
 from node.send.base import SendReport
+from node.tls import client_context
 
 log = logging.getLogger("node.send.dimse")
 
@@ -64,9 +68,15 @@ class DimseSender:
         for sop_class, syntaxes in wanted:
             ae.add_requested_context(sop_class, list(syntaxes))
         d = self.destination
-        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=list(NODELAY_HANDLERS))
+        try:
+            tls_args = (client_context(d.tls, f"destinations[{d.name}].tls"), d.host) if d.tls is not None else None
+        except ConfigError as exc:  # a key or certificate removed or replaced badly since start-up
+            raise DestinationUnreachable(str(exc)) from None
+        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=list(NODELAY_HANDLERS),
+                             tls_args=tls_args)
         if not assoc.is_established:
-            raise DestinationUnreachable(f"no association with {d.name} ({d.host}:{d.port})")
+            raise DestinationUnreachable(f"no association with {d.name} ({d.host}:{d.port}"
+                                         f"{', DICOM TLS' if tls_args else ''})")
         labelmap_ok = any(cx.abstract_syntax == LABEL_MAP_SEGMENTATION_STORAGE for cx in assoc.accepted_contexts)
         skip = BINARY_VARIANT if labelmap_ok else LABELMAP_VARIANT
         try:

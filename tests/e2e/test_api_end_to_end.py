@@ -20,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from testkit.dicom import write_ct_series
 from testkit.harness import (
     Orthanc,
+    bearer,
+    create_token,
     free_port,
     node_config,
     start_node_process,
@@ -41,17 +43,19 @@ class ApiStack:
     node_port: int
     api: str
     orthanc: Orthanc
+    auth: dict[str, str]
+    """An operator's token (``dicom-node token create``): API reads and actions, metrics."""
 
     def get(self, path: str, **params: Any) -> Any:
-        r = httpx.get(f"{self.api}{path}", params=params, timeout=30)
+        r = httpx.get(f"{self.api}{path}", params=params, headers=self.auth, timeout=30)
         assert r.status_code == 200, (path, r.text)
         return r.json()
 
     def post(self, path: str, json: Any = None) -> httpx.Response:
-        return httpx.post(f"{self.api}{path}", json=json, timeout=30)
+        return httpx.post(f"{self.api}{path}", json=json, headers=self.auth, timeout=30)
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        text = httpx.get(f"{self.api}/metrics", timeout=30).text
+        text = httpx.get(f"{self.api}/metrics", headers=self.auth, timeout=30).text
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -71,7 +75,8 @@ def stack(tmp_path: Path) -> Iterator[ApiStack]:
         cfg = node_config(tmp_path, node_port=node_port, orthanc=orthanc, quiet_seconds=2.0, http_port=http_port,
                           overrides={"rules": rules})
         procs.append(start_node_process(cfg, "run", "node.log", port=node_port))
-        stack = ApiStack(tmp_path, node_port, f"http://127.0.0.1:{http_port}", orthanc)
+        stack = ApiStack(tmp_path, node_port, f"http://127.0.0.1:{http_port}", orthanc,
+                         bearer(create_token(cfg, "operator")))
         wait_for(lambda: httpx.get(f"{stack.api}/healthz", timeout=2).status_code == 200, 60, what="HTTP service")
         yield stack
     finally:
@@ -126,8 +131,8 @@ def test_api_rerun_pause_retry_and_metrics(stack: ApiStack, tmp_path: Path) -> N
     assert (t["first_received_at"] <= t["last_received_at"] < t["ready_at"] <= t["routed_at"] <= t["first_enqueued_at"]
             <= t["jobs_started_at"] <= t["jobs_finished_at"])
     assert t["jobs_started_at"] < t["delivered_at"]
-    listing = httpx.get(f"{stack.api}/api/v1/studies", timeout=30).text
-    detail = httpx.get(f"{stack.api}/api/v1/studies/{study['id']}", timeout=30).text
+    listing = httpx.get(f"{stack.api}/api/v1/studies", headers=stack.auth, timeout=30).text
+    detail = httpx.get(f"{stack.api}/api/v1/studies/{study['id']}", headers=stack.auth, timeout=30).text
     for text in (listing, detail):
         assert PATIENT_NAME not in text and "Apiwatch" not in text and PATIENT_ID not in text
     phi = stack.get(f"/api/v1/studies/{study['id']}/dicom")["attributes"]

@@ -28,6 +28,7 @@ from testkit.harness import (
     VENV_BIN,
     Orthanc,
     Redis,
+    create_token,
     dcentvfy,
     dciodvfy,
     free_port,
@@ -294,7 +295,9 @@ def test_stow_rs_door(embedded: Stack, tmp_path: Path) -> None:
     phantom = make_ct_phantom(n_slices=30, rows=128, cols=128, pixel_mm=3.0, seed=5)
     files = write_ct_series(phantom, tmp_path / "stow", uid_seed="stow-door")
     wait_for(lambda: port_open(embedded.http_port), 30, what="the node's HTTP service")
-    status, body = stow_request(f"http://127.0.0.1:{embedded.http_port}/dicom-web", [f.read_bytes() for f in files])
+    token = create_token(embedded.workdir / "node.yaml", "sender")  # the config node_config wrote
+    status, body = stow_request(f"http://127.0.0.1:{embedded.http_port}/dicom-web", [f.read_bytes() for f in files],
+                                token=token)
     assert status == 200 and len(body["00081199"]["Value"]) == 30
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     wait_for(lambda: {"SEG": 1, "SR": 1, "DOC": 1}.items() <= embedded.orthanc.modalities_of_study(study_uid).items(),

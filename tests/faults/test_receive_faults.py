@@ -28,7 +28,7 @@ from node.config import Settings
 from node.receive.scp import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Receiver
 from node.receive.stow import multipart_body, stow_request
 from node.spool import Spool
-from testkit.harness import NODE_AE, c_store, free_port, storescu, wait_for
+from testkit.harness import FAULT_SCU_AE, NODE_AE, SCANNER_AE, c_store, free_port, peer_entries, storescu, wait_for
 from tests.dsfactory import ct_slice, encode
 from tests.httpkit import serve
 
@@ -41,7 +41,7 @@ def make_receiver(tmp_path: Path, **node: object) -> Receiver:
     settings = Settings.model_validate({
         "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": free_port(), "storage_dir": str(tmp_path / "s"),
                  "min_free_mb": 0, "acse_timeout_seconds": 2, "network_timeout_seconds": 2,
-                 "dimse_timeout_seconds": 2, **node},
+                 "dimse_timeout_seconds": 2, "peers": peer_entries(SCANNER_AE, FAULT_SCU_AE, "FUZZER"), **node},
     })
     storage = settings.node.storage_dir
     return Receiver(settings, Catalog.for_storage(storage), Spool(storage), clock=time.time)
@@ -88,7 +88,7 @@ def test_disk_floor_refuses_then_recovers(tmp_path: Path) -> None:
     r = make_receiver(tmp_path, min_free_mb=int(free_mb - 300))
     r.start()
     try:
-        with serve(r) as service:
+        with serve(r, role="sender") as service:
             stow = service.url + "/dicom-web"
             files = write_slices(tmp_path / "in", 4)
             assert c_store(r.settings.node.port, files[:1]) == {"1.2.826.0.1.7.1.1": STATUS_SUCCESS}
@@ -96,12 +96,12 @@ def test_disk_floor_refuses_then_recovers(tmp_path: Path) -> None:
             with open(ballast, "wb") as f:
                 os.posix_fallocate(f.fileno(), 0, 600 * 2**20)  # now below the floor
             assert c_store(r.settings.node.port, files[1:2]) == {"1.2.826.0.1.7.1.2": STATUS_OUT_OF_RESOURCES}
-            http_status, body = stow_request(stow, [files[3].read_bytes()])
+            http_status, body = stow_request(stow, [files[3].read_bytes()], token=service.token)
             assert http_status == 503  # STOW-RS: out of resources, retry later
             assert body["00081198"]["Value"][0]["00081197"]["Value"] == [STATUS_OUT_OF_RESOURCES]
             assert list(r.spool.tmp.iterdir()) == []  # the refused part left no temp file
             ballast.unlink()  # space returns: service resumes by itself
-            assert stow_request(stow, [files[3].read_bytes()])[0] == 200
+            assert stow_request(stow, [files[3].read_bytes()], token=service.token)[0] == 200
             assert c_store(r.settings.node.port, files[1:3]) == {
                 "1.2.826.0.1.7.1.2": STATUS_SUCCESS, "1.2.826.0.1.7.1.3": STATUS_SUCCESS}
             assert_spool_consistent(r)
@@ -308,7 +308,7 @@ def test_fuzz_stow_rs(receiver: Receiver, tmp_path: Path) -> None:
     stored_ok: set[str] = set()
     statuses: Counter[int] = Counter()
     t0 = time.monotonic()
-    with serve(receiver, max_request_mb=8, timeout_seconds=2) as service:
+    with serve(receiver, role="sender", max_request_mb=8, timeout_seconds=2) as service:
         for i, (_sop, raw) in enumerate(_mutated_instances(rng, FUZZ_STOW, 20_000)):
             body, content_type = multipart_body([raw])
             if i % 3 == 1:
@@ -318,7 +318,7 @@ def test_fuzz_stow_rs(receiver: Receiver, tmp_path: Path) -> None:
             conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
             try:
                 conn.request("POST", "/dicom-web/studies", body=body,
-                             headers={"Content-Type": content_type, "Accept": "application/dicom+json"})
+                             headers={"Content-Type": content_type, "Accept": "application/dicom+json", **service.auth})
                 resp = conn.getresponse()
                 payload = resp.read()
                 statuses[resp.status] += 1
@@ -335,7 +335,8 @@ def test_fuzz_stow_rs(receiver: Receiver, tmp_path: Path) -> None:
         assert statuses[200] >= FUZZ_STOW // 20
         assert_spool_consistent(receiver, answered_success=stored_ok)
         good = write_slices(tmp_path / "after", 2, study="1.2.826.0.1.4")
-        assert stow_request(service.url + "/dicom-web", [p.read_bytes() for p in good])[0] == 200  # still serving
+        assert stow_request(service.url + "/dicom-web", [p.read_bytes() for p in good],
+                            token=service.token)[0] == 200  # still serving
 
 
 def _capture_associate_rq() -> bytes:

@@ -12,11 +12,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pydicom
 import pytest
+import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.dataset import Dataset
@@ -26,12 +28,14 @@ from models.base import ModelResult, Segment
 from node.catalog import Catalog, JobSpec
 from node.config import parse_settings
 from node.http.app import create_app
+from node.http.auth import issue_token
 from node.http.context import NodeContext
 from node.http.server import HttpServer
 from node.receive.scp import Receiver
 from node.schema import StudyState
 from node.spool import Spool
 from tests.dsfactory import ct_slice, encode
+from tests.httpkit import bearer
 from tests.unit.encode_helpers import SCT_ANATOMICAL_STRUCTURE, SCT_BODY, box, load_ct_real_20
 from workers.load import volume_from_datasets
 from workers.outputs import encode_results
@@ -55,9 +59,16 @@ class Origin:
     results: dict[str, Dataset]
     """Modality of each result object (the LABELMAP SEG/SR under SEG-LABELMAP/SR-LABELMAP) -> dataset."""
 
+    viewer: dict[str, str]
+    """The Authorization header of a viewer token (the client's)."""
+
     @property
     def base(self) -> str:
         return self.server.url + "/dicom-web"
+
+    def get(self, url: str, *, headers: dict[str, str] | None = None, **kw: Any) -> httpx.Response:
+        """httpx.get with the viewer's token."""
+        return httpx.get(url, headers={**self.viewer, **(headers or {})}, **kw)
 
 
 def _other_study(receiver: Receiver) -> None:
@@ -106,14 +117,16 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
                         "127.0.0.1", 0)
     server.start()
     try:
-        client = DICOMwebClient(server.url + "/dicom-web")
+        viewer = bearer(issue_token(catalog, "viewer"))  # QIDO-RS and WADO-RS
+        client = DICOMwebClient(server.url + "/dicom-web", headers=viewer)
+        sender = DICOMwebClient(server.url + "/dicom-web", headers=bearer(issue_token(catalog, "sender")))
         first = pydicom.dcmread(FILES[0])
-        client.store_instances([pydicom.dcmread(p) for p in FILES])  # STOW-RS
+        sender.store_instances([pydicom.dcmread(p) for p in FILES])  # STOW-RS
         _other_study(receiver)
         catalog.mark_quiet_studies_ready(1500.0)
         results = _record_results(catalog, spool, str(first.StudyInstanceUID))
         yield Origin(server, client, catalog, spool, str(first.StudyInstanceUID), str(first.SeriesInstanceUID),
-                     results)
+                     results, viewer)
     finally:
         server.stop()
 
@@ -164,14 +177,14 @@ def test_search_for_series_and_instances(origin: Origin) -> None:
 
 
 def test_query_errors_and_warnings(origin: Origin) -> None:
-    r = httpx.get(f"{origin.base}/studies", params={"NoSuchAttribute": "x"})
+    r = origin.get(f"{origin.base}/studies", params={"NoSuchAttribute": "x"})
     assert r.status_code == 400 and r.headers["content-type"] == "application/problem+json"
-    assert httpx.get(f"{origin.base}/studies", params={"Rows": "512"}).status_code == 400  # instance-level key
-    r = httpx.get(f"{origin.base}/studies", params={"PatientID": "TSCT001", "fuzzymatching": "true"})
+    assert origin.get(f"{origin.base}/studies", params={"Rows": "512"}).status_code == 400  # instance-level key
+    r = origin.get(f"{origin.base}/studies", params={"PatientID": "TSCT001", "fuzzymatching": "true"})
     assert r.status_code == 200 and "fuzzymatching" in r.headers["warning"]
-    r = httpx.get(f"{origin.base}/studies", params={"limit": "1"})
+    r = origin.get(f"{origin.base}/studies", params={"limit": "1"})
     assert len(r.json()) == 1 and "additional results" in r.headers["warning"]
-    r = httpx.get(f"{origin.base}/studies", params={"PatientID": "NOBODY"})
+    r = origin.get(f"{origin.base}/studies", params={"PatientID": "NOBODY"})
     assert r.status_code == 200 and r.json() == [] and r.headers["content-type"] == "application/dicom+json"
 
 
@@ -185,7 +198,7 @@ def test_retrieve_compressed_instance_as_stored_and_transcoded(origin: Origin) -
     assert plain.file_meta.TransferSyntaxUID == EXPLICIT_LE
     assert np.array_equal(plain.pixel_array, original.pixel_array)
     jpeg_baseline = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
-    r = httpx.get(f"{origin.base}/studies/{origin.study}/series/{origin.series}/instances/{sop}",
+    r = origin.get(f"{origin.base}/studies/{origin.study}/series/{origin.series}/instances/{sop}",
                   headers={"Accept": jpeg_baseline})
     assert r.status_code == 406 and r.headers["content-type"] == "application/problem+json"
 
@@ -211,7 +224,7 @@ def test_frames(origin: Origin) -> None:
     [frame] = c.retrieve_instance_frames(origin.study, origin.series, sop, frame_numbers=[1])
     assert frame == original.pixel_array.astype("<u2").tobytes()
     url = f"{origin.base}/studies/{origin.study}/series/{origin.series}/instances/{sop}/frames/2"
-    assert httpx.get(url).status_code == 404
+    assert origin.get(url).status_code == 404
     seg = origin.results["SEG"]  # BINARY: 1 bit per pixel, frames packed
     [seg_frame] = c.retrieve_instance_frames(origin.study, str(seg.SeriesInstanceUID), str(seg.SOPInstanceUID),
                                              frame_numbers=[int(seg.NumberOfFrames)])
@@ -232,17 +245,17 @@ def test_rendered(origin: Origin) -> None:
                                                              params={"viewport": "128,64"})))
     assert png.format == "PNG" and png.size == (64, 64)
     url = f"{origin.base}/studies/{origin.study}/series/{origin.series}/instances/{sop}"
-    narrow = np.asarray(Image.open(io.BytesIO(httpx.get(f"{url}/rendered", params={"window": "0,1"},
+    narrow = np.asarray(Image.open(io.BytesIO(origin.get(f"{url}/rendered", params={"window": "0,1"},
                                                         headers={"Accept": "image/png"}).content)))
     assert set(np.unique(narrow)) <= {0, 255}  # a 1 HU window is a threshold
-    assert httpx.get(f"{url}/frames/1/rendered").headers["content-type"] == "image/jpeg"
-    assert httpx.get(f"{url}/rendered", headers={"Accept": "image/gif"}).status_code == 406
+    assert origin.get(f"{url}/frames/1/rendered").headers["content-type"] == "image/jpeg"
+    assert origin.get(f"{url}/rendered", headers={"Accept": "image/gif"}).status_code == 406
 
 
 def test_unknown_uids_are_404(origin: Origin) -> None:
     for path in ("/studies/1.2.3.4", f"/studies/{origin.study}/series/1.2.3/metadata",
                  f"/studies/{origin.study}/series/{origin.series}/instances/1.2.3/rendered"):
-        r = httpx.get(origin.base + path)
+        r = origin.get(origin.base + path)
         assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json", path
 
 
@@ -252,7 +265,7 @@ def test_result_objects_are_found_and_retrieved(origin: Origin) -> None:
     found = c.search_for_instances(origin.study, str(seg.SeriesInstanceUID))
     assert _uids(found, "00080018") == [str(seg.SOPInstanceUID)]  # the BINARY copy every viewer opens
     labelmap = origin.results["SEG-LABELMAP"]
-    r = httpx.get(f"{origin.base}/studies/{origin.study}/series/{labelmap.SeriesInstanceUID}/instances/"
+    r = origin.get(f"{origin.base}/studies/{origin.study}/series/{labelmap.SeriesInstanceUID}/instances/"
                   f"{labelmap.SOPInstanceUID}")
     assert r.status_code == 404
     got = c.retrieve_instance(origin.study, str(seg.SeriesInstanceUID), str(seg.SOPInstanceUID))
@@ -265,11 +278,22 @@ def test_result_objects_are_found_and_retrieved(origin: Origin) -> None:
     assert Image.open(io.BytesIO(rendered)).mode == "RGB"
     doc = origin.results["DOC"]
     pdf_url = f"{origin.base}/studies/{origin.study}/series/{doc.SeriesInstanceUID}/instances/{doc.SOPInstanceUID}"
-    r = httpx.get(f"{pdf_url}/rendered")
+    r = origin.get(f"{pdf_url}/rendered")
     assert r.headers["content-type"] == "application/pdf" and r.content.startswith(b"%PDF")
     meta = c.retrieve_instance_metadata(origin.study, str(doc.SeriesInstanceUID), str(doc.SOPInstanceUID))
     bulk = meta["00420011"]["BulkDataURI"]
-    assert httpx.get(bulk, headers={"Accept": "application/pdf"}).content.startswith(b"%PDF")
+    assert origin.get(bulk, headers={"Accept": "application/pdf"}).content.startswith(b"%PDF")
+
+
+def test_the_origin_needs_a_token_of_the_right_role(origin: Origin) -> None:
+    anonymous = DICOMwebClient(origin.base)
+    with pytest.raises(requests.HTTPError) as refused:
+        anonymous.search_for_studies()
+    assert refused.value.response.status_code == 401
+    assert refused.value.response.headers["WWW-Authenticate"].startswith("Bearer")
+    with pytest.raises(requests.HTTPError) as refused:  # a viewer cannot store
+        origin.client.store_instances([pydicom.dcmread(FILES[0])])
+    assert refused.value.response.status_code == 403
 
 
 def test_results_leave_receive_bookkeeping_and_routing_alone(origin: Origin) -> None:

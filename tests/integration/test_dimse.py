@@ -12,7 +12,7 @@ from node.config import DimseDestination, Settings
 from node.receive.scp import Receiver
 from node.send.dimse import DimseSender
 from node.spool import Spool
-from testkit.harness import ORTHANC_AE, Orthanc, free_port, storescu, tool_env
+from testkit.harness import ORTHANC_AE, Orthanc, free_port, peer_entries, storescu, tool_env
 from tests.dsfactory import ct_slice
 
 REAL_CT = Path(__file__).resolve().parents[1] / "data" / "ct-real-20"
@@ -22,7 +22,7 @@ REAL_CT = Path(__file__).resolve().parents[1] / "data" / "ct-real-20"
 def receiver(tmp_path: Path) -> Iterator[Receiver]:
     settings = Settings.model_validate({
         "node": {"ae_title": "AI-NODE", "host": "127.0.0.1", "port": free_port(),
-                 "storage_dir": str(tmp_path / "s"), "min_free_mb": 0},
+                 "storage_dir": str(tmp_path / "s"), "min_free_mb": 0, "peers": peer_entries()},
     })
     r = Receiver(settings, Catalog.for_storage(settings.node.storage_dir), Spool(settings.node.storage_dir),
                  clock=lambda: 0.0)
@@ -34,7 +34,8 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
 def test_echoscu(receiver: Receiver) -> None:
     import subprocess
 
-    out = subprocess.run(["echoscu", "-aec", "AI-NODE", "127.0.0.1", str(receiver.settings.node.port)],
+    out = subprocess.run(["echoscu", "-aet", "SCANNER", "-aec", "AI-NODE", "127.0.0.1",
+                          str(receiver.settings.node.port)],
                          capture_output=True, text=True, env=tool_env(), timeout=30, check=False)
     assert out.returncode == 0, out.stderr
 

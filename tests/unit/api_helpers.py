@@ -16,13 +16,16 @@ from node.catalog import Catalog, JobSpec, ResultFile
 from node.catalog_ops import JobTimings
 from node.config import Settings, parse_settings
 from node.http.app import create_app
+from node.http.auth import issue_token
 from node.http.context import NodeContext
 from node.http.server import HttpServer
 from node.metrics import NodeMetrics
 from node.policy import JobPolicy
 from node.receive.scp import STATUS_SUCCESS, Receiver
+from node.roles import Role
 from node.spool import Spool
 from tests.dsfactory import ct_slice, encode
+from tests.httpkit import bearer
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 PATIENT_NAME = "Quimby^Wilhelmina"
@@ -44,12 +47,16 @@ class ApiNode:
     now: list[float]
     study_id: int
     job_id: int
+    tokens: dict[Role, str]
+    """A token of each role, in the catalog."""
+    auth: dict[str, str]
+    """The Authorization header :meth:`get` and :meth:`post` send: an operator's (reads, actions, metrics)."""
 
     def get(self, path: str, **params: Any) -> httpx.Response:
-        return httpx.get(f"{self.server.url}{path}", params=params, timeout=10)
+        return httpx.get(f"{self.server.url}{path}", params=params, headers=self.auth, timeout=10)
 
     def post(self, path: str, json: Any = None) -> httpx.Response:
-        return httpx.post(f"{self.server.url}{path}", json=json, timeout=10)
+        return httpx.post(f"{self.server.url}{path}", json=json, headers=self.auth, timeout=10)
 
 
 def settings_for(tmp_path: Path) -> Settings:
@@ -103,9 +110,11 @@ def api_node(tmp_path: Path) -> Iterator[ApiNode]:
     ctx = NodeContext(settings, catalog, spool, receiver, lambda: now[0], broker_reachable=lambda: True,
                       metrics=metrics)
     server = HttpServer(create_app(ctx), "127.0.0.1", 0)
+    tokens = {role: issue_token(catalog, role) for role in Role}
     server.start()
     try:
-        yield ApiNode(settings, catalog, spool, receiver, metrics, server, now, study_id, job_id)
+        yield ApiNode(settings, catalog, spool, receiver, metrics, server, now, study_id, job_id, tokens,
+                      bearer(tokens[Role.OPERATOR]))
     finally:
         server.stop()
         catalog.engine.dispose()

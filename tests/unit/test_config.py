@@ -99,4 +99,7 @@ def test_check_config_refuses_unreadable_dicomweb_secrets(tmp_path: Path, capsys
     assert main(["check-config", "-c", str(cfg)]) == 2
     assert f"destinations[web].token_file: cannot read {token}" in capsys.readouterr().err
     token.write_text("t")
+    assert main(["check-config", "-c", str(cfg)]) == 2  # readable by others: refused
+    assert f"destinations[web].token_file: {token} is readable by group or others" in capsys.readouterr().err
+    token.chmod(0o600)
     assert main(["check-config", "-c", str(cfg)]) == 0

@@ -14,10 +14,12 @@ from models.errors import ConfigError
 from node.catalog import Catalog
 from node.config import Settings, parse_settings
 from node.http.app import create_app
+from node.http.auth import issue_token
 from node.http.context import NodeContext
 from node.http.server import HttpServer
 from node.receive.scp import Receiver
 from node.spool import Spool
+from tests.httpkit import bearer
 
 
 def _settings(tmp_path: Path, min_free_mb: int = 0) -> Settings:
@@ -70,14 +72,35 @@ def test_errors_are_problem_json(server: HttpServer) -> None:
     assert r.status_code == 405 and r.json()["code"] == "method-not-allowed"
 
 
-def test_openapi_and_offline_docs(server: HttpServer) -> None:
-    spec = httpx.get(f"{server.url}/openapi.json").json()
+def test_openapi_and_offline_docs(server: HttpServer, tmp_path: Path) -> None:
+    auth = bearer(issue_token(Catalog.for_storage(tmp_path), "viewer"))
+    spec = httpx.get(f"{server.url}/openapi.json", headers=auth).json()
     assert spec["openapi"].startswith("3.") and "/readyz" in spec["paths"]
-    html = httpx.get(f"{server.url}/docs").text
+    # Swagger's Authorize button: every protected operation names the bearer scheme
+    scheme = spec["components"]["securitySchemes"]["HTTPBearer"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    assert spec["paths"]["/api/v1/studies"]["get"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in spec["paths"]["/readyz"]["get"]
+    html = httpx.get(f"{server.url}/docs", headers=auth).text
     assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", html)
     assert assets and all(a.startswith("/") for a in assets), assets  # nothing from a CDN
     for asset in assets:
-        assert httpx.get(f"{server.url}{asset}").status_code == 200, asset
+        assert httpx.get(f"{server.url}{asset}", headers=auth).status_code == 200, asset
+    assert httpx.get(f"{server.url}/docs/assets/../../etc/passwd", headers=auth).status_code == 404
+
+
+def test_a_browser_opens_the_docs_with_the_token_as_basic_password(server: HttpServer, tmp_path: Path) -> None:
+    token = issue_token(Catalog.for_storage(tmp_path), "viewer")
+    r = httpx.get(f"{server.url}/docs")
+    assert r.status_code == 401  # the browser asks for a user name and password (Basic first)
+    assert r.headers.get_list("www-authenticate")[0].startswith("Basic ")
+    assert any(c.startswith("Bearer ") for c in r.headers.get_list("www-authenticate"))
+    assert httpx.get(f"{server.url}/docs", auth=("anyone", token)).status_code == 200
+    assert httpx.get(f"{server.url}/openapi.json", auth=("anyone", token)).status_code == 200
+    assert httpx.get(f"{server.url}/docs", auth=("anyone", "wrong")).status_code == 401
+    # Basic is for the docs only: the API wants the bearer token
+    r = httpx.get(f"{server.url}/api/v1/studies", auth=("anyone", token))
+    assert r.status_code == 401 and r.headers.get_list("www-authenticate") == ['Bearer realm="dicom-node"']
 
 
 def test_the_stow_section_moved(tmp_path: Path) -> None:

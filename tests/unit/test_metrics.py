@@ -102,7 +102,8 @@ def test_registries_are_per_node(tmp_path: Path) -> None:
 
 def test_associations_accepted_reach_the_hook(tmp_path: Path) -> None:
     port = free_port()
-    settings = parse_settings({"node": {"storage_dir": str(tmp_path), "port": port, "host": "127.0.0.1"}})
+    settings = parse_settings({"node": {"storage_dir": str(tmp_path), "port": port, "host": "127.0.0.1",
+                                        "peers": [{"ae_title": "MODALITY-7", "allow": ["echo"]}]}})
     accepted: list[str] = []
     receiver = Receiver(settings, Catalog.for_storage(tmp_path), Spool(tmp_path), lambda: 0.0,
                         on_accepted=accepted.append)

@@ -5,8 +5,10 @@ and Orthanc's DICOMweb (``/dicom-web/``) and WADO-URI (``/wado``) are served fro
 
 * static files from ``dist/``, unknown paths fall back to ``index.html`` (OHIF is a single-page app);
 * ``/app-config.js`` is generated: one ``dicomweb`` data source at this origin;
-* ``/dicom-web/...`` and ``/wado...`` are proxied to Orthanc's HTTP port; a comma-separated
+* ``/dicom-web/...`` and ``/wado...`` are proxied to Orthanc's HTTP port (or the node's); a comma-separated
   ``includefield=a,b`` is split into repeated parameters (Orthanc's plugin ignores the comma form);
+  ``upstream_headers`` are added to every proxied request (the node's ``Authorization: Bearer``, which
+  the browser never sees);
 * every response carries ``Cross-Origin-Opener-Policy: same-origin``,
   ``Cross-Origin-Embedder-Policy: require-corp`` and ``Cross-Origin-Resource-Policy: same-origin``
   (OHIF's web workers use SharedArrayBuffer, which needs a cross-origin isolated page).
@@ -162,6 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
                    if k.lower() not in _DROP_HEADERS and k.lower() not in ("host", "accept-encoding")}
         # Orthanc builds BulkDataURIs from the Host header: keep them on this origin.
         headers["Host"] = self.headers.get("Host", urllib.parse.urlsplit(self.server.origin).netloc)
+        headers.update(self.server.upstream_headers)
         req = urllib.request.Request(url, data=body, headers=headers,
                                      method="HEAD" if head else ("POST" if body is not None else "GET"))
         try:
@@ -181,15 +184,18 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class OhifServer(ThreadingHTTPServer):
-    """``OhifServer(dist, orthanc_http_port).start()``; ``.origin`` is the viewer's base URL."""
+    """``OhifServer(dist, orthanc_http_port).start()``; ``.origin`` is the viewer's base URL;
+    ``upstream_headers`` go with every proxied request (e.g. the node's ``Authorization``)."""
 
     daemon_threads = True
 
-    def __init__(self, dist: Path, orthanc_http_port: int, port: int = 0) -> None:
+    def __init__(self, dist: Path, orthanc_http_port: int, port: int = 0,
+                 upstream_headers: dict[str, str] | None = None) -> None:
         self.dist = Path(dist).resolve()
         if not (self.dist / "index.html").is_file():
             raise FileNotFoundError(f"no OHIF build at {self.dist} (deploy/install.sh unpacks it)")
         self.upstream = f"http://127.0.0.1:{orthanc_http_port}"
+        self.upstream_headers = dict(upstream_headers or {})
         self.log: list[str] = []
         self.proxied: list[tuple[str, int]] = []
         super().__init__(("127.0.0.1", port), _Handler)

@@ -37,7 +37,7 @@ import pydicom
 import pytest
 
 from testkit.dicom import write_ct_series
-from testkit.harness import REPO, storescu, wait_for
+from testkit.harness import REPO, bearer, create_token, storescu, wait_for
 from testkit.phantom import make_ct_phantom
 from tests.e2e.test_end_to_end import Stack, _start
 from tests.viewer.ohif_server import OhifServer
@@ -186,16 +186,18 @@ def _assert_no_error_shown(page: Any, console: list[str]) -> None:
 Driver = Callable[[Any, str, Path, list[str]], None]
 
 
-def _run_viewer(chest: Chest, drive: Driver, name: str, dicomweb_port: int | None = None) -> None:
+def _run_viewer(chest: Chest, drive: Driver, name: str, dicomweb_port: int | None = None,
+                upstream_headers: dict[str, str] | None = None) -> None:
     """Serve OHIF in front of the stack's Orthanc (or the DICOMweb origin at ``dicomweb_port``: the
-    node's own), open a headless Chromium page and ``drive(page,
+    node's own, with ``upstream_headers`` carrying its token), open a headless Chromium page and ``drive(page,
     viewer_url, out_dir, console)``; then check that no uncaught exception, no upstream error and
     no request to a host other than 127.0.0.1 happened. The console goes to ``<name>-console.log``;
     on failure the page is saved as ``<name>-failure.png``."""
     sync_api = _require_viewer()
     t0 = time.monotonic()
     out_dir = artifacts_dir()
-    server = OhifServer(OHIF_DIST, dicomweb_port or chest.stack.orthanc.http_port).start()
+    server = OhifServer(OHIF_DIST, dicomweb_port or chest.stack.orthanc.http_port,
+                        upstream_headers=upstream_headers).start()
     hosts: set[str] = set()
     page_errors: list[str] = []
     console: list[str] = []
@@ -247,8 +249,11 @@ def test_ohif_opens_segmentation_sr(chest: Chest) -> None:
 
 def test_ohif_opens_the_study_from_the_node(chest: Chest) -> None:
     """OHIF pointed at the node's own DICOMweb origin (QIDO-RS + WADO-RS), no PACS in between: the
-    CT and the node's SEG (its BINARY copy) open, with names and colours."""
-    _run_viewer(chest, _drive_seg_from_node, "ohif-node", dicomweb_port=chest.stack.http_port)
+    CT and the node's SEG (its BINARY copy) open, with names and colours. The proxy holds a viewer
+    token (``dicom-node token create --role viewer``) and sends it with every request to the node."""
+    token = create_token(chest.stack.workdir / "node.yaml", "viewer")
+    _run_viewer(chest, _drive_seg_from_node, "ohif-node", dicomweb_port=chest.stack.http_port,
+                upstream_headers=bearer(token))
 
 
 def _drive_seg_from_node(page: Any, url: str, out_dir: Path, console: list[str]) -> None:
