@@ -214,7 +214,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     """The audit trail (``<storage_dir>/audit/audit.log`` and its rotated files), oldest first."""
     settings = load_settings(args.config)
-    from node.audit import EVENT_NAMES, audit_dir, format_table, parse_time, read_records
+    from node.audit import EVENT_NAMES, audit_dir
+    from node.audit_read import format_table, parse_time, read_records
 
     try:
         since = parse_time(args.since) if args.since else None

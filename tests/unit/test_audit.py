@@ -19,8 +19,8 @@ from node.audit import (
     AuditTrail,
     audit_dir,
     audit_files,
-    read_records,
 )
+from node.audit_read import read_records
 from node.cli import main
 from node.config import AuditSyslogSettings, Settings, parse_settings
 from node.http.audit import HttpAudited, Requestor
