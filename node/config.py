@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from models.errors import ConfigError
+from node.config_ops import Frozen, NotificationSettings, StorageSettings
 from node.roles import Role
 from node.syslog import facility_number
 
@@ -50,8 +51,7 @@ MATCHABLE_ATTRIBUTES: tuple[str, ...] = (
 """Series attributes a rule may match on (recorded per series at receive time)."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Frozen = Frozen
 
 
 PeerService = Literal["echo", "store", "find", "move", "get"]
@@ -455,6 +455,8 @@ class Settings(_Frozen):
     priors: PriorSettings | None = None
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
 
     @model_validator(mode="before")
     @classmethod

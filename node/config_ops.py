@@ -1,0 +1,127 @@
+"""Settings of the operations features: storage lifecycle (``storage:``) and notifications
+(``notifications:``). Part of the one frozen :class:`node.config.Settings`; kept in their own module
+because :mod:`node.config` is long enough.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Frozen(BaseModel):
+    """Base of every settings model: unknown keys are errors, values never change after validation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- storage lifecycle -------------------------------------------------------------------------
+class RetentionSettings(Frozen):
+    """How long a study's files stay after it is settled (every job of its current generation ended and
+    every delivery sent). ``None``: kept until the watermarks need the space. Nothing that is not yet
+    delivered is ever deleted."""
+
+    instances_days: float | None = Field(None, gt=0)
+    """Received instances: this many days after the study's results were delivered."""
+    results_days: float | None = Field(None, gt=0)
+    """Result objects (and the study's catalog rows): this many days after delivery."""
+    failed_days: float | None = Field(None, gt=0)
+    """Studies with a job failed for good (or skipped): this many days after the last job ended."""
+    unrouted_days: float | None = Field(None, gt=0)
+    """Studies that matched no rule: this many days after their last instance arrived."""
+
+
+class StorageSettings(Frozen):
+    """Retention and high/low watermarks of the storage filesystem (``node.storage_dir``)."""
+
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    high_watermark_percent: float = Field(90, gt=0, le=100)
+    """Above this share of the filesystem used, the oldest eligible studies are purged..."""
+    low_watermark_percent: float = Field(80, gt=0, le=100)
+    """...until usage is below this share."""
+    check_seconds: float = Field(60, gt=0)
+    """How often the node checks retention and the watermarks."""
+
+    @model_validator(mode="after")
+    def _order(self) -> StorageSettings:
+        if self.low_watermark_percent >= self.high_watermark_percent:
+            raise ValueError("storage.low_watermark_percent must be below storage.high_watermark_percent")
+        return self
+
+
+# ---- notifications -------------------------------------------------------------------------------
+NotificationEvent = Literal[
+    "job-failed",          # a job failed for good (attempts used up, or a permanent error)
+    "delivery-late",       # a delivery still pending after notifications.delivery_late_minutes
+    "destination-down",    # every attempt to a destination failed for notifications.destination_down_minutes
+    "disk-high",           # storage usage above storage.high_watermark_percent
+    "worker-lost",         # a running job's worker vanished (its lease expired)
+    "results",             # a job produced results (models listed in the target's ``models``)
+]
+"""Events a notification target may subscribe to."""
+
+ALL_EVENTS: tuple[NotificationEvent, ...] = ("job-failed", "delivery-late", "destination-down", "disk-high", "worker-lost")
+"""The events a target gets when it names none (``results`` must be asked for)."""
+
+
+class WebhookTarget(Frozen):
+    """A JSON POST per event, signed with HMAC-SHA256 over the body (header ``X-Dicom-Node-Signature``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    type: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$")
+    secret_file: Path | None = None
+    """The HMAC key (a private file, like every secret); without it the POST is unsigned."""
+    ca_file: Path | None = None
+    events: list[NotificationEvent] = Field(default_factory=lambda: list(ALL_EVENTS), min_length=1)
+    models: list[str] = Field(default_factory=list)
+    """For the ``results`` event: the models whose results are announced (empty: every model)."""
+    timeout_seconds: float = Field(10, gt=0)
+
+
+class EmailTarget(Frozen):
+    """An e-mail per event through an SMTP server (``notifications.smtp``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    type: Literal["email"]
+    to: list[str] = Field(min_length=1)
+    events: list[NotificationEvent] = Field(default_factory=lambda: list(ALL_EVENTS), min_length=1)
+    models: list[str] = Field(default_factory=list)
+
+
+class SmtpSettings(Frozen):
+    host: str = Field(min_length=1)
+    port: int = Field(25, ge=1, le=65535)
+    sender: str = Field(min_length=3, alias="from")
+    security: Literal["none", "starttls", "tls"] = "starttls"
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    timeout_seconds: float = Field(30, gt=0)
+
+
+NotificationTarget = WebhookTarget | EmailTarget
+
+
+class NotificationSettings(Frozen):
+    targets: list[NotificationTarget] = Field(default_factory=list)
+    smtp: SmtpSettings | None = None
+    delivery_late_minutes: float = Field(30, gt=0)
+    destination_down_minutes: float = Field(10, gt=0)
+    retry_initial_seconds: float = Field(10, gt=0)
+    retry_max_seconds: float = Field(600, gt=0)
+    max_attempts: int = Field(20, ge=1)
+    """A notification that still fails after this many attempts is dropped (and logged)."""
+    poll_seconds: float = Field(5, gt=0)
+
+    @model_validator(mode="after")
+    def _smtp_needed(self) -> NotificationSettings:
+        names = [t.name for t in self.targets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"notifications.targets: duplicate names {dupes}")
+        if any(isinstance(t, EmailTarget) for t in self.targets) and self.smtp is None:
+            raise ValueError("notifications: e-mail targets need notifications.smtp")
+        return self
