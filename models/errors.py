@@ -104,3 +104,7 @@ class SendError(DicomNodeError):
 
 class DestinationUnreachable(SendError):
     """Could not associate with / connect to the destination."""
+
+
+class NotificationError(DicomNodeError):
+    """A notification (webhook, e-mail) could not be sent; it stays in the outbox and is retried."""

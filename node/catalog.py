@@ -504,7 +504,7 @@ class Catalog(DeliveryAndOperatorQueries):
                 select(Series, Study)
                 .join(Study, Study.id == Series.study_id)
                 .where(Study.patient_key == current.patient_key, Study.id != current.id,
-                       Series.origin == SeriesOrigin.RECEIVED,
+                       Series.origin == SeriesOrigin.RECEIVED, Series.instance_count > 0,  # not purged
                        Study.study_datetime <= current.study_datetime,
                        Study.study_uid.not_in(_INCOMPLETE_PRIORS))
             ).all()

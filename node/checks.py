@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from models import registry
+from models.errors import UnknownModelError
 from node.config import Settings, load_settings
 
 
@@ -24,6 +25,11 @@ def check_models(settings: Settings, *, queues: Sequence[str] | None = None) -> 
     """
     names = list(dict.fromkeys([m for rule in settings.rules for m in rule.models] + list(settings.models)))
     registry.validate_names(names)
+    for target in settings.notifications.targets:  # the models whose results a target announces
+        try:
+            registry.validate_names(target.models)
+        except UnknownModelError as exc:
+            raise UnknownModelError(f"notifications.targets[{target.name}].models: {exc}") from None
     for name, ms in settings.models.items():
         registry.check_options(name, registry.ModelOptions(path=ms.path, device=ms.device, batch_size=ms.batch_size,
                                                            precision=ms.precision))

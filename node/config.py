@@ -20,7 +20,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from models.errors import ConfigError
-from node.config_ops import Frozen, NotificationSettings, StorageSettings
+from node.config_ops import Frozen as _Frozen
+from node.config_ops import NotificationSettings, StorageSettings
 from node.roles import Role
 from node.syslog import facility_number
 
@@ -49,9 +50,6 @@ MATCHABLE_ATTRIBUTES: tuple[str, ...] = (
     "NumberOfInstances",
 )
 """Series attributes a rule may match on (recorded per series at receive time)."""
-
-
-_Frozen = Frozen
 
 
 PeerService = Literal["echo", "store", "find", "move", "get"]
@@ -583,6 +581,8 @@ def check_files(settings: Settings) -> None:
         for key, path in (("jwks_file", h.oidc.jwks_file), ("ca_file", h.oidc.ca_file)):
             if path is not None:
                 check_readable_file(f"http.oidc.{key}", path)
+    for key, path, secret in settings.notifications.files():
+        (check_secret_file if secret else check_readable_file)(key, path)
 
 
 def parse_settings(data: Mapping[str, Any], source: str = "<settings>") -> Settings:

@@ -24,13 +24,14 @@ class RetentionSettings(Frozen):
     delivered is ever deleted."""
 
     instances_days: float | None = Field(None, gt=0)
-    """Received instances: this many days after the study's results were delivered."""
+    """Received instances: this many days after the study's results were delivered (the study, its
+    results and history stay, marked purged). Also a prior fetched from the PACS, whole, after it arrived."""
     results_days: float | None = Field(None, gt=0)
-    """Result objects (and the study's catalog rows): this many days after delivery."""
+    """The whole study (instances, results, catalog rows): this many days after delivery."""
     failed_days: float | None = Field(None, gt=0)
-    """Studies with a job failed for good (or skipped): this many days after the last job ended."""
+    """The whole study, when a job of it failed for good: this many days after its last job ended."""
     unrouted_days: float | None = Field(None, gt=0)
-    """Studies that matched no rule: this many days after their last instance arrived."""
+    """The whole study, when it matched no rule: this many days after routing found none."""
 
 
 class StorageSettings(Frozen):
@@ -38,9 +39,10 @@ class StorageSettings(Frozen):
 
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     high_watermark_percent: float = Field(90, gt=0, le=100)
-    """Above this share of the filesystem used, the oldest eligible studies are purged..."""
+    """Above this share of the filesystem used, the oldest settled studies are purged (whole)..."""
     low_watermark_percent: float = Field(80, gt=0, le=100)
-    """...until usage is below this share."""
+    """...until usage is below this share; when nothing is left to purge, new instances are refused
+    (C-STORE 0xA700, STOW-RS 503) until usage is back below the high watermark."""
     check_seconds: float = Field(60, gt=0)
     """How often the node checks retention and the watermarks."""
 
@@ -62,7 +64,8 @@ NotificationEvent = Literal[
 ]
 """Events a notification target may subscribe to."""
 
-ALL_EVENTS: tuple[NotificationEvent, ...] = ("job-failed", "delivery-late", "destination-down", "disk-high", "worker-lost")
+ALL_EVENTS: tuple[NotificationEvent, ...] = ("job-failed", "delivery-late", "destination-down", "disk-high",
+                                             "worker-lost")
 """The events a target gets when it names none (``results`` must be asked for)."""
 
 
@@ -115,6 +118,24 @@ class NotificationSettings(Frozen):
     max_attempts: int = Field(20, ge=1)
     """A notification that still fails after this many attempts is dropped (and logged)."""
     poll_seconds: float = Field(5, gt=0)
+    """How often the catalog is scanned for events and the outbox for notifications due."""
+    dashboard_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/\S*)?$")
+    """The node's address as admins open it (``https://ai-node.example:8080``): payloads link to
+    ``<dashboard_url>/studies/<id>``; None: they carry the path only."""
+
+    def files(self) -> list[tuple[str, Path, bool]]:
+        """(settings key, path, is a secret) of the files the notifier reads, for
+        :func:`node.config.check_files`: HMAC keys and the SMTP password must be private."""
+        found: list[tuple[str, Path | None, bool]] = []
+        for t in self.targets:
+            if isinstance(t, WebhookTarget):
+                where = f"notifications.targets[{t.name}]"
+                found += [(f"{where}.secret_file", t.secret_file, True), (f"{where}.ca_file", t.ca_file, False)]
+        if self.smtp is not None:
+            found += [("notifications.smtp.password_file", self.smtp.password_file, True),
+                      ("notifications.smtp.ca_file", self.smtp.ca_file, False)]
+        out = [(key, path, secret) for key, path, secret in found if path is not None]
+        return out
 
     @model_validator(mode="after")
     def _smtp_needed(self) -> NotificationSettings:

@@ -12,12 +12,18 @@ global default one. Two sources:
   therefore need no Prometheus multiprocess mode: the catalog is the shared state.
 
 Labels carry model, destination, queue and AE names and states, never tag values.
+
+The receiver's hooks also keep each peer's activity (:class:`PeerActivity`: associations, instances,
+last association) in memory since the node started, for the dashboard (``GET /api/v1/peers``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -45,10 +51,29 @@ def _stored(status: int) -> bool:
     return status in (STATUS_SUCCESS, 0x0001) or 0xB000 <= status <= 0xBFFF
 
 
+@dataclass(frozen=True)
+class PeerActivity:
+    """What one sender did since the node started (in memory): its calling AE title (DIMSE) or the
+    name of its token (STOW-RS)."""
+
+    door: str
+    """``dimse`` or ``stow``."""
+    source: str
+    associations: int = 0
+    instances: int = 0
+    bytes: int = 0
+    last_association_at: float | None = None
+    last_instance_at: float | None = None
+
+
 class NodeMetrics:
     """The node's registry: receive counters plus the catalog collector."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, spool: Spool) -> None:
+    def __init__(self, settings: Settings, catalog: Catalog, spool: Spool,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._peers: dict[tuple[str, str], PeerActivity] = {}
+        self._peers_lock = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=False)
         self.instances = Counter("dicom_node_received_instances", "Instances stored, by door and calling AE",
                                  ["door", "calling_ae"], registry=self.registry)
@@ -66,10 +91,27 @@ class NodeMetrics:
         if _stored(event.status):
             self.instances.labels(event.door, event.source).inc()
             self.bytes.labels(event.door, event.source).inc(event.size)
+            self._peer(event.door, event.source, instances=1, size=event.size, last_instance_at=self.clock())
 
     def accepted(self, calling_ae: str) -> None:
         """``Receiver(on_accepted=...)``: one association accepted."""
         self.associations.labels(calling_ae).inc()
+        self._peer("dimse", calling_ae, associations=1, last_association_at=self.clock())
+
+    def _peer(self, door: str, source: str, *, associations: int = 0, instances: int = 0, size: int = 0,
+              last_association_at: float | None = None, last_instance_at: float | None = None) -> None:
+        with self._peers_lock:
+            p = self._peers.get((door, source)) or PeerActivity(door, source)
+            self._peers[(door, source)] = replace(
+                p, associations=p.associations + associations, instances=p.instances + instances,
+                bytes=p.bytes + size, last_association_at=last_association_at or p.last_association_at,
+                last_instance_at=last_instance_at or p.last_instance_at)
+
+    def peers(self) -> list[PeerActivity]:
+        """Each sender's activity since the node started, most recently active first."""
+        with self._peers_lock:
+            rows = list(self._peers.values())
+        return sorted(rows, key=lambda p: -max(p.last_association_at or 0, p.last_instance_at or 0))
 
     def exposition(self) -> bytes:
         """The text exposition format of every metric (scrapes the catalog)."""

@@ -60,15 +60,18 @@ def _value_matches(actual: Any, wanted: MatchValue) -> bool:
     return _scalar_equal(actual, wanted)
 
 
+def condition_holds(key: str, wanted: MatchValue, attributes: dict[str, Any]) -> bool:
+    """Whether one condition of a rule's ``match:`` holds (the dry run, :mod:`node.rules_check`,
+    explains each with this very function)."""
+    if key not in attributes:
+        return False
+    actual = attributes[key]
+    values = actual if isinstance(actual, list) else [actual]
+    return any(_value_matches(v, wanted) for v in values)
+
+
 def rule_matches(rule: Rule, attributes: dict[str, Any]) -> bool:
-    for key, wanted in rule.match.items():
-        if key not in attributes:
-            return False
-        actual = attributes[key]
-        values = actual if isinstance(actual, list) else [actual]
-        if not any(_value_matches(v, wanted) for v in values):
-            return False
-    return True
+    return all(condition_holds(key, wanted, attributes) for key, wanted in rule.match.items())
 
 
 def plan_jobs(rules: list[Rule], series: list[tuple[int, dict[str, Any]]]) -> list[JobSpec]:
@@ -103,12 +106,18 @@ class Router:
         return (self.priors_from_pacs and is_pair_model(spec.model)
                 and not self.catalog.has_prior(study_id, spec.series_id))
 
+    def plan(self, study_id: int, series: list[tuple[int, dict[str, Any]]]) -> list[JobSpec]:
+        """The jobs routing creates for the study's ``series`` (id, routing attributes); writes nothing
+        (also the dry run's plan of a catalog study, :func:`node.rules_check.check_study`)."""
+        return [spec._replace(awaits_prior=self._awaits_prior(study_id, spec))
+                for spec in plan_jobs(self.rules, series)]
+
     def route_ready(self) -> list[int]:
         new_jobs: list[int] = []
         for study in self.catalog.studies_in_state(StudyState.READY):
-            series = [(s.id, s.routing_attributes) for s in self.catalog.series_of_study(study.id)]
-            specs = [spec._replace(awaits_prior=self._awaits_prior(study.id, spec))
-                     for spec in plan_jobs(self.rules, series)]
+            series = [(s.id, s.routing_attributes) for s in self.catalog.series_of_study(study.id)
+                      if s.instance_count]  # a series whose instances were purged (node.lifecycle) has none
+            specs = self.plan(study.id, series)
             ids = self.catalog.create_jobs(study.id, study.generation, specs, self.clock())
             if specs:
                 log.info("study #%d routed: %d job(s) %s", study.id, len(ids),

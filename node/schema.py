@@ -270,3 +270,91 @@ class ApiToken(Base):
     revoked_at: Mapped[float | None] = mapped_column(Float, default=None)
     last_used_at: Mapped[float | None] = mapped_column(Float, default=None)
     """Updated at most once a minute per token (:mod:`node.tokens`)."""
+
+
+class NotificationEventRow(Base):
+    """An event announced by :mod:`node.notify` (job failed, destination down, ...): one row per fact,
+    found once by its ``key`` (e.g. ``job-failed:12:1733130000.000``), never announced twice."""
+
+    __tablename__ = "notify_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    event: Mapped[str] = mapped_column(String(32), index=True)
+    """``job-failed``, ``destination-down``, ``destination-recovered``, ... (:mod:`node.notify.events`)."""
+    subject: Mapped[str] = mapped_column(String(64), default="", index=True)
+    """What an episode is about (a destination name, ``disk``), to find the open one; "" for single facts."""
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """The facts sent (catalog ids, model, destination, error text, counts; no patient data)."""
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class NotificationOutbox(Base):
+    """One notification of one event to one target (``notifications.targets``): retried with backoff
+    until sent or ``notifications.max_attempts`` (then ``dropped``)."""
+
+    __tablename__ = "notify_outbox"
+    __table_args__ = (UniqueConstraint("event_id", "target"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("notify_events.id"), index=True)
+    target: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    """``pending`` -> ``sent`` | ``dropped``."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    sent_at: Mapped[float | None] = mapped_column(Float, default=None)
+
+
+class NotificationMark(Base):
+    """The notifier's durable marks: where its scan of the catalog starts (``since``)."""
+
+    __tablename__ = "notify_marks"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class WorkerHeartbeat(Base):
+    """A worker process alive (``workers.heartbeat``): written every few seconds by each Celery pool
+    child, removed when it stops; a row not updated for a while is a worker lost. Its current job is
+    the running job whose ``worker`` is ``host:pid``."""
+
+    __tablename__ = "workers"
+    __table_args__ = (UniqueConstraint("host", "pid"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[str] = mapped_column(String(256), default="")
+    """The queues its worker consumes, comma-separated."""
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen_at: Mapped[float] = mapped_column(Float, index=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    """The job it runs now (None: idle)."""
+    gpu: Mapped[str | None] = mapped_column(String(128), default=None)
+    """The CUDA device's name once torch initialised CUDA in the process; None: no GPU in use."""
+
+
+class PurgeJournal(Base):
+    """A purge whose catalog rows are deleted but whose files may not be yet (:mod:`node.lifecycle.purge`):
+    written in the transaction that deletes the rows, removed once the files are unlinked; the node
+    finishes what a crash left at start-up."""
+
+    __tablename__ = "purge_journal"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    paths: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """Files to unlink, relative to the storage directory."""
+    dirs: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """Directories to remove once empty, deepest first."""
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class PurgeMark(Base):
+    """A study whose received instances were purged (``storage.retention.instances_days``): its rows,
+    jobs and results stay (the history), QIDO-RS/WADO-RS no longer list the instances, reruns are refused."""
+
+    __tablename__ = "purge_marks"
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    purged_at: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(String(32))
+    files: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(Integer, default=0)

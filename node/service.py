@@ -3,7 +3,7 @@
 Stages never call into each other: each loop reads the catalog and writes the catalog. At start-up
 the node reconciles what a crash may have left: temp files are removed, jobs whose queue message
 may be lost are sent again (a job runs once: workers claim it in the catalog), pending deliveries
-are simply due again.
+are simply due again, and purges a crash cut short are finished (:mod:`node.lifecycle`).
 
 The audit trail (:mod:`node.audit`) is wired here: the receiver, the retriever, the deliverer and the
 HTTP app report through their typed hooks (none of them imports it); start and stop are recorded here.
@@ -24,13 +24,17 @@ from node.enqueue import Enqueuer
 from node.http.app import create_app as create_http_app
 from node.http.context import NodeContext
 from node.http.server import HttpServer
+from node.lifecycle.guard import NodeLock, StudyGuard
+from node.lifecycle.loop import StorageKeeper
+from node.lifecycle.purge import finish_journal
 from node.metrics import NodeMetrics
+from node.notify import Notifier
 from node.policy import job_policy
 from node.queue import broker_reachable, create_app
 from node.receive.scp import Receiver
 from node.retrieve import PriorRetriever
 from node.route import Router
-from node.send.deliver import Deliverer, SenderFactory
+from node.send.deliver import Deliverer, DeliveryBatch, SenderFactory
 from node.spool import Spool
 
 log = logging.getLogger("node.service")
@@ -52,14 +56,21 @@ class NodeService:
                                  on_association=audit.association if audit else None,
                                  on_received=audit.instances_received if audit else None)
         self.assembler = Assembler(self.catalog, settings.assembly.study_quiet_seconds, clock)
+        self.study_guard = StudyGuard()  # a purge of a study holds its new instances back (node.lifecycle)
+        self.storage = StorageKeeper(settings, self.catalog, self.spool, clock, self.study_guard,
+                                     stopping=lambda: self._stop.is_set())
+        self.receiver.room_gate, self.receiver.study_guard = self.storage.has_room, self.study_guard.receiving
+        self.node_lock = NodeLock(storage)  # tells the CLI the node runs (node.lifecycle.guard.node_running)
         self.retriever = PriorRetriever.from_settings(settings, self.catalog, self.spool, self.receiver.store, clock,
                                                       on_exchange=audit.prior_exchange if audit else None)
         self.router = Router(self.catalog, settings.rules, clock, priors_from_pacs=settings.priors is not None)
         self.celery = create_app(settings)
         self.enqueuer = Enqueuer(self.celery, self.catalog, clock,
                                  queue_of=lambda model: settings.model_settings(model).queue)
+        self.notifier = Notifier(settings, self.catalog, clock) if settings.notifications.targets else None
         self.deliverer = Deliverer(settings, self.catalog, self.spool, clock, sender_factory,
-                                   on_batch=audit.delivered if audit else None)
+                                   on_batch=_fan_out(audit.delivered if audit else None,
+                                                     self.notifier.delivery_batch if self.notifier else None))
         self.job_policy = job_policy(settings)
         self.http = self._http_server() if settings.http.enabled else None
         self._stop = threading.Event()
@@ -68,7 +79,7 @@ class NodeService:
     def _http_server(self) -> HttpServer:
         ctx = NodeContext(self.settings, self.catalog, self.spool, self.receiver, self.clock,
                           broker_reachable=lambda: broker_reachable(self.celery), metrics=self.metrics,
-                          on_audit=self.audit.http if self.audit else None)
+                          on_audit=self.audit.http if self.audit else None, storage=self.storage)
         h = self.settings.http
         return HttpServer(create_http_app(ctx), h.host, h.port, timeout_seconds=h.timeout_seconds,
                           certfile=h.tls.cert_file if h.tls else None, keyfile=h.tls.key_file if h.tls else None)
@@ -76,15 +87,20 @@ class NodeService:
     def reconcile(self) -> None:
         removed = self.spool.clean_temp()
         requeued = self.catalog.forget_enqueued()  # jobs left awaiting a prior are handed over by the next tick
-        log.info("reconciled: %d temp file(s) removed, %d unfinished job(s) to enqueue again", removed, requeued)
+        purges, unlinked = finish_journal(self.catalog, self.settings.node.storage_dir)  # purges a crash cut short
+        log.info("reconciled: %d temp file(s) removed, %d unfinished job(s) to enqueue again, %d purge(s) finished "
+                 "(%d file(s) removed)", removed, requeued, purges, unlinked)
 
     def pipeline_tick(self) -> None:
         self.assembler.tick()
         self.router.route_ready()
         if self.retriever is not None:  # fetches the priors of jobs routing created awaiting-prior
             self.retriever.tick()
-        for job_id in self.catalog.requeue_abandoned(self.clock(), self.job_policy):
+        lost = self.catalog.requeue_abandoned(self.clock(), self.job_policy)
+        for job_id in lost:
             log.warning("job #%d lost its worker; queued again (or failed if out of attempts)", job_id)
+        if lost and self.notifier is not None:
+            self.notifier.jobs_lost(lost)
         self.catalog.resend_stale_queued(self.clock(), self.job_policy.lease_seconds)
         self.enqueuer.enqueue_pending()
 
@@ -99,14 +115,21 @@ class NodeService:
     def start(self) -> None:
         if self.audit is not None:
             self.audit.application_started()
+        if not self.node_lock.acquire():
+            log.warning("another process holds %s: is a second node running on this storage directory?",
+                        self.node_lock.path)
         self.reconcile()
         self.receiver.start()
         if self.http is not None:
             self.http.start()
-        loops = (
+        loops: list[tuple[str, Callable[[], object], float]] = [
             ("pipeline", self.pipeline_tick, self.settings.assembly.poll_seconds),
             ("send", self.deliverer.tick, self.settings.send.poll_seconds),
-        )
+            ("lifecycle", self.storage.tick, self.settings.storage.check_seconds),
+        ]
+        if self.notifier is not None:  # own loops: a slow webhook or SMTP server never delays the pipeline
+            poll = self.settings.notifications.poll_seconds
+            loops += [("notify", self.notifier.detect_tick, poll), ("notify-send", self.notifier.send_tick, poll)]
         for name, tick, interval in loops:
             t = threading.Thread(target=self._loop, args=(name, tick, interval), name=name, daemon=True)
             t.start()
@@ -124,3 +147,20 @@ class NodeService:
         if self.audit is not None:
             self.audit.application_stopped()
             self.audit.close()
+        self.node_lock.release()
+
+
+def _fan_out(*hooks: Callable[[DeliveryBatch], None] | None) -> Callable[[DeliveryBatch], None] | None:
+    """One ``on_batch`` calling each of ``hooks`` that is set (None when none is)."""
+    present = [h for h in hooks if h is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+
+    def call(batch: DeliveryBatch) -> None:
+        for h in present:
+            try:
+                h(batch)
+            except Exception:  # one subscriber's failure must not keep the batch from the others
+                log.exception("on_batch hook failed")
+
+    return call

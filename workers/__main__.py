@@ -18,6 +18,7 @@ from node.config import load_settings
 from node.logutil import setup_logging
 from node.queue import create_app, worker_queues
 from workers.celery_app import connect_worker_signals
+from workers.heartbeat import connect_heartbeat
 from workers.tasks import register
 
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.logging.level, "worker")
     connect_worker_signals()
+    connect_heartbeat(settings, queues)  # each pool child reports itself in the catalog's workers table
     app = create_app(settings)
     register(app, settings)
     concurrency = args.concurrency or settings.queue.worker_concurrency

@@ -4,7 +4,8 @@ queued jobs, the deliverer sends due deliveries and holds those to a paused dest
 
 Errors are problem+json with a stable ``code``: ``not-found``, ``not-retryable`` (the row is not in
 a state the action applies to), ``unknown-model``, ``not-routed`` (the study is still being
-received or routed), ``nothing-to-rerun``.
+received or routed), ``nothing-to-rerun``, ``purged`` (the study's instances were purged by the
+storage lifecycle: nothing to run on).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from node.http.api import (
 )
 from node.http.api_models import DeliveryOut, DestinationOut, JobOut, RerunOut, RerunRequest
 from node.http.errors import Problem
+from node.lifecycle.purge import instances_purged
 from node.schema import DeliveryState, JobState, StudyState
 
 log = logging.getLogger("node.http.api")
@@ -42,12 +44,20 @@ def _conflict(code: str, detail: str) -> dict[int | str, dict[str, Any]]:
     return {409: {"description": f"problem+json, code {code}: {detail}"}}
 
 
+def _purged(study_id: int) -> Problem:
+    return Problem(409, "purged", f"study {study_id}: its instances were purged (storage.retention); "
+                   "send the study again to run it")
+
+
 @router.post("/jobs/{job_id}/retry", status_code=202, summary="Queue a failed or skipped job again (fresh attempts)",
-             responses={**NOT_FOUND, **_conflict("not-retryable", "the job is not failed or skipped")})
+             responses={**NOT_FOUND, **_conflict("not-retryable | purged", "the job is not failed or skipped, "
+                                                  "or its study's instances were purged")})
 def retry_job(ctx: Ctx, job_id: int) -> JobOut:
     job = ctx.catalog.get_job(job_id)
     if job is None:
         raise not_found("job", job_id)
+    if instances_purged(ctx.catalog, job.study_id):
+        raise _purged(job.study_id)
     if job.state not in (JobState.FAILED, JobState.SKIPPED) or not ctx.catalog.retry_jobs(job_ids=[job_id]):
         raise Problem(409, "not-retryable", f"job {job_id} is {job.state}; only failed or skipped jobs are retried")
     log.info("job #%d queued again (API)", job_id)
@@ -68,7 +78,8 @@ def retry_delivery(ctx: Ctx, delivery_id: int) -> DeliveryOut:
 @router.post("/studies/{study_id}/rerun", status_code=202,
              summary="Run the study's current generation again (its done, skipped and failed jobs; or one model)",
              responses={404: {"description": "problem+json, code not-found or unknown-model"},
-                        **_conflict("not-routed | nothing-to-rerun", "still receiving, or every job is under way")})
+                        **_conflict("not-routed | nothing-to-rerun | purged",
+                                  "still receiving, every job is under way, or its instances were purged")})
 def rerun_study(ctx: Ctx, study_id: int, body: Annotated[RerunRequest | None, Body()] = None) -> RerunOut:
     """With ``{"model": name}`` only that model's jobs run again, and series of a matching modality
     that had no job of it get one (sent where the rules naming the model, and the study's jobs, send).
@@ -77,6 +88,8 @@ def rerun_study(ctx: Ctx, study_id: int, body: Annotated[RerunRequest | None, Bo
     study = ctx.catalog.get_study(study_id)
     if study is None:
         raise not_found("study", study_id)
+    if instances_purged(ctx.catalog, study_id):
+        raise _purged(study_id)
     if model is not None and model not in registry.available():
         raise Problem(404, "unknown-model", f"unknown model {model!r}; known: {', '.join(registry.available())}")
     if study.state not in (StudyState.ROUTED, StudyState.UNROUTED):

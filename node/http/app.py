@@ -1,9 +1,10 @@
 """The node's ASGI app: every HTTP route of the node, one OpenAPI document (``/openapi.json``).
 
 Routers (each its own module): health (``/healthz``, ``/readyz``), DICOMweb under ``/dicom-web``,
-the API under ``/api/v1`` (reads, actions, admin), ``/metrics``, the docs. Every router but health is
-included with the permission its routes require (:data:`PROTECTED`, :mod:`node.http.auth`). Routes
-get the node through :class:`node.http.context.NodeContext`.
+the API under ``/api/v1`` (reads, actions, admin), ``/metrics``, the docs, the dashboard at ``/``
+(:mod:`node.http.ui`). Every router but health and the dashboard's login and assets is included with
+the permission its routes require (:data:`PROTECTED`, :mod:`node.http.auth`). Routes get the node
+through :class:`node.http.context.NodeContext`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from node.http import admin, api, api_actions, health, metrics, qido, stow, wado
+from node.http import admin, api, api_actions, api_ops, api_rules, api_storage, health, metrics, qido, stow, ui, wado
 from node.http.audit import AuditMiddleware
-from node.http.auth import Authenticator, require
+from node.http.auth import Authenticator, require, require_page
 from node.http.context import NodeContext
 from node.http.errors import Problem, install_handlers
 from node.metrics import NodeMetrics
@@ -74,7 +75,11 @@ PROTECTED: tuple[tuple[APIRouter, Permission], ...] = (
     (qido.router, Permission.DICOMWEB_READ),
     (wado.router, Permission.DICOMWEB_READ),
     (api.router, Permission.API_READ),
+    (api_ops.router, Permission.API_READ),  # queues, workers, peers, hourly stats
     (api_actions.router, Permission.API_ACTIONS),
+    (api_rules.router, Permission.API_READ),  # the rule dry run changes nothing
+    (api_storage.router, Permission.API_READ),  # usage and the purge plan
+    (api_storage.admin_router, Permission.ADMIN),  # the purge
     (admin.router, Permission.ADMIN),
     (metrics.router, Permission.METRICS),
 )
@@ -102,4 +107,7 @@ def create_app(ctx: NodeContext, *, auth: Authenticator | None = None) -> FastAP
     for router, permission in PROTECTED:
         app.include_router(router, dependencies=[Depends(require(permission))])
     app.include_router(_docs_router(app), dependencies=[Depends(require(Permission.DOCS))])
+    app.include_router(ui.public_router)  # open: /login, /logout, the dashboard's CSS and JavaScript
+    for pages in (ui.pages_router, ui.ops_router):  # the dashboard: a browser without a session goes to /login
+        app.include_router(pages, dependencies=[Depends(require_page(Permission.API_READ))])
     return app

@@ -12,6 +12,12 @@ The docs (``/docs``, its assets, ``/openapi.json``) also take the token as the p
 Basic authentication (any user name), so that a person's browser can open them (it asks once);
 the page's Authorize button then sends it as a bearer token with the requests it tries.
 
+A browser (the dashboard, :mod:`node.http.ui`) logs in once at ``/login`` with a token; the token is
+then kept in an HttpOnly, SameSite=Strict cookie (:data:`SESSION_COOKIE`, Secure over HTTPS) that
+every route accepts as well. A state-changing request authenticated by that cookie must come from
+the node's own origin (``Origin``, else ``Referer``): 403 ``csrf`` otherwise. Dashboard pages
+(:func:`require_page`) send a browser without a valid session to ``/login`` (303) instead of 401.
+
 The caller is put in ``request.state.principal`` (:class:`Principal`: name, role, kind) for the
 audit trail, also when it is refused with 403.
 """
@@ -26,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
+from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
@@ -41,8 +48,13 @@ from node.tokens import TokenVerifier, create_token, list_tokens
 log = logging.getLogger("node.http.auth")
 
 REALM = "dicom-node"
-OPEN_PATHS = ("/healthz", "/readyz")
-"""The only routes without a permission: they carry no data."""
+OPEN_PATHS = ("/healthz", "/readyz", "/login", "/logout", "/ui/static/{name}")
+"""The only routes without a permission: they carry no data (health, the login form, the dashboard's
+own CSS and JavaScript)."""
+SESSION_COOKIE = "dicom_node_session"
+"""The browser session: the token given at ``/login`` (HttpOnly, SameSite=Strict)."""
+LOGIN_PATH = "/login"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 BASIC_PERMISSIONS = frozenset({Permission.DOCS})
 """Permissions whose routes also accept the token as an HTTP Basic password (a browser asks for it)."""
 
@@ -98,35 +110,72 @@ def _basic_password(request: Request) -> str | None:
     return decoded.partition(":")[2] or None
 
 
+def same_origin(request: Request) -> bool:
+    """Whether the request says it comes from a page of this origin (``Origin``, else ``Referer``)."""
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if not source or source == "null":
+        return False
+    parts = urlsplit(source)
+    return parts.scheme == request.url.scheme and parts.netloc.lower() == request.headers.get("host", "").lower()
+
+
 class RequirePermission:
     """The FastAPI dependency of one permission (one instance per permission: :func:`require`)."""
+
+    page = False
+    """Dashboard pages: a browser without a valid session is sent to ``/login``."""
 
     def __init__(self, permission: Permission) -> None:
         self.permission = permission
         self.basic = permission in BASIC_PERMISSIONS
+
+    def _unauthorized(self, request: Request, detail: str, *, invalid: bool) -> Problem:
+        if self.page and "text/html" in request.headers.get("accept", ""):
+            target = quote(request.url.path + (f"?{request.url.query}" if request.url.query else ""), safe="")
+            return Problem(303, "login-required", detail, headers={"Location": f"{LOGIN_PATH}?next={target}"})
+        return _unauthorized(detail, invalid=invalid, basic=self.basic)
 
     def __call__(self, request: Request,
                  bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
         auth = request.app.state.auth
         assert isinstance(auth, Authenticator)
         token = bearer.credentials if bearer is not None else (_basic_password(request) if self.basic else None)
+        from_cookie = False
         if not token:
-            raise _unauthorized("a bearer token is required", invalid=False, basic=self.basic)
+            token = request.cookies.get(SESSION_COOKIE) or None
+            from_cookie = token is not None
+        if not token:
+            raise self._unauthorized(request, "a bearer token is required", invalid=False)
+        if from_cookie and request.method not in SAFE_METHODS and not same_origin(request):
+            raise Problem(403, "csrf", "a request authenticated by the session cookie must come from this origin")
         try:
             principal = auth.authenticate(token)
         except InvalidToken as exc:
             log.debug("HTTP 401: %s", exc)
-            raise _unauthorized(str(exc), invalid=True, basic=self.basic) from None
+            raise self._unauthorized(request, str(exc), invalid=True) from None
         request.state.principal = principal
         if self.permission not in principal.permissions:
             raise Problem(403, "forbidden", f"role {principal.role or '(none)'!r} lacks permission {self.permission}")
         return principal
 
 
+class RequirePage(RequirePermission):
+    """:class:`RequirePermission` of a dashboard page (:func:`require_page`)."""
+
+    page = True
+
+
 @functools.cache
 def require(permission: Permission) -> RequirePermission:
     """The dependency requiring ``permission`` (the same object each time)."""
     return RequirePermission(permission)
+
+
+@functools.cache
+def require_page(permission: Permission) -> RequirePermission:
+    """The dependency of a dashboard page requiring ``permission``: like :func:`require`, but a browser
+    (``Accept: text/html``) without a valid session is redirected to ``/login``."""
+    return RequirePage(permission)
 
 
 def _permission_in(dependant: Dependant) -> Permission | None:

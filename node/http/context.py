@@ -11,6 +11,7 @@ from fastapi import Request
 from node.catalog import Catalog
 from node.config import Settings
 from node.http.audit import HttpAudited
+from node.lifecycle.loop import StorageKeeper
 from node.metrics import NodeMetrics
 from node.receive.scp import Receiver
 from node.spool import Spool
@@ -31,6 +32,9 @@ class NodeContext:
     on_audit: Callable[[HttpAudited], None] | None = None
     """Hears of every auditable request (:class:`node.http.audit.AuditMiddleware`); the node service
     passes its audit trail in. None: nothing is reported."""
+    storage: StorageKeeper | None = None
+    """The node's storage lifecycle (``/api/v1/storage``, the ``storage`` check of ``/readyz``); None:
+    reads are computed on the spot and a real purge is refused (no receiver to coordinate with)."""
 
 
 def node_context(request: Request) -> NodeContext:

@@ -1,5 +1,6 @@
 """``/healthz`` (the process answers) and ``/readyz`` (it can take work: catalog writable, spool
-above the disk floor, broker reachable). Both are open to every caller and carry no patient data."""
+above the disk floor, broker reachable, storage not full: :mod:`node.lifecycle`). Both are open to
+every caller and carry no patient data."""
 
 from __future__ import annotations
 
@@ -34,5 +35,7 @@ def readyz(ctx: Annotated[NodeContext, Depends(node_context)]) -> JSONResponse:
         checks["broker"] = ctx.broker_reachable()
     except Exception:
         checks["broker"] = False
+    if ctx.storage is not None:  # above the high watermark with nothing left to purge: refusing instances
+        checks["storage"] = not ctx.storage.refusing
     ok = all(checks.values())
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)

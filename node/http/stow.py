@@ -16,7 +16,8 @@ everything else is problem+json:
 
     200  all stored        202  some stored, others failed, or stored with a warning
     409  none stored (the response says why, per instance)
-    503  none stored and every failure is 0xA7xx (disk below ``node.min_free_mb``): Retry-After
+    503  none stored and every failure is 0xA7xx (disk below ``node.min_free_mb``, or above the high
+         storage watermark with nothing to purge, :mod:`node.lifecycle`): Retry-After
     400  not a well-formed multipart body, no part, missing boundary, invalid UID in the URL
     406  Accept excludes DICOM JSON      408  nothing received for ``http.timeout_seconds``
     411  neither Content-Length nor chunked
@@ -151,7 +152,7 @@ class PartFiles:
             raise UnsupportedPart("only application/dicom parts are supported")
         self._failure = None
         if not self._receiver.has_room():
-            log.warning("refusing instance: free space below node.min_free_mb")
+            log.warning("refusing instance: storage full (node.min_free_mb, or storage watermarks)")
             self._failure = StoreOutcome(FAILURE_OUT_OF_RESOURCES, None, None)
             return
         self._path = self._spool.new_temp()
@@ -329,7 +330,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {**_DICOM_JSON, "description": "every instance stored (Store Instances Response)"},
     202: {**_DICOM_JSON, "description": "some stored, or stored with warnings"},
     409: {**_DICOM_JSON, "description": "none stored; Failure Reason per instance"},
-    503: {**_DICOM_JSON, "description": "none stored, disk below the floor (Retry-After)"},
+    503: {**_DICOM_JSON, "description": "none stored, disk below the floor or storage full (Retry-After)"},
     400: {"description": "malformed multipart body, no part, invalid UID"},
     406: {"description": "Accept excludes application/dicom+json"},
     408: {"description": "the client stalled"},

@@ -144,8 +144,10 @@ class InstancesReceived:
     """How the STOW-RS sender was authenticated (``token``, ``oidc``); None for DIMSE."""
 
 
-def _series_attributes(ds: Dataset, calling_ae: str) -> dict[str, Any]:
-    """The routing attributes of config.MATCHABLE_ATTRIBUTES that live on the instance."""
+def series_attributes(ds: Dataset, calling_ae: str) -> dict[str, Any]:
+    """The routing attributes of config.MATCHABLE_ATTRIBUTES that live on the instance (recorded for
+    its series when it is the series' first; the rule dry run, :mod:`node.rules_check`, reads files
+    with it too)."""
     out: dict[str, Any] = {"CallingAETitle": calling_ae.strip()}
     for kw in ("Modality", "BodyPartExamined", "SeriesDescription", "StudyDescription", "ProtocolName",
                "Manufacturer", "ManufacturerModelName", "SOPClassUID"):
@@ -278,6 +280,8 @@ class Receiver:
         self._granted: weakref.WeakKeyDictionary[Association, frozenset[str]] = weakref.WeakKeyDictionary()
         """Services granted to each association admitted (none recorded: everything is refused)."""
         self._refusal_logged: weakref.WeakSet[Association] = weakref.WeakSet()
+        self.room_gate: Callable[[], bool] = lambda: True  # the node's storage keeper (node.lifecycle) sets these
+        self.study_guard: Callable[[str], contextlib.AbstractContextManager[object]] = contextlib.nullcontext
 
     # ---- the part that decides the status (testable without a network) ---------------------
     def store(self, encoded: bytes, request_sop_class: str, request_sop_uid: str, calling_ae: str) -> int:
@@ -292,7 +296,7 @@ class Receiver:
         has none, so the SOP Class is checked against the accepted storage classes instead.
         """
         if not self.has_room(len(encoded)):
-            log.warning("refusing instance: free space below node.min_free_mb")
+            log.warning("refusing instance: storage full (node.min_free_mb, or storage watermarks)")
             return Received(STATUS_OUT_OF_RESOURCES, *(request or (None, None)))
         return self._accept(lambda: pydicom.dcmread(io.BytesIO(encoded), force=False), source, request,
                             lambda rel: self.spool.write(rel, encoded))  # an existing file (duplicate) is kept
@@ -307,7 +311,7 @@ class Receiver:
         """
         try:
             if not self.has_room():  # the file is written: its bytes are already off the free space
-                log.warning("refusing instance: free space below node.min_free_mb")
+                log.warning("refusing instance: storage full (node.min_free_mb, or storage watermarks)")
                 return Received(STATUS_OUT_OF_RESOURCES, None, None)
             return self._accept(lambda: pydicom.dcmread(tmp, force=False), source, None,
                                 lambda rel: self.spool.place(tmp, rel))
@@ -315,9 +319,10 @@ class Receiver:
             tmp.unlink(missing_ok=True)
 
     def has_room(self, size: int = 0) -> bool:
-        """Whether the spool stays above ``node.min_free_mb`` with ``size`` more bytes written."""
+        """Whether the spool stays above ``node.min_free_mb`` with ``size`` more bytes written, and
+        :attr:`room_gate` agrees (False: above the high watermark with nothing left to purge)."""
         min_free = self.settings.node.min_free_mb * 1024 * 1024
-        return not min_free or self.spool.free_bytes() >= min_free + size
+        return (not min_free or self.spool.free_bytes() >= min_free + size) and self.room_gate()
 
     def _accept(self, read: Callable[[], Dataset], source: str, request: tuple[str, str] | None,
                 place: Callable[[str], Stored]) -> Received:
@@ -329,7 +334,7 @@ class Receiver:
             study_uid, series_uid = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
             sop_uid, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
             problem = pixel_data_problem(ds, transfer_syntax)
-            attributes = _series_attributes(ds, source)
+            attributes = series_attributes(ds, source)
             patient = patient_key(ds)
             study_datetime = f"{ds.get('StudyDate', '')}{ds.get('StudyTime', '')}"[:32]
             indexed = indexed_attributes(ds)  # what QIDO-RS matches and returns
@@ -355,21 +360,13 @@ class Receiver:
         stored: Stored | None = None
         try:
             rel = self.spool.instance_relpath(study_uid, series_uid, sop_uid)
-            stored = place(rel)  # an existing file (duplicate) is kept as it is
-            recorded = self.catalog.record_instance(
-                study_uid=study_uid,
-                series_uid=series_uid,
-                sop_instance_uid=sop_uid,
-                sop_class_uid=str(sop_class),
-                transfer_syntax_uid=transfer_syntax,
-                path=rel,
-                size=stored.size,
-                series_attributes=attributes,
-                now=self.clock(),
-                patient_key=patient,
-                study_datetime=study_datetime,
-                indexed=indexed,
-            )
+            with self.study_guard(study_uid):  # a purge of this study (node.lifecycle) waits, or is waited for
+                stored = place(rel)  # an existing file (duplicate) is kept as it is
+                recorded = self.catalog.record_instance(
+                    study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
+                    sop_class_uid=str(sop_class), transfer_syntax_uid=transfer_syntax, path=rel, size=stored.size,
+                    series_attributes=attributes, now=self.clock(), patient_key=patient,
+                    study_datetime=study_datetime, indexed=indexed)
         except StorageError as exc:
             log.error("spool error: %s", exc)
             return replace(uids, status=STATUS_OUT_OF_RESOURCES)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import ssl
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -106,7 +107,8 @@ class StowSender:
             auth = httpx.BasicAuth(d.username, _read_secret(d.password_file, "password_file"))
         elif d.token_file is not None:
             headers["Authorization"] = f"Bearer {_read_secret(d.token_file, 'token_file')}"
-        verify: bool | str = str(d.ca_file) if d.ca_file is not None else True
+        # an SSL context, not a CA path: httpx 0.28 deprecates ``verify=<str>``
+        verify: bool | ssl.SSLContext = ssl.create_default_context(cafile=d.ca_file) if d.ca_file is not None else True
         return httpx.Client(auth=auth, headers=headers, timeout=self.timeout, verify=verify,
                             transport=self.transport, follow_redirects=False)
 

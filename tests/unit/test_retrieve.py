@@ -99,7 +99,8 @@ def test_priors_config(tmp_path: Path) -> None:
     # the commented example in deploy/config.example.yaml is valid once uncommented
     lines = EXAMPLE.read_text().splitlines()
     start = lines.index(next(x for x in lines if x.startswith("# priors:")))
-    block = [x[2:] for x in lines[start:] if x.startswith("#   ") or x.startswith("# priors:")]
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("#")), len(lines))
+    block = [x[2:] for x in lines[start:end] if x.startswith("#   ") or x.startswith("# priors:")]
     example = yaml.safe_load("\n".join(block))
     assert parse_settings({**yaml.safe_load(EXAMPLE.read_text()), **example}).priors is not None
 

@@ -1,0 +1,119 @@
+"""The dashboard stays usable with 10,000 studies: a catalog filled with bulk inserts (10,000 studies,
+each with a series, a job, two results and four deliveries), then each page query and the whole
+studies page over HTTP, timed and printed; every one must answer in under a second."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import insert
+
+from node.catalog import Catalog
+from node.config import parse_settings
+from node.http.app import create_app
+from node.http.auth import issue_token
+from node.http.context import NodeContext
+from node.http.server import HttpServer
+from node.overview import study_page
+from node.overview_ops import destination_states, hourly_stats
+from node.receive.scp import Receiver
+from node.schema import Delivery, DeliveryState, Job, JobState, Result, Series, Study, StudyState
+from node.spool import Spool
+from tests.httpkit import bearer
+
+N = 10_000
+T0 = 1_700_000_000.0
+LIMIT_SECONDS = 1.0
+
+
+def _fill(catalog: Catalog) -> None:
+    studies, series, jobs, results, deliveries = [], [], [], [], []
+    for i in range(1, N + 1):
+        t = T0 + 60.0 * i
+        studies.append({"id": i, "study_uid": f"2.25.{i}", "state": StudyState.ROUTED, "generation": 1,
+                        "first_received_at": t, "last_received_at": t + 20, "instance_count": 100,
+                        "ready_at": t + 80, "routed_at": t + 81})
+        series.append({"id": i, "series_uid": f"2.25.{i}.1", "study_id": i, "attributes": {"Modality": "CT"},
+                       "instance_count": 100})
+        model = "ct-hu-segmentation" if i % 2 else "ct-lung-nodules"
+        failed = i % 97 == 0
+        jobs.append({"id": i, "study_id": i, "series_id": i, "generation": 1, "model": model, "rule": "ct",
+                     "destinations": ["pacs", "web"], "state": JobState.FAILED if failed else JobState.DONE,
+                     "attempts": 1, "created_at": t + 81, "updated_at": t + 95, "first_enqueued_at": t + 82,
+                     "started_at": t + 83, "finished_at": t + 95, "error": "ModelError: x" if failed else None})
+        if failed:
+            continue
+        for k, kind in enumerate(("SEG", "SR")):
+            rid = 2 * i + k
+            results.append({"id": rid, "job_id": i, "kind": kind, "sop_instance_uid": f"2.25.{i}.9.{k}",
+                            "sop_class_uid": "1.2", "path": f"results/{i}/{k}.dcm"})
+            for dest in ("pacs", "web"):
+                sent = dest == "pacs" or i % 5
+                deliveries.append({"result_id": rid, "destination": dest, "attempts": 1,
+                                   "state": DeliveryState.SENT if sent else DeliveryState.PENDING,
+                                   "sent_at": t + 100 if sent else None, "first_attempt_at": t + 96,
+                                   "last_error": None if sent else "connection refused"})
+    with catalog.session() as s:
+        for table, rows in ((Study, studies), (Series, series), (Job, jobs), (Result, results),
+                            (Delivery, deliveries)):
+            s.execute(insert(table), rows)
+
+
+def _timed(what: str, call: Callable[[], Any]) -> Any:
+    t = time.perf_counter()
+    out = call()
+    seconds = time.perf_counter() - t
+    print(f"{what}: {seconds * 1000:.1f} ms")
+    assert seconds < LIMIT_SECONDS, f"{what} took {seconds:.2f} s"
+    return out
+
+
+def test_ten_thousand_studies_page_quickly(tmp_path: Path) -> None:
+    settings = parse_settings({"node": {"storage_dir": str(tmp_path), "min_free_mb": 0}, "http": {"port": 0},
+                               "destinations": [{"name": "pacs", "type": "dimse", "ae_title": "PACS",
+                                                 "host": "127.0.0.1", "port": 104},
+                                                {"name": "web", "type": "dicomweb", "url": "http://127.0.0.1:9/dw"}]})
+    catalog, spool = Catalog.for_storage(tmp_path), Spool(tmp_path)
+    t = time.perf_counter()
+    _fill(catalog)
+    print(f"\nfilled {N} studies in {time.perf_counter() - t:.1f} s")
+    total, rows = _timed("first page", lambda: study_page(catalog, state=None, limit=50, offset=0))
+    assert total == N and rows[0].study.id == N and rows[0].delivered_at is None  # its web deliveries pend
+    assert rows[1].delivered_at is not None
+    total, rows = _timed("last page", lambda: study_page(catalog, state=None, limit=50, offset=N - 50))
+    assert rows[-1].study.id == 1
+    total, rows = _timed("by model", lambda: study_page(catalog, state=None, model="ct-lung-nodules", limit=50,
+                                                        offset=0))
+    assert total == N // 2 and all(f.study.id % 2 == 0 for f in rows)
+    total, _ = _timed("by destination", lambda: study_page(catalog, state=None, destination="web", limit=50,
+                                                           offset=0))
+    assert total == N - N // 97
+    day = T0 + 60.0 * 5000
+    total, _ = _timed("by date", lambda: study_page(catalog, state=StudyState.ROUTED, since=day, until=day + 3600,
+                                                    limit=50, offset=0))
+    assert total == 60
+    states = _timed("deliveries per destination of a page",
+                    lambda: destination_states(catalog, [f.study.id for f in rows]))
+    assert set(states[rows[0].study.id]) == {"pacs", "web"}
+    hours = _timed("24 h stats", lambda: hourly_stats(catalog, T0 + 60.0 * N + 200, 24))
+    assert sum(h.studies for h in hours) > 0
+
+    ctx = NodeContext(settings, catalog, spool, Receiver(settings, catalog, spool, time.time), time.time,
+                      broker_reachable=lambda: True)
+    server = HttpServer(create_app(ctx), "127.0.0.1", 0)
+    server.start()
+    try:
+        headers = {**bearer(issue_token(catalog, "viewer")), "Accept": "text/html"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as c:
+            c.get("/?fragment=1")  # warm up (templates compiled on first use)
+            for path in ("/", "/?model=ct-lung-nodules&page=50", "/failures", "/ops"):
+                r = _timed(f"GET {path}", functools.partial(c.get, path))
+                assert r.status_code == 200
+    finally:
+        server.stop()
+        catalog.engine.dispose()
