@@ -89,7 +89,7 @@ class Stack:
         return out.stdout
 
     def jobs(self) -> dict[str, int]:
-        text = self.status()
+        text = self.status("--json")
         return dict(json.loads(text)["jobs"])
 
 
@@ -378,11 +378,10 @@ def test_configured_bundle_paths_are_the_ones_loaded(tmp_path: Path) -> None:
         except TimeoutError:
             print(stack.logs()[-6000:])
             raise
-        failed = stack.status("--failed")
-    reasons = {m: line for line in failed.splitlines() for m in ("dl-ct-segmentation", "dl-lung-nodule-detection")
-               if f"model={m} " in line}
+        failed = json.loads(stack.status("--failed", "--json"))["failed_jobs"]
+    reasons = {j["model"]: j["error"] for j in failed}
     print("\n".join(reasons.values()))
     assert str(weights) in reasons["dl-ct-segmentation"] and "BundleError" in reasons["dl-ct-segmentation"]
     assert str(missing) in reasons["dl-lung-nodule-detection"]
     assert "does not exist" in reasons["dl-lung-nodule-detection"]
-    assert all("attempts=1:" in line for line in reasons.values())  # permanent: not retried
+    assert all(j["attempts"] == 1 for j in failed)  # permanent: not retried

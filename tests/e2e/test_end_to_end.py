@@ -129,8 +129,8 @@ def _validate(tmp: Path, name: str, data: bytes) -> None:
 
 
 def _status(stack: Stack) -> dict[str, dict[str, int]]:
-    out = subprocess.run([str(VENV_BIN / "dicom-node"), "status", "--config", str(stack.workdir / "node.yaml")],
-                         capture_output=True, text=True, check=True, timeout=60)
+    out = subprocess.run([str(VENV_BIN / "dicom-node"), "status", "--json", "--config",
+                          str(stack.workdir / "node.yaml")], capture_output=True, text=True, check=True, timeout=60)
     return dict(json.loads(out.stdout))
 
 

@@ -37,7 +37,7 @@ PATIENT_NAME = "Prior^Fetched"
 
 
 def _status(config: Path) -> dict[str, dict[str, int]]:
-    out = subprocess.run([str(VENV_BIN / "dicom-node"), "status", "--config", str(config)],
+    out = subprocess.run([str(VENV_BIN / "dicom-node"), "status", "--json", "--config", str(config)],
                          capture_output=True, text=True, check=True, timeout=60)
     return dict(json.loads(out.stdout))
 

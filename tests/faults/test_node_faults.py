@@ -5,6 +5,7 @@ acknowledged, every job ends exactly once, and bad luck never stops it. Each tes
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -269,9 +270,9 @@ def test_poison_study_fails_bounded_and_node_stays_healthy(tmp_path: Path, clean
     wait_for(lambda: [j.state for j in node.jobs()] == ["failed"], 120, what="the job in failed state")
     [job] = node.jobs()
     assert job.attempts == 3 and job.error and "Error" in job.error
-    status = subprocess.run([str(VENV_BIN / "dicom-node"), "status", "--failed", "-c", str(node.config)],
+    status = subprocess.run([str(VENV_BIN / "dicom-node"), "status", "--failed", "--json", "-c", str(node.config)],
                             capture_output=True, text=True, env=tool_env(), check=True)
-    assert f"failed job #{job.id}" in status.stdout
+    assert [j["id"] for j in json.loads(status.stdout)["failed_jobs"]] == [job.id]
     good = phantom_series(tmp_path, "good", seed=7)  # the node keeps working
     assert storescu(node.port, tmp_path / "good").returncode == 0
     node.wait_results(study_of(good))
