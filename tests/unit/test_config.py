@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from node.config import ConfigError, load_settings
+from node.config import ConfigError, load_settings, parse_settings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config.example.yaml"
 
@@ -103,3 +103,14 @@ def test_check_config_refuses_unreadable_dicomweb_secrets(tmp_path: Path, capsys
     assert f"destinations[web].token_file: {token} is readable by group or others" in capsys.readouterr().err
     token.chmod(0o600)
     assert main(["check-config", "-c", str(cfg)]) == 0
+
+
+def test_commented_notifications_example_is_valid() -> None:
+    """The commented ``notifications:`` block of the example configuration parses once uncommented."""
+    lines = EXAMPLE.read_text().splitlines()
+    start = lines.index(next(x for x in lines if x.startswith("# notifications:")))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("#")), len(lines))
+    block = yaml.safe_load("\n".join(x[2:] for x in lines[start:end]))
+    s = parse_settings({**yaml.safe_load(EXAMPLE.read_text()), **block})
+    assert [t.name for t in s.notifications.targets] == ["ops-webhook", "worklist", "pacs-admins"]
+    assert s.notifications.smtp is not None and s.notifications.smtp.security == "starttls"
