@@ -17,12 +17,12 @@ from node.cli.common import (
     clip,
     console,
     counts,
-    duration,
     open_catalog,
     show,
     table,
     when,
 )
+from node.humanize import duration
 from node.schema import JobState, StudyState
 
 if TYPE_CHECKING:

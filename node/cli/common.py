@@ -82,28 +82,6 @@ def when(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def duration(seconds: float | None) -> str:
-    """``850 ms``, ``12.3 s``, ``4 min 05 s``, ``2 h 10 min``; ``-`` for none."""
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
-    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
-
-
-def size(n: float) -> str:
-    """Bytes for people, in powers of 1000 like ``df -H`` and the progress bar's MB/s: ``512 B``, ``3.4 MB``."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def counts(by_state: dict[str, int]) -> str:
     """``done 3, failed 1`` (``-`` when empty)."""
     return ", ".join(f"{k} {v}" for k, v in sorted(by_state.items())) or "-"

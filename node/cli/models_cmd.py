@@ -4,11 +4,12 @@ accuracy on generated phantoms (held-out seeds; imports the test kit, inside the
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from node.cli.common import PANEL_ADMIN
+from node.cli.common import CONFIG_ENV, PANEL_ADMIN, checked_settings
 
 
 class Action(StrEnum):
@@ -21,13 +22,20 @@ def models(
     family: Annotated[list[str] | None, typer.Option(help="evaluate only this family (repeatable)")] = None,
     seed: Annotated[int, typer.Option(help="first phantom seed of the held-out set")] = 0,
     dl: Annotated[bool, typer.Option("--dl", help="also evaluate the deep-learning demo models (needs torch)")] = False,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", envvar=CONFIG_ENV, show_envvar=True, metavar="FILE",
+        help="also list the site models this configuration defines (entries with bundle:/torchscript:)")] = None,
 ) -> int:
     """List the models this node knows, or evaluate them on phantoms.
 
     The list shows version, family, modalities and missing extras (from the manifests; nothing is
-    loaded). evaluate measures accuracy on generated phantoms (held-out seeds), not on patients.
+    loaded); with --config, the site models it defines are listed beside the built-in ones (marked
+    "site"). evaluate measures accuracy on generated phantoms (held-out seeds), not on patients.
     """
     from models import registry
+
+    if config is not None and action is Action.LIST:
+        checked_settings(config)  # resolves and registers the site models
 
     if action is Action.EVALUATE:
         from testkit.evaluate import evaluate, format_table
@@ -47,7 +55,9 @@ def models(
         m = registry.manifest(name)
         missing = registry.missing_modules(name)
         needs = f"  (needs extra {registry.spec(name).extra}: missing {', '.join(missing)})" if missing else ""
-        print(f"{m.name}  {m.version}  {m.family:<14} {','.join(m.modalities):<6} {m.description}{needs}")
+        site = registry.spec(name).site
+        origin = f"site ({site.kind} {site.source})" if site is not None else "built-in"
+        print(f"{m.name}  {m.version}  {m.family:<14} {','.join(m.modalities):<6} {origin}  {m.description}{needs}")
     return 0
 
 

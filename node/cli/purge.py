@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from node.cli.common import PANEL_ACT, ConfigOption, console, settings, show, size, table, when
+from node.cli.common import PANEL_ACT, ConfigOption, console, settings, show, table, when
+from node.humanize import size
 
 if TYPE_CHECKING:
     from node.lifecycle.purge import PurgePlan

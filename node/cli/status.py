@@ -18,14 +18,13 @@ from node.cli.common import (
     checked_settings,
     clip,
     console,
-    duration,
     settings,
     show,
-    size,
     table,
     when,
 )
 from node.config import DicomwebDestination, Settings
+from node.humanize import duration, size
 
 if TYPE_CHECKING:
     from node.catalog import Catalog

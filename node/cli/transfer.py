@@ -20,8 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 import typer
 
 from models.errors import ConfigError, SendError
-from node.cli.common import PANEL_ACT, ConfigOption, clip, console, settings, show, size, table
+from node.cli.common import PANEL_ACT, ConfigOption, clip, console, settings, show, table
 from node.config import DicomwebDestination, DimseDestination, Settings
+from node.humanize import size
 from node.send.base import Sender
 
 if TYPE_CHECKING:

@@ -11,6 +11,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from node.http.auth import Principal
+from node.humanize import duration, size
 from node.roles import Permission
 from node.version import software_version
 
@@ -28,41 +29,14 @@ def fmt_time(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    if seconds < 0:
-        seconds = 0.0
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
-
-
 def since(a: float | None, b: float | None) -> float | None:
     """``b - a``, or None if either is missing."""
     return None if a is None or b is None else b - a
 
 
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return ""
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(size) < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} PB"  # pragma: no cover - the loop returns at TB
-
-
 _env = Environment(loader=PackageLoader("node.http.ui", "templates"), autoescape=select_autoescape(["html"]),
                    undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-_env.filters.update(time=fmt_time, duration=fmt_duration, bytes=fmt_bytes)
+_env.filters.update(time=fmt_time, duration=lambda s: duration(s, none=""), bytes=lambda n: size(n, none=""))
 _env.globals.update(since=since, version=software_version(), refresh_seconds=REFRESH_SECONDS)
 templates = Jinja2Templates(env=_env)
 
