@@ -18,6 +18,7 @@ It lives in the bottom package (``models``) so that every layer above can raise 
     │   ├── TransientModelError       may succeed on another attempt: retried with backoff
     │   └── PermanentModelError       fails the same way every time: the job is ``failed`` at once
     │       ├── BundleError           a MONAI bundle or TorchScript file cannot be loaded (names the file)
+    │       │   └── BundleConfigError     a bundle config is refused or unresolvable (names file and key)
     │       ├── ManifestError         a model manifest is missing or invalid
     │       └── MissingExtraError     (see ConfigError)
     ├── StorageError                  the spool could not store a file (C-STORE 0xA700, STOW-RS 503)
@@ -80,6 +81,11 @@ class PermanentModelError(ModelError):
 
 class BundleError(PermanentModelError, ValueError):
     """A bundle directory or TorchScript file cannot be loaded safely (the message names the file)."""
+
+
+class BundleConfigError(BundleError):
+    """A bundle config item is refused (not allow-listed, outside the expression grammar) or cannot be
+    resolved (missing reference, cycle); the message names the file and the ``::``-separated key."""
 
 
 class ManifestError(PermanentModelError, ValueError):
