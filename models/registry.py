@@ -30,6 +30,11 @@ Options (:class:`ModelOptions`, from ``models.<name>`` in the node configuration
 A model whose ``requires.modules`` are not installed (a base install without the ``ml`` extra)
 is refused by :func:`check_installed` with a :class:`MissingExtraError` naming the extra: at
 start-up by ``dicom-node`` when the models run on this host, and by :func:`load` in a worker.
+
+Site models (:mod:`models.site`: defined in the configuration's ``models:`` section with a
+``bundle:`` or ``torchscript:``) are listed beside the built-in ones once the configuration is
+checked (:func:`node.checks.check_models` calls :func:`set_site_models`, replacing the previous set):
+:func:`available`, :func:`spec`, :func:`manifest` and :func:`load` treat them alike.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from typing import Literal, cast, get_args
 from models.base import Manifest, Model
 from models.errors import ManifestError, MissingExtraError, ModelOptionsError, UnknownModelError
 from models.manifest import MANIFEST_FILENAME, ManifestFile, Runtime, load_manifest_file
+from models.site import SiteModel
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -70,6 +76,8 @@ __all__ = [
     "manifest_path",
     "missing_modules",
     "scan",
+    "set_site_models",
+    "site_models",
     "spec",
     "specs",
     "validate_names",
@@ -126,6 +134,8 @@ class ModelSpec:
     package: str
     path: Path
     file: ManifestFile
+    site: SiteModel | None = None
+    """Set for a site model (then ``path`` is its bundle directory or TorchScript file)."""
 
     @property
     def name(self) -> str:
@@ -200,9 +210,43 @@ def scan(models_dir: Path, package: str = "models") -> dict[str, ModelSpec]:
 
 
 @lru_cache(maxsize=1)
-def specs() -> Mapping[str, ModelSpec]:
+def builtin_specs() -> Mapping[str, ModelSpec]:
     """The models shipped in ``models/`` (scanned once, on first use)."""
     return MappingProxyType(scan(MODELS_DIR))
+
+
+_site_specs: Mapping[str, ModelSpec] = MappingProxyType({})
+
+
+def set_site_models(models: Iterable[SiteModel]) -> None:
+    """Register the configuration's site models, replacing those registered before.
+
+    Raises :class:`ModelOptionsError` if one takes a built-in model's name or two share a name.
+    """
+    global _site_specs
+    found: dict[str, ModelSpec] = {}
+    builtin = builtin_specs()
+    for model in models:
+        if model.name in builtin:
+            raise ModelOptionsError(f"models.{model.name}: a site model (bundle:/torchscript:) cannot take the name "
+                                    f"of the built-in model {model.name!r}; choose another name")
+        if model.name in found:
+            raise ModelOptionsError(f"models.{model.name}: defined twice")
+        found[model.name] = ModelSpec(package="models.dl.bundle_model", path=model.source,
+                                      file=model.manifest_file(), site=model)
+    _site_specs = MappingProxyType(found)
+
+
+def site_models() -> list[str]:
+    """Names of the registered site models, sorted."""
+    return sorted(_site_specs)
+
+
+def specs() -> Mapping[str, ModelSpec]:
+    """Every model: the built-in ones and the registered site models."""
+    if not _site_specs:
+        return builtin_specs()
+    return MappingProxyType({**builtin_specs(), **_site_specs})
 
 
 def available() -> list[str]:
@@ -312,6 +356,12 @@ def build(model: ModelSpec, options: ModelOptions = DEFAULT_OPTIONS) -> Model:
     ``runtime: torch``: ``cls(path, device=, batch_size=, precision=)`` (``device: auto`` -> None,
     ``batch_size`` None -> the class's ``BATCH_SIZE``); ``runtime: classical``: ``cls()``.
     """
+    if model.site is not None:
+        from models.dl.bundle_model import BundleSegmentation
+
+        device = None if options.device == "auto" else options.device
+        return cast(Model, BundleSegmentation(model.site, device=device, batch_size=options.batch_size,
+                                              precision=options.precision))
     cls = _entry_class(model)
     if model.runtime == "torch":
         device = None if options.device == "auto" else options.device
@@ -334,6 +384,8 @@ def load(name: str, options: ModelOptions | None = None) -> Model:
     opts = options or DEFAULT_OPTIONS
     check_installed(name)
     check_options(name, opts)
+    if model_spec.site is not None and not model_spec.site.source.exists():
+        raise ModelOptionsError(f"models.{name}.{model_spec.site.kind}: {model_spec.site.source} does not exist")
     if opts.path is not None and not opts.path.exists():
         raise ModelOptionsError(
             f"models.{name}.path: {opts.path} does not exist (a bundle directory or TorchScript file is expected)"
@@ -349,7 +401,7 @@ def load(name: str, options: ModelOptions | None = None) -> Model:
             name,
             model.manifest.version,
             time.perf_counter() - t0,
-            opts.path if opts.path is not None else "the shipped demo bundle",
+            opts.path or (model_spec.site.source if model_spec.site else "the shipped demo bundle"),
             note() if callable(note) else "",
             getattr(model, "batch_size", "-"),
         )

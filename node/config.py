@@ -20,6 +20,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from models.errors import ConfigError
+from node.config_models import ModelSettings
 from node.config_ops import Frozen as _Frozen
 from node.config_ops import NotificationSettings, StorageSettings
 from node.roles import Role
@@ -48,8 +49,17 @@ MATCHABLE_ATTRIBUTES: tuple[str, ...] = (
     "SOPClassUID",
     "CallingAETitle",
     "NumberOfInstances",
+    "ScanningSequence",
+    "SequenceVariant",
+    "EchoTime",
+    "RepetitionTime",
+    "MagneticFieldStrength",
+    "ViewPosition",
 )
-"""Series attributes a rule may match on (recorded per series at receive time)."""
+"""Series attributes a rule may match on (recorded per series at receive time). MR rules select a
+sequence with ScanningSequence / SequenceVariant (multi-valued, e.g. ``SE``, ``IR``, ``GR``), EchoTime
+and RepetitionTime (ms, ranges) and MagneticFieldStrength (T); radiograph rules the ViewPosition
+(``PA``, ``AP``, ``LL``...)."""
 
 
 PeerService = Literal["echo", "store", "find", "move", "get"]
@@ -375,20 +385,6 @@ class Rule(_Frozen):
         if unknown:
             raise ValueError(f"cannot match on {unknown}; known: {', '.join(MATCHABLE_ATTRIBUTES)}")
         return v
-
-
-class ModelSettings(_Frozen):
-    """Per-model options (``models:`` section, keyed by model name)."""
-
-    path: Path | None = None
-    """A site's MONAI bundle directory or TorchScript file (deep-learning models; only this path
-    is loaded: bundles are code). None = the weights shipped with the model."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto = cuda when a GPU is visible to the worker, else cpu."""
-    batch_size: int = Field(4, ge=1, le=256)
-    precision: Literal["fp32", "amp"] = "fp32"
-    queue: str = Field("cpu", pattern=r"^[a-z0-9_-]{1,32}$")
-    """Celery queue its jobs go to: run GPU models on ``gpu`` workers (concurrency 1 per GPU)."""
 
 
 class AuditSyslogSettings(_Frozen):

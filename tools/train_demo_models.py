@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from models.ct_emphysema import GRADES
-from models.dl.bundle import parse_network_def, write_bundle
+from models.dl.bundle import network_data_format, parse_network_def, rewrite_configs, write_bundle
 from models.dl.core import MODELS_DIR
 from models.dl.runtime import hu_to_unit, resample, to_work_grid
 from models.dl_ct_registration import model as reg
@@ -185,13 +185,14 @@ def train_segmentation(root: Path, iters: int, n_cases: int) -> None:
         version=VERSION,
         description=DESCRIPTION,
         params=SEG_PARAMS,
-        metadata=_training_metadata("segmentation", iters, n_cases),
+        metadata=_training_metadata("segmentation", iters, n_cases, "dl_ct_segmentation"),
     )
 
 
-def _training_metadata(what: str, iters: int, n_cases: int) -> dict[str, Any]:
+def _training_metadata(what: str, iters: int, n_cases: int, package: str) -> dict[str, Any]:
     return {
         "task": f"demo {what} on synthetic CT phantoms",
+        "network_data_format": DATA_FORMATS[package],
         "training": {
             "tool": "tools/train_demo_models.py",
             "seed": TRAIN_SEED,
@@ -334,7 +335,7 @@ def train_detection(root: Path, iters: int, n_cases: int) -> None:
         version=VERSION,
         description=DESCRIPTION,
         params=DET_PARAMS,
-        metadata=_training_metadata("nodule detection (centre heatmap)", iters, n_cases),
+        metadata=_training_metadata("nodule detection (centre heatmap)", iters, n_cases, "dl_lung_nodule_detection"),
     )
 
 
@@ -418,7 +419,7 @@ def train_classification(root: Path, iters: int, n_cases: int) -> None:
         version=VERSION,
         description=DESCRIPTION,
         params=CLS_PARAMS,
-        metadata=_training_metadata("emphysema grading", iters, n_cases),
+        metadata=_training_metadata("emphysema grading", iters, n_cases, "dl_emphysema_classification"),
     )
 
 
@@ -527,7 +528,7 @@ def train_registration(root: Path, iters: int, n_cases: int) -> None:
         version=VERSION,
         description=DESCRIPTION,
         params=REG_PARAMS,
-        metadata=_training_metadata("rigid registration", iters, n_cases),
+        metadata=_training_metadata("rigid registration", iters, n_cases, "dl_ct_registration"),
     )
 
 
@@ -543,13 +544,37 @@ TRAINERS: dict[str, Callable[[Path, int, int], None]] = {
 DEFAULTS: dict[str, tuple[int, int]] = {"seg": (600, 24), "det": (2000, 30), "cls": (300, 64), "reg": (3000, 128)}
 
 
+DATA_FORMATS: dict[str, dict[str, Any]] = {
+    "dl_ct_segmentation": network_data_format(
+        {"0": "CT, HU window -1000..1000 scaled to 0..1, 3 mm grid"}, "segmentation", SEG_PARAMS["classes"],
+        SEG_PARAMS["roi_size"]),
+    "dl_lung_nodule_detection": network_data_format(
+        {"0": "CT, HU window -1000..400 scaled to 0..1, 2 mm grid"}, "regression",
+        ["nodule centre heatmap (logit)", "nodule diameter / diameter_scale_mm"], DET_PARAMS["roi_size"]),
+    "dl_emphysema_classification": network_data_format(
+        {"0": "lung HU, window -1000..-900 scaled to 0..1", "1": "lung mask"}, "classification",
+        CLS_PARAMS["grades"], CLS_PARAMS["in_shape"][1:]),
+    "dl_ct_registration": network_data_format(
+        {"0": "current CT, 4.5 mm grid", "1": "prior CT, same grid"}, "regression",
+        ["rotation x", "rotation y", "rotation z", "shift x", "shift y", "shift z"], REG_PARAMS["grid"]),
+}
+"""metadata.json's ``network_data_format`` of each demo bundle (inputs and outputs with channel_def)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", choices=list(TRAINERS), default=list(TRAINERS), help="cls needs seg's bundle")
     ap.add_argument("--out", type=Path, default=MODELS_DIR, help="where the models/dl_*/ bundles go")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=0, help="override the iteration count (0: default per model)")
+    ap.add_argument("--configs-only", action="store_true",
+                    help="rewrite the bundles' configs (ordinary MONAI format, channel_def) without training")
     args = ap.parse_args(argv)
+    if args.configs_only:
+        for package, data_format in DATA_FORMATS.items():
+            rewrite_configs(args.out / package, data_format)
+            log(f"{package}: configs rewritten")
+        return 0
     torch.set_num_threads(args.threads)
     start = time.time()
     for name in (n for n in TRAINERS if n in args.only):  # seg before cls: cls uses seg's lung masks

@@ -1,4 +1,4 @@
-"""The shared deep-learning runtime (torch + MONAI) of the four ``dl-*`` models.
+"""The shared deep-learning runtime (torch + MONAI) of the four ``dl-*`` models and of site models.
 
 The submodules import torch and MONAI; this package itself does not, so the node process (which
 never imports torch) can list and validate these models through :mod:`models.registry`.
@@ -10,7 +10,11 @@ never imports torch) can list and validate these models through :mod:`models.reg
   :mod:`models.dl_ct_registration` (CNN regressing a rigid transform);
 * :mod:`models.dl.core`: what the four share (:class:`models.dl.core.DlModel`);
 * :mod:`models.dl.runtime`: orientation, resampling, device and precision helpers;
-* :mod:`models.dl.bundle`: loading MONAI-style bundles / TorchScript with whitelisted networks.
+* :mod:`models.dl.bundle`: loading the ``dl-*`` models' MONAI bundles (network built by the safe
+  resolver :mod:`models.bundle`) or TorchScript files;
+* :mod:`models.dl.bundle_model`: :class:`~models.dl.bundle_model.BundleSegmentation`, which runs a
+  site model (:mod:`models.site`): a site's MONAI bundle unchanged (its own pre/post-processing and
+  inferer, Invertd back to the source grid) or a TorchScript file.
 
 Synthetic cases and held-out accuracy are test fixtures, outside the product:
 :mod:`testkit.dl_synth` and :mod:`testkit.dl_evaluate`.

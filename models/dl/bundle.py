@@ -1,20 +1,22 @@
-"""Load a network from a MONAI-style bundle directory or a TorchScript file, without running config code.
+"""Load the network of a ``dl-*`` model from a MONAI bundle directory or a TorchScript file, safely.
 
 Supported layouts (only from a path the caller gives; nothing is ever downloaded)::
 
-    <bundle>/configs/metadata.json    # MONAI metadata; "version" required, "name" optional
-    <bundle>/configs/inference.json   # "network_def" (+ optional "dicom_node" parameters)
+    <bundle>/configs/metadata.json    # MONAI metadata; "version" required, "name" optional,
+                                      # network_data_format with the outputs' channel_def
+    <bundle>/configs/inference.json   # an ordinary MONAI inference config: "network_def" (+ "device",
+                                      # "network"), and the model family's "dicom_node" parameters
     <bundle>/models/model.pt          # state dict (torch.load(weights_only=True)), preferred
     <bundle>/models/model.ts          # or TorchScript, used when there is no model.pt
 
     <file>.ts / <file>.pt              # TorchScript; parameters from its extra file "dicom_node.json"
 
-``network_def`` is read, never evaluated: ``_target_`` must name a network of
-:data:`NETWORKS` (``"UNet"`` or ``"monai.networks.nets.UNet"``) and every argument must be a
-plain JSON value (no ``$`` expressions, ``@`` references, ``%`` macros or nested ``_target_``)
-that the constructor accepts. Other keys of ``inference.json`` (pre/post-processing of a full
-MONAI bundle) are ignored. The ``dicom_node`` object holds the model family's inference
-parameters (working spacing, HU window, patch size...); each model validates its own keys.
+``network_def`` is built by the safe resolver (:mod:`models.bundle`: ``@``/``%``/``$``/``_target_``
+with an allow-list of MONAI/torch constructors and a small expression grammar; nothing else of the
+config is built). The ``dicom_node`` object holds the model family's inference parameters (working
+spacing, HU window, patch size...) as plain JSON; each model validates its own keys. The four demo
+bundles are written by :func:`write_bundle`; a site's own bundle with its own pre/post-processing
+runs as a *site model* instead (:mod:`models.dl.bundle_model`).
 
 A TorchScript file's ``dicom_node.json`` extra file is ``{"name": ..., "version": ...,
 "dicom_node": {...}}``; :func:`save_torchscript` writes it.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import inspect
 import json
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -119,18 +121,6 @@ def _check_literal(value: object, where: str) -> None:
     raise BundleError(f"{where}: unsupported value of type {type(value).__name__}")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise BundleError(f"{path}: cannot read: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise BundleError(f"{path}: must be a JSON object")
-    return data
-
-
 def _params(value: object, where: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -152,37 +142,37 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> Loaded
 
 
 def _load_bundle(root: Path, device: torch.device) -> LoadedNetwork:
-    meta = _read_json(root / "configs" / "metadata.json")
-    version = meta.get("version")
+    from models.bundle import BundleConfigError
+
+    try:
+        return _build_bundle(root, device)
+    except BundleConfigError as exc:  # names the config file and key: add the bundle
+        raise BundleConfigError(f"{root}: {exc}") from None
+
+
+def _build_bundle(root: Path, device: torch.device) -> LoadedNetwork:
+    from models.bundle import BundleConfig, BundleConfigError, load_weights
+
+    cfg = BundleConfig.read(root)
+    version = cfg.metadata.get("version")
     if not isinstance(version, str) or not version:
         raise BundleError(f"{root / 'configs' / 'metadata.json'}: 'version' (a string) is required")
-    name = meta.get("name") if isinstance(meta.get("name"), str) else root.name
-    assert isinstance(name, str)
-    inference_path = root / "configs" / "inference.json"
-    inference = _read_json(inference_path)
-    params = _params(inference.get("dicom_node"), str(inference_path))
+    name = cfg.name
+    params = _params(cfg.raw("dicom_node") if "dicom_node" in cfg else None, cfg.where("dicom_node"))
     weights, script = root / "models" / "model.pt", root / "models" / "model.ts"
     if not weights.is_file():
         if script.is_file():
             loaded = _load_torchscript(script, device, name=name, version=version)
             return LoadedNetwork(loaded.network, script, "torchscript", name, version, None, params or loaded.params)
         raise BundleError(f"{root}: neither models/model.pt nor models/model.ts")
-    if "network_def" not in inference:
-        raise BundleError(f"{inference_path}: 'network_def' is required")
-    netdef = parse_network_def(inference["network_def"], f"{inference_path}: network_def")
-    network = netdef.build()
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or non-state-dict file: many exception types
-        raise BundleError(f"{weights}: cannot read the state dict: {exc}") from exc
-    if not isinstance(state, dict):
-        raise BundleError(f"{weights}: expected a state dict, got {type(state).__name__}")
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as exc:
-        raise BundleError(f"{weights}: does not fit {netdef.name}{dict(netdef.args)}: {exc}") from exc
+    if "network_def" not in cfg:
+        raise BundleConfigError(f"{cfg.where('network_def')}: 'network_def' is required")
+    network = cfg.network()
+    if not isinstance(network, torch.nn.Module):
+        raise BundleConfigError(f"{cfg.where('network_def')}: builds a {type(network).__name__}, not a network")
+    load_weights(network, weights)
     network.to(device).eval()
-    return LoadedNetwork(network, weights, "state_dict", name, version, netdef.name, params)
+    return LoadedNetwork(network, weights, "state_dict", name, version, type(network).__name__, params)
 
 
 def _load_torchscript(path: Path, device: torch.device, *, name: str, version: str) -> LoadedNetwork:
@@ -222,7 +212,8 @@ def write_bundle(
     params: Mapping[str, Any],
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write ``network``'s weights and configs as a bundle at ``root`` (used by the training tool and tests)."""
+    """Write ``network``'s weights and configs as an ordinary MONAI bundle at ``root`` (used by the training
+    tool and tests); ``metadata`` adds keys to ``metadata.json`` (``network_data_format`` with channel_def)."""
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {
@@ -235,11 +226,52 @@ def write_bundle(
         "intended_use": "Demonstration only: trained on synthetic phantoms, not a clinical model.",
         **(metadata or {}),
     }
-    inference = {"network_def": netdef.to_json(), "dicom_node": dict(params)}
+    inference = _inference_config(netdef.to_json(), params)
     (root / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     (root / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n", encoding="utf-8")
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     torch.save(state, root / "models" / "model.pt")
+
+
+def network_data_format(
+    inputs: Mapping[str, str], output_format: str, outputs: Sequence[str], spatial_shape: Sequence[int]
+) -> dict[str, Any]:
+    """metadata.json's ``network_data_format``: one ``image`` input (``inputs``: channel -> meaning) and one
+    ``pred`` output of ``output_format`` whose channel_def is ``outputs`` (channel i -> ``outputs[i]``)."""
+    is_image = output_format in ("segmentation", "regression") and len(spatial_shape) == 3
+    return {
+        "inputs": {"image": {
+            "type": "image", "format": "hounsfield", "modality": "CT", "num_channels": len(inputs),
+            "spatial_shape": list(spatial_shape), "dtype": "float32", "value_range": [0, 1],
+            "is_patch_data": True, "channel_def": dict(inputs),
+        }},
+        "outputs": {"pred": {
+            "type": "image" if is_image else "probabilities", "format": output_format,
+            "num_channels": len(outputs), "spatial_shape": list(spatial_shape) if is_image else [len(outputs)],
+            "dtype": "float32", "value_range": [0, 1] if output_format != "regression" else [],
+            "is_patch_data": is_image, "channel_def": {str(i): name for i, name in enumerate(outputs)},
+        }},
+    }
+
+
+def _inference_config(netdef_json: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "network_def": dict(netdef_json),
+        "network": "$@network_def.to(@device)",
+        "dicom_node": dict(params),
+    }
+
+
+def rewrite_configs(root: Path, data_format: Mapping[str, Any]) -> None:
+    """Rewrite an existing demo bundle's configs in the format :func:`write_bundle` writes (weights untouched)."""
+    meta_path, inference_path = root / "configs" / "metadata.json", root / "configs" / "inference.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    inference = json.loads(inference_path.read_text(encoding="utf-8"))
+    meta["network_data_format"] = dict(data_format)
+    inference = _inference_config(inference["network_def"], inference.get("dicom_node") or {})
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    inference_path.write_text(json.dumps(inference, indent=2) + "\n", encoding="utf-8")
 
 
 def save_torchscript(
