@@ -133,6 +133,26 @@ class Detection:
 
 
 @dataclass(frozen=True)
+class Measured:
+    """A coded measurement behind a classification, e.g. a width in mm, optionally drawn as a line.
+
+    Attributes:
+        name: human-readable, e.g. ``"Heart width"``.
+        concept: what is measured, e.g. ``Code("103355008", "SCT", "Width")``.
+        value: in ``unit`` (UCUM, e.g. ``"mm"``).
+        site: where, e.g. ``Code("80891009", "SCT", "Heart")`` (None: unspecified).
+        line_ijk: the measured distance as two points (i, j, k) of the source volume, drawn on key images.
+    """
+
+    name: str
+    concept: Code
+    value: float
+    unit: str
+    site: Code | None = None
+    line_ijk: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+
+
+@dataclass(frozen=True)
 class Classification:
     """One series-level category (family ``classification``), e.g. emphysema severity.
 
@@ -152,6 +172,10 @@ class Classification:
     score: float
     score_unit: str
     details: dict[str, float] = field(default_factory=dict)
+    measurements: tuple[Measured, ...] = ()
+    """Figures the category rests on, reported in the SR group (e.g. heart and thoracic widths)."""
+    evaluations: tuple[tuple[Code, Code], ...] = ()
+    """Further coded (concept, value) pairs for the SR group, e.g. (Image View, postero-anterior)."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +213,22 @@ class Registration:
 
 
 @dataclass(frozen=True)
+class Figure:
+    """A figure about a model's run on a series, not a finding (e.g. its measured sensitivity there).
+
+    Attributes:
+        concept: what it is, e.g. ``Code("111089", "DCM", "Lesion Sensitivity")``.
+        value: in ``unit`` (UCUM, e.g. ``"%"``).
+        note: how it was obtained, in words (reported with it).
+    """
+
+    concept: Code
+    value: float
+    unit: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class ModelResult:
     """Everything one model produced for one series. Families fill the fields they own.
 
@@ -203,6 +243,13 @@ class ModelResult:
     detections: tuple[Detection, ...] = ()
     classifications: tuple[Classification, ...] = ()
     registration: Registration | None = None
+    looked_for: tuple[Code, ...] = ()
+    """What the model looked for (default: its manifest's ``looks_for``); a concept with no finding is
+    reported as absent, or as not assessed with ``not_assessed``."""
+    not_assessed: str | None = None
+    """Set when the model declined the series (the reason): nothing was assessed (job ``skipped``)."""
+    figures: tuple[Figure, ...] = ()
+    """Figures about this run rather than findings, e.g. the measured sensitivity at this slice thickness."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +273,15 @@ class Manifest:
     min_slices: int
     outputs: tuple[OutputLabel, ...]
     objects: tuple[OutputObject, ...]
+    looks_for: tuple[Code, ...] = ()
+    """What a run reports as found, absent or not assessed; empty: the outputs' types."""
+
+    @property
+    def looked_for(self) -> tuple[Code, ...]:
+        """``looks_for``, or the distinct types of the outputs when it is empty."""
+        if self.looks_for:
+            return self.looks_for
+        return tuple(dict.fromkeys(o.type for o in self.outputs))
 
 
 class Model(Protocol):

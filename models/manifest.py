@@ -23,8 +23,11 @@ How the registry builds the model (see :mod:`models.registry`)::
       extra: ml                    # the optional extra to install: pip install 'dicom-ai-node[ml]'
       modules: [SimpleITK]         # top-level modules it imports (looked up, never imported, to check)
 
-Unknown keys are errors. ``laterality`` is not part of :class:`models.base.OutputLabel`; read it
-with :func:`load_manifest_file` (``ManifestFile.laterality(name)``).
+Optional: ``looks_for`` (coded concepts a run reports as found, absent or not assessed; default
+the outputs' types) and, for detection models, ``sensitivity_by_slice_thickness`` (``{mm: 0-1}``,
+measured on phantoms, quoted in the SR and PDF). Unknown keys are errors. ``laterality`` is not
+part of :class:`models.base.OutputLabel`; read it with :func:`load_manifest_file`
+(``ManifestFile.laterality(name)``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ MANIFEST_FILENAME = "manifest.yaml"
 
 _NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 _Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+_Millimetres = Annotated[float, Field(gt=0)]
+_Fraction = Annotated[float, Field(ge=0, le=1)]
 
 Runtime = Literal["classical", "torch"]
 """``classical``: no weights, CPU only (refuses ``path``, ``device: cuda``, ``precision: amp``);
@@ -103,6 +108,10 @@ class ManifestFile(_Strict):
     min_slices: Annotated[int, Field(ge=1)]
     outputs: list[OutputSpec]
     objects: list[OutputObject]
+    looks_for: list[CodeSpec] = []
+    """What a run reports as found, absent or not assessed (omitted: the outputs' types)."""
+    sensitivity_by_slice_thickness: dict[_Millimetres, _Fraction] | None = None
+    """Detection models: measured sensitivity (0-1) per slice thickness (mm) on phantoms, quoted in reports."""
 
     @field_validator("outputs")
     @classmethod
@@ -142,6 +151,7 @@ class ManifestFile(_Strict):
             min_slices=self.min_slices,
             outputs=tuple(OutputLabel(o.name, o.category.to_code(), o.type.to_code()) for o in self.outputs),
             objects=tuple(self.objects),
+            looks_for=tuple(c.to_code() for c in self.looks_for),
         )
 
     def laterality(self, output_name: str) -> Code | None:

@@ -15,12 +15,13 @@ Figures:
     registration (ct-registration): mean and max target registration error (mm) over body
         voxels on a ~1 cm grid for shifted and rotated priors (same anatomy and nodules, other
         noise), and for a prior in the same pose.
+    mr (mr-brain-segmentation), xray (cxr-lung-fields): see :mod:`testkit.evaluate_mr_xray`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ from models.ct_lung_nodules import CtLungNodules
 from models.ct_registration import CtRegistration
 from testkit.phantom import Nodule, Phantom, make_ct_phantom, phantom_uid
 
-FAMILIES = ("segmentation", "detection", "classification", "registration")
+FAMILIES = ("segmentation", "detection", "classification", "registration", "mr", "xray")
 
 # Phantom geometry shared with the unit tests (small enough to be quick, large enough to be fair).
 SHAPE = (64, 160, 160)
@@ -75,12 +76,25 @@ def evaluate(families: Sequence[str] | None = None, seed: int = 0) -> list[EvalR
         "detection": _detection,
         "classification": _classification,
         "registration": _registration,
+        "mr": _mr_xray("mr"),
+        "xray": _mr_xray("xray"),
     }
     rows: list[EvalRow] = []
     for family in FAMILIES:
         if family in chosen:
             rows.extend(runners[family](base))
     return rows
+
+
+def _mr_xray(which: str) -> Callable[[int], list[EvalRow]]:
+    """The MR head (``mr``) or chest radiograph (``xray``) figures of :mod:`testkit.evaluate_mr_xray`."""
+
+    def run(base: int) -> list[EvalRow]:
+        from testkit import evaluate_mr_xray  # imports this module: loaded on use
+
+        return evaluate_mr_xray.mr_rows(base) if which == "mr" else evaluate_mr_xray.cxr_rows(base)
+
+    return run
 
 
 def format_table(rows: Sequence[EvalRow]) -> str:
@@ -222,6 +236,20 @@ def _segmentation(base: int) -> list[EvalRow]:
         # the airway is tracked conservatively: what it marks is airway, but it stops in the bronchi
         EvalRow(name, "Airway precision", float(np.mean(precision)), 0.95, True),
         EvalRow(name, "Airway recall (trachea + main bronchi of the tree)", float(np.mean(recall)), 0.3, True),
+        *_bone_rows(model, base),
+    ]
+
+
+def _bone_rows(model: CtHuSegmentation, base: int) -> list[EvalRow]:
+    """Bone on a phantom whose bones have marrow and a spinal canal (``make_ct_phantom(marrow=True)``)."""
+    phantom = _phantom(base, marrow=True)
+    bone = next(seg.mask for seg in model.run(phantom.to_volume()).segments if seg.name == "Bone")
+    canal = phantom.truth("Spinal Canal")
+    name = model.manifest.name
+    return [
+        EvalRow(name, "Dice Bone (cortex + marrow phantom)", dice(bone, phantom.truth("Bone")), 0.95, True),
+        # only the canal's rim, blurred into the cortex, may be counted as bone
+        EvalRow(name, "spinal canal labelled bone (%)", 100.0 * float((bone & canal).sum() / canal.sum()), 25.0, False),
     ]
 
 

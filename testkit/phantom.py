@@ -12,7 +12,9 @@ stomach gas bubble (-1000 HU) below the lungs; a thin curved CT table (400 HU) u
 separated from it by air; air (-1000 HU) elsewhere; solid nodules (45 HU) inside the lungs.
 Optional (off by default, so default phantoms are unchanged): branching tubular vessels (40 HU)
 inside the lungs, emphysema (patches of lung at -980 HU replacing a given fraction of the lung
-parenchyma) and a rotation of the whole scene about the z axis through the anatomy centre.
+parenchyma), a rotation of the whole scene about the z axis through the anatomy centre, and
+bones with marrow (a cortical shell around 170 HU cancellous bone, a vertebra whose neural arch
+closes around a 15 HU spinal canal; truth "Bone" then includes "Marrow", never "Spinal Canal").
 The label intensities are blurred in-plane (partial volume), Gaussian noise is added and the
 result is clipped to [-1024, 3071] so it fits 12-bit storage.
 
@@ -39,6 +41,7 @@ from models.base import Volume
 # Voxel labels of Phantom.labels, in painting order (a later structure overwrites an earlier one).
 AIR, FAT, SOFT, RIGHT_LUNG, LEFT_LUNG, AIRWAY, GAS, BONE, TABLE, NODULE = range(10)
 VESSEL, RIGHT_EMPHYSEMA, LEFT_EMPHYSEMA = 10, 11, 12  # only present when asked for
+MARROW, CANAL = 13, 14  # cancellous bone and spinal canal: only with ``marrow=True``
 LABEL_HU: dict[int, float] = {
     AIR: -1000.0,
     FAT: -100.0,
@@ -53,12 +56,19 @@ LABEL_HU: dict[int, float] = {
     VESSEL: 40.0,
     RIGHT_EMPHYSEMA: -980.0,
     LEFT_EMPHYSEMA: -980.0,
+    MARROW: 170.0,  # plus a +-40 HU texture (trabeculae)
+    CANAL: 15.0,
 }
 TRUTH_LABELS: dict[str, tuple[int, ...]] = {
-    "Body": (FAT, SOFT, RIGHT_LUNG, LEFT_LUNG, AIRWAY, GAS, BONE, NODULE, VESSEL, RIGHT_EMPHYSEMA, LEFT_EMPHYSEMA),
+    "Body": (
+        *(FAT, SOFT, RIGHT_LUNG, LEFT_LUNG, AIRWAY, GAS, BONE, NODULE, VESSEL),
+        *(RIGHT_EMPHYSEMA, LEFT_EMPHYSEMA, MARROW, CANAL),
+    ),
     "Right Lung": (RIGHT_LUNG, RIGHT_EMPHYSEMA),
     "Left Lung": (LEFT_LUNG, LEFT_EMPHYSEMA),
-    "Bone": (BONE,),
+    "Bone": (BONE, MARROW),
+    "Marrow": (MARROW,),
+    "Spinal Canal": (CANAL,),
     "Airway": (AIRWAY,),
     "Gas": (GAS,),
     "Table": (TABLE,),
@@ -150,6 +160,7 @@ def make_ct_phantom(
     emphysema_patch_mm: float = 3.0,
     rotation_deg: float = 0.0,
     noise_seed: int | None = None,
+    marrow: bool = False,
 ) -> Phantom:
     """Build a deterministic chest CT phantom (same arguments, same voxels).
 
@@ -177,6 +188,11 @@ def make_ct_phantom(
             offset ``r`` from the centre before rotation ends at ``R(rotation_deg) @ r``;
             ``Phantom.nodules`` gives the rotated centres.
         noise_seed: seeds the noise separately (None: drawn from ``seed`` like everything else).
+        marrow: bones with a 2 mm cortex (700 HU) around cancellous bone (170 HU +- 40 HU
+            texture): a vertebra (body, neural arch around a 15 HU spinal canal that is not
+            bone, spinous process; on 10 of every 30 mm a 4 mm soft-tissue gap in the body's
+            posterior wall, the basivertebral foramen, joins marrow and canal) and ribs with a
+            marrow core. Off: the spine is a solid disk and the ribs solid slabs.
     """
     if min(n_slices, rows, cols) < 1 or pixel_mm <= 0 or slice_mm <= 0:
         raise ValueError("shape and spacings must be positive")
@@ -224,8 +240,10 @@ def make_ct_phantom(
     sternum = (np.abs(x) < 0.025 * size) & (y > -0.9 * ay) & (y < -0.8 * ay)
     ring = (r_body > 0.86) & (r_body < 0.86 + 0.02 * size / ay) & ~((np.abs(x) < 0.25 * ax) & (y < 0))
     ribs_z = np.mod(z - origin[2], 25.0) < 12.0  # z is anatomy-relative: ribs follow shift_mm
-    labels[:, spine | sternum] = BONE
+    labels[:, sternum if marrow else spine | sternum] = BONE
     labels[ribs_z[:, None, None] & ring[None, :, :]] = BONE
+    if marrow:
+        _paint_marrow_bones(labels, x, y, np.mod(z - origin[2], 25.0), np.mod(z - origin[2], 30.0), (ax, ay, size))
 
     # Table: a 5 mm plate curved less than the body's back, ``table_gap_mm`` below it at the
     # midline (the gap widens sideways); painted only where it is outside the body.
@@ -263,8 +281,11 @@ def make_ct_phantom(
     hu = np.empty(labels.shape, dtype=np.int16)
     sigma = blur_mm / pixel_mm
     noise_rng = rng if noise_seed is None else np.random.default_rng(noise_seed)
+    texture_rng = np.random.default_rng([seed, 3])
     for k in range(n_slices):
         sl = lut[labels[k]]
+        if marrow:
+            sl += np.where(labels[k] == MARROW, _texture(texture_rng, (rows, cols), 1.0 / pixel_mm, 40.0), 0.0)
         if sigma > 0:
             sl = ndi.gaussian_filter(sl, sigma, mode="nearest", truncate=3.0)
         sl += noise_rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(noise_hu)
@@ -281,6 +302,51 @@ def make_ct_phantom(
 
 
 _Tube = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float]
+
+
+def _paint_marrow_bones(
+    labels: npt.NDArray[np.uint8],
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.float32],
+    rib_phase: npt.NDArray[np.float32],
+    vertebra_phase: npt.NDArray[np.float32],
+    axes: tuple[float, float, float],
+) -> None:
+    """The vertebra (cortex, marrow, arch, canal, foramen) and the ribs' marrow core (in place).
+
+    ``rib_phase``/``vertebra_phase``: z (mm) modulo the rib (25 mm) and foramen (30 mm) periods.
+    """
+    ax, ay, size = axes
+    cortex = 2.0
+    # Ribs: the ring of the plain phantom keeps a 2 mm cortex on every side (ends and z faces).
+    r_body = np.sqrt((x / ax) ** 2 + (y / ay) ** 2)
+    c = cortex / ay
+    core = (r_body > 0.86 + c) & (r_body < 0.86 + 0.02 * size / ay - c)
+    core &= ~((np.abs(x) < 0.25 * ax + cortex) & (y < cortex))
+    ks = (rib_phase >= cortex) & (rib_phase < 12.0 - cortex)
+    cj, ci = np.nonzero(np.broadcast_to(core, labels.shape[1:]))
+    labels[np.flatnonzero(ks)[:, None], cj, ci] = MARROW
+    # The vertebra, painted over the ribs' marrow where the rib ring passes behind it.
+    r = 0.05 * size
+    a, b, y_body = r, 0.7 * r, 0.62 * ay - 0.5 * r
+    r_canal, arch = 0.46 * r, 2.5
+    y_canal = y_body + b + r_canal
+    outer = (x / a) ** 2 + ((y - y_body) / b) ** 2 < 1.0
+    inner = (x / (a - cortex)) ** 2 + ((y - y_body) / (b - cortex)) ** 2 < 1.0
+    d_canal = np.sqrt(x**2 + (y - y_canal) ** 2)
+    spinous = (np.abs(x) < 0.012 * size) & (y > y_canal) & (y < 0.92 * ay)
+    labels[:, outer | (d_canal < r_canal + arch) | spinous] = BONE
+    labels[:, inner] = MARROW
+    labels[:, d_canal < r_canal] = CANAL
+    foramen = (np.abs(x) < 2.0) & (y > y_body) & outer & ~inner
+    fj, fi = np.nonzero(np.broadcast_to(foramen, labels.shape[1:]))
+    labels[np.flatnonzero(vertebra_phase < 10.0)[:, None], fj, fi] = SOFT
+
+
+def _texture(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float, std: float) -> npt.NDArray[np.float32]:
+    """Smooth random texture with standard deviation ``std`` (trabecular bone)."""
+    field = ndi.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma_px)
+    return (field * np.float32(std / max(float(field.std()), 1e-6))).astype(np.float32)
 
 
 def _airway_tubes(ax: float, ay: float, size: float, length: float) -> list[_Tube]:

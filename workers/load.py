@@ -9,7 +9,8 @@ A series stored as ONE multi-frame instance with functional groups (Enhanced CT/
 Converted Enhanced CT/MR/PET...) is read frame by frame from its Shared and Per-frame Functional
 Groups (Plane Position, Plane Orientation, Pixel Measures, Pixel Value Transformation); the sources
 are then ``[that instance]`` and ``Volume.source_frames[k]`` is the 1-based frame number of slice k.
-A series that mixes multi-frame and single-frame instances, or holds several multi-frame
+One CR/DX image is a projection radiograph: a one-slice volume, dense = bright, read by
+:mod:`workers.load_radiograph`. A series that mixes multi-frame and single-frame instances, or holds several multi-frame
 instances, is refused (the encoders reference either single-frame slices or one multi-frame image).
 """
 
@@ -27,6 +28,7 @@ from pydicom.dataset import Dataset
 
 from models.base import Volume
 from models.errors import UnreadableInput, UnsuitableInput
+from workers.load_radiograph import PROJECTION_MODALITIES, is_projection, volume_from_radiograph
 
 ORIENTATION_TOLERANCE = 1e-3
 """Maximum difference between direction cosines of slices in one volume."""
@@ -184,6 +186,11 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> tuple[Volume, list[Data
         return volume_from_multiframe(multi[0]), [multi[0]]
     if not datasets:
         raise UnsuitableInput("empty series")
+    if is_projection(list(datasets)):  # one CR/DX image: see workers.load_radiograph
+        ds = datasets[0]
+        return volume_from_radiograph(ds, _rescaled(ds), *_rescale(ds)), [ds]
+    if {str(ds.get("Modality", "")).upper() for ds in datasets} & PROJECTION_MODALITIES:
+        raise UnsuitableInput(f"a CR/DX series of {len(datasets)} images: one projection per series is analysed")
     modalities = {str(ds.get("Modality", "")) for ds in datasets}
     if len(modalities) != 1:
         raise UnsuitableInput("mixed modalities in one series")

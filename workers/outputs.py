@@ -5,13 +5,15 @@ Manifest ``objects`` and what they give (each only when the result has something
     SEG   segmentation: LABELMAP when the segments do not overlap (JPEG-LS), else BINARY. A
           LABELMAP SEG comes with a BINARY copy and an SR citing that copy, marked as the two
           delivery variants: a destination gets one set, by what it accepts (node.send.dimse).
-    SR    TID 1500 measurement report (volumes, findings, classification, registration).
+    SR    TID 1500 measurement report (volumes, findings, classification, registration); when the
+          model found nothing, what it looked for as absent; when it declined the series
+          (``ModelResult.not_assessed``), what it did not assess and why.
     REG   registration: the registered prior series on the current frame of reference, and a
           Spatial Registration object holding the transform (prior -> current frame).
     SC    key images: RGB Secondary Captures with the findings drawn on the source slices and a
           legend, for viewers that show neither SEG nor SR.
-    PDF   a one-page Encapsulated PDF report: findings table, the key images, model versions and
-          a disclaimer.
+    PDF   a one-page Encapsulated PDF report: findings table, what was looked for and not found
+          (or not assessed, and why), the key images, model versions and a disclaimer.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from workers.encode.sc import build_key_images
 from workers.encode.seg import EmptyResultError, build_seg, resolve_segmentation_type
 from workers.encode.sr import build_sr
 from workers.encode.sro import build_spatial_registration
+from workers.encode.view import with_view_position
 
 log = logging.getLogger("workers.outputs")
 
@@ -54,13 +57,17 @@ def encode_results(
     predecessors: Mapping[str, Dataset] | None = None,
     prior_sources: Sequence[Dataset] = (),
 ) -> list[Encoded]:
-    """The objects the model's manifest promises for ``result`` ([] when it found nothing).
+    """The objects the model's manifest promises for ``result``: with nothing found, or with
+    ``result.not_assessed``, the SR and PDF say so (the looked-for concepts default to the manifest's).
 
     ``predecessors`` maps a variant ("" or ``binary``) to the SR of an earlier run on this series
     that the new SR of that variant supersedes. ``prior_sources`` are the prior series' images
     of a registration.
     """
     objects = model.manifest.objects
+    if not result.looked_for:
+        result = replace(result, looked_for=model.manifest.looked_for)
+    result = with_view_position(result, sources)  # CR/DX: PA or AP, stated with each classification
     predecessors = predecessors or {}
     sw = software_version
     frames = volume.source_frames
@@ -95,9 +102,10 @@ def encode_results(
                                      predecessor=predecessors.get(BINARY_VARIANT), source_frames=frames,
                                      fallback_for=str(sr.SOPInstanceUID))
                 out += [Encoded(sr, LABELMAP_VARIANT), Encoded(binary_sr, BINARY_VARIANT)]
-    if ("SC" in objects or "PDF" in objects) and has_content(result):
-        shots = render_key_images(volume, result, slice_labels=source_slice_labels(sources, volume))
-        if "SC" in objects:
+    shows = has_content(result)
+    if ("SC" in objects and shows) or ("PDF" in objects and (shows or result.looked_for)):
+        shots = render_key_images(volume, result, slice_labels=source_slice_labels(sources, volume)) if shows else []
+        if "SC" in objects and shows:
             out += [Encoded(ds) for ds in build_key_images(sources, volume, result, software_version=sw,
                                                            rendered=shots)]
         if "PDF" in objects:

@@ -2,6 +2,11 @@
 
 Testable without a broker: ``run_job(context, job_id)``. Sending is not done here: the node's
 deliverer picks up the delivery rows this writes, so a PACS outage never fails a job.
+
+A series the model declines (:class:`UnsuitableInput` from its ``check`` or ``run``, once the series
+loaded) still gets results: an SR (and PDF) saying what was not assessed and why, sent like any
+result, while the job ends ``skipped`` with the reason. Registration models are the exception (a
+missing prior is not a property of the series, and the job is retried when one arrives).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from models import registry
-from models.base import Model, is_pair_model
+from models.base import Model, ModelResult, Volume, is_pair_model
 from models.errors import ConfigError, InputError, ModelError, TransientModelError, UnsuitableInput
 from models.registry import ModelOptions
 from node.catalog import Catalog, ResultFile
@@ -29,7 +34,7 @@ from node.schema import BINARY_VARIANT, Job, JobState
 from node.spool import Spool
 from node.version import software_version
 from workers.load import load_series
-from workers.outputs import encode_results
+from workers.outputs import Encoded, encode_results
 
 log = logging.getLogger("workers.pipeline")
 
@@ -67,10 +72,12 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | Literal["not-claimed"
         log.info("job #%d not claimed (finished, failed, or running elsewhere)", job_id)
         return "not-claimed"
     t0 = time.monotonic()
+    loaded: tuple[Model, Volume, list[Dataset]] | None = None
     try:
         model = ctx.model(job.model)
         paths = [ctx.spool.path(i.path) for i in ctx.catalog.instances_of_series(job.series_id)]
         volume, sources = load_series(paths)
+        loaded = (model, volume, sources)
         model.check(volume)
         prior_sources: list[Dataset] = []
         if is_pair_model(model):
@@ -94,16 +101,11 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | Literal["not-claimed"
                 predecessors[variant] = pydicom.dcmread(ctx.spool.path(previous.path))
         encoded = encode_results(model, sources, volume, result, software_version=software_version(),
                                  predecessors=predecessors, prior_sources=prior_sources)
-        study_uid = str(sources[0].StudyInstanceUID)
-        written: list[ResultFile] = []
-        for item in encoded:
-            ds = item.dataset
-            rel = ctx.spool.result_relpath(study_uid, str(ds.SOPInstanceUID))
-            data = _to_bytes(ds)
-            ctx.spool.write(rel, data, replace=True)
-            written.append(result_file(ds, rel, data, item.variant))
+        written = _store(ctx, str(sources[0].StudyInstanceUID), encoded)
         t3 = time.monotonic()
     except Exception as exc:  # job_outcome() decides, by the exception's class, how the job ends
+        if isinstance(exc, UnsuitableInput) and loaded is not None and not is_pair_model(loaded[0]):
+            _write_not_assessed(ctx, job, *loaded, reason=str(exc))
         return _end_attempt(ctx, job, exc, policy)
     written_at = ctx.clock()
     ctx.catalog.record_results(job_id, written, job.destinations, written_at)
@@ -116,6 +118,28 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | Literal["not-claimed"
         job_id, job.study_id, job.model, len(written), volume.voxels.shape[0], t1 - t0, t2 - t1, t3 - t2,
     )
     return JobState.DONE
+
+
+def _write_not_assessed(ctx: WorkerContext, job: Job, model: Model, volume: Volume, sources: list[Dataset],
+                        *, reason: str) -> None:
+    """Write and record the objects saying that ``model`` did not assess the series, and why (the
+    job is then ended ``skipped`` by the caller). A failure here is logged; the job is skipped anyway."""
+    result = ModelResult(model.manifest.name, model.manifest.version, not_assessed=reason)
+    try:
+        previous = ctx.catalog.previous_result(job, "SR", "")
+        predecessors = {"": pydicom.dcmread(ctx.spool.path(previous.path))} if previous is not None else {}
+        encoded = encode_results(model, sources, volume, result, software_version=software_version(),
+                                 predecessors=predecessors)
+        written = _store(ctx, str(sources[0].StudyInstanceUID), encoded)
+    except Exception:  # the job is skipped either way; the reason stays in the catalog
+        log.exception("job #%d model=%s: could not write the not-assessed report", job.id, job.model)
+        return
+    if written:
+        written_at = ctx.clock()
+        ctx.catalog.record_results(job.id, written, job.destinations, written_at)
+        ctx.catalog.resend_replaced(job.id, [w.sop_instance_uid for w in written], written_at, ctx.clock())
+    log.info("job #%d study #%d model=%s not assessed: %d object(s) say why", job.id, job.study_id, job.model,
+             len(written))
 
 
 Outcome = Literal["skip", "fail", "retry"]
@@ -160,6 +184,18 @@ def _end_attempt(ctx: WorkerContext, job: Job, exc: Exception, policy: JobPolicy
               job.attempts, type(exc).__name__, what)
     log.debug("job #%d traceback", job.id, exc_info=True)
     return state
+
+
+def _store(ctx: WorkerContext, study_uid: str, encoded: list[Encoded]) -> list[ResultFile]:
+    """Write each encoded object into the spool's results (replacing an earlier file of the same UID)."""
+    written: list[ResultFile] = []
+    for item in encoded:
+        ds = item.dataset
+        rel = ctx.spool.result_relpath(study_uid, str(ds.SOPInstanceUID))
+        data = _to_bytes(ds)
+        ctx.spool.write(rel, data, replace=True)
+        written.append(result_file(ds, rel, data, item.variant))
+    return written
 
 
 def result_file(ds: Dataset, rel: str, data: bytes, variant: str = "") -> ResultFile:

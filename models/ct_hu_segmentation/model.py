@@ -21,14 +21,15 @@ Lungs
     sides; every voxel goes to the nearest piece. If it never falls apart it is cut at the
     midline plane. Airways are not separated: trachea and main bronchi end up in the lungs.
 Bone
-    ``HU > bone_hu`` inside the body, a light in-plane closing, in-plane holes up to
-    ``max_bone_hole_cm2`` filled (marrow), components under ``min_bone_component_ml`` dropped.
-    Dense contrast and calcifications can be included.
+    Cortical bone (``HU > bone_hu``) and the cancellous bone it encloses (vertebral bodies,
+    ribs, medullary cavities), but not the spinal canal or an intervertebral disc: see
+    :mod:`models.ct_hu_segmentation.bone` (thresholds in :class:`BoneParams`). Vascular
+    calcifications can be included.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from scipy import ndimage as ndi
 
 from models.base import Manifest, ModelResult, Segment, Volume, check_input
 from models.ct_hu_segmentation.airways import AirwayParams, find_airways
+from models.ct_hu_segmentation.bone import BoneParams, segment_bone
 from models.errors import ManifestError
 from models.manifest import MANIFEST_FILENAME, ManifestFile, load_manifest_file
 
@@ -51,7 +53,7 @@ _CROSS_2D[1] = ndi.generate_binary_structure(2, 1)
 
 @dataclass(frozen=True)
 class HuSegParams:
-    """Thresholds of the classical pipeline (HU, mm, ml)."""
+    """Thresholds of the classical pipeline (HU, mm, ml); ``bone`` for the Bone segment."""
 
     body_hu: float = -500.0
     table_opening_mm: float = 4.0
@@ -65,9 +67,7 @@ class HuSegParams:
     split_grid_mm: float = 4.0
     split_max_erosions: int = 8
     split_min_fraction: float = 0.05
-    bone_hu: float = 200.0
-    min_bone_component_ml: float = 0.3
-    max_bone_hole_cm2: float = 20.0
+    bone: BoneParams = field(default_factory=BoneParams)
 
 
 SEGMENT_NAMES = ("Body", "Right Lung", "Left Lung", "Bone", "Airway")
@@ -96,6 +96,7 @@ class CtHuSegmentation:
         """Segment ``volume``; every declared segment is returned (empty ones are noted)."""
         self.check(volume)
         masks, notes = segment_ct(volume, self.params)
+        masks["Bone"] = segment_bone(volume.voxels, masks["Body"], volume.spacing, self.params.bone)
         airway, note = find_airways(volume.voxels, masks["Right Lung"], masks["Left Lung"], volume, self.airways)
         notes.append(note)
         masks["Airway"] = airway  # the trachea and main bronchi are not lung
@@ -121,19 +122,18 @@ class CtHuSegmentation:
 
 
 def segment_ct(volume: Volume, params: HuSegParams) -> tuple[dict[str, BoolArray], list[str]]:
-    """Masks by name ("Body", "Right Lung", "Left Lung", "Bone") and human-readable notes."""
+    """Masks by name ("Body", "Right Lung", "Left Lung") and human-readable notes (Bone: :func:`segment_bone`)."""
     hu = volume.voxels
     notes: list[str] = []
     body, trunk_center_ijk = _body(hu, volume, params)
     if trunk_center_ijk is None:
         empty = np.zeros(hu.shape, dtype=bool)
-        return {"Body": empty, "Right Lung": empty.copy(), "Left Lung": empty.copy(), "Bone": empty.copy()}, [
+        return {"Body": empty, "Right Lung": empty.copy(), "Left Lung": empty.copy()}, [
             "no body found (nothing above the body threshold)"
         ]
     x_mid = float(volume.to_patient(trunk_center_ijk)[0])
     right, left = _lungs(hu, body, volume, x_mid, params, notes)
-    bone = _bone(hu, body, volume, params)
-    return {"Body": body, "Right Lung": right, "Left Lung": left, "Bone": bone}, notes
+    return {"Body": body, "Right Lung": right, "Left Lung": left}, notes
 
 
 def _inplane_disk(radius_mm: float, step_j_mm: float, step_i_mm: float) -> BoolArray:
@@ -313,19 +313,3 @@ def _split_sides(
         (np.arange(shape[1]) // f[1])[None, :, None],
         (np.arange(shape[2]) // f[2])[None, None, :],
     ]
-
-
-def _bone(hu: FloatArray, body: BoolArray, volume: Volume, p: HuSegParams) -> BoolArray:
-    """Dense voxels inside the body, lightly closed, small components removed."""
-    bone = (hu > p.bone_hu) & body
-    bone = ndi.binary_closing(bone, structure=_CROSS_2D) & body
-    # Marrow enclosed by cortex (vertebral bodies, long bones), but never a whole rib cage.
-    _, sj, si = volume.spacing
-    bone = _fill_holes_per_slice(bone, max_hole_voxels=int(p.max_bone_hole_cm2 * 100.0 / (sj * si)))
-    lab, n = ndi.label(bone)
-    if n == 0:
-        return bone
-    counts = np.bincount(lab.ravel(), minlength=n + 1)
-    keep = counts * volume.voxel_volume_ml >= p.min_bone_component_ml
-    keep[0] = False
-    return keep[lab]

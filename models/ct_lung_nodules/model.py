@@ -12,13 +12,19 @@ Search region
 Blobs
     Inside the region's bounding box the HU image is clipped to ``clip_hu`` and everything outside
     the closed lungs is set to the lungs' median HU (so the chest wall does not respond). For
-    sigmas from ``min_diameter_mm / (2 sqrt 3)`` to ``max_diameter_mm / (2 sqrt 3)``
+    sigmas from ``min_diameter_mm / (2 sqrt 3)`` to ``max_mass_mm / (2 sqrt 3)``
     (``scales_per_octave`` per doubling; a ball of radius r responds most at sigma = r / sqrt 3)
     the scale-normalised Laplacian of Gaussian ``R = -sigma^2 * LoG`` is computed on a
-    block-averaged grid of about sigma / 2. Local maxima (26 neighbours) inside the region are
-    candidates; their ``strength`` is ``R / (0.925 * reference_contrast_hu)``: 1.0 for an ideal
-    solid ball of that contrast at its best scale (0.925 is the peak normalised response of a
-    ball). Candidates under ``min_strength`` are dropped.
+    block-averaged grid of about sigma / 2. Thick slices (spacing s from ``thick_slice_mm`` = 3 mm
+    up to ``max_slice_mm`` = 5 mm; thickness taken equal to the spacing): each slice has already
+    averaged a slab of s along z, a box of variance s^2 / 12, so the Gaussian along z is narrowed
+    by that much and the total smoothing stays isotropic at sigma (the same way block averaging is
+    accounted for). Thinner slices are smoothed in full: there the slab is small and narrowing
+    the Gaussian lets noise in low-density lung (emphysema) through as 4-5 mm blobs. Local
+    maxima (26 neighbours) inside the region are candidates; their ``strength`` is
+    ``R / (0.925 * reference_contrast_hu)``: 1.0 for an ideal solid ball of that contrast at its
+    best scale (0.925 is the peak normalised response of a ball). Candidates under
+    ``min_strength`` are dropped.
 Shape
     The Hessian at the candidate gives eigenvalues l1 <= l2 <= l3; ``sphericity = l3 / l1``
     (1 for a ball, about 0 for a tube or a plate; 0 unless all are negative). Candidates under
@@ -29,8 +35,11 @@ Measurement
     sigma) and inside the closed lungs, connected to the central voxels, are the nodule: its
     centroid is the centre, its extent the bounding box and the diameter of the sphere of equal
     volume the diameter. Candidates without a solid core, with a diameter outside
-    ``[min_diameter_mm, max_diameter_mm]`` or with less than ``min_lung_surround`` of lung in a
-    shell 2-6 mm outside the nodule (chest wall and mediastinal bumps) are dropped.
+    ``[min_diameter_mm, max_mass_mm]`` or with less than ``min_lung_surround`` of lung in a
+    shell 2-6 mm outside the nodule (chest wall and mediastinal bumps; a juxtapleural nodule keeps
+    more than half of it: 0.64-0.81 on the phantoms at 1-5 mm, hilar bumps between the main
+    bronchi and the lungs 0.42-0.45) are dropped. Findings over ``max_diameter_mm`` (30 mm) are
+    reported as masses (SCT 4147007), not nodules.
     ``compactness`` is the nodule's volume over that of the dense structure it is connected to
     within 2.5 nodule radii: about 1 for an isolated nodule, low for a vessel bifurcation.
 Confidence
@@ -39,6 +48,10 @@ Confidence
     suppression on the measured diameters removes duplicates. On the phantoms of
     :mod:`testkit.phantom` (spherical solid nodules, tapering vessel trees) isolated nodules of
     6 mm or more score above 0.5 and vessel bifurcations below 0.5.
+Sensitivity
+    Measured per slice thickness on phantoms (``python -m testkit.thick_slices``), stated in the
+    manifest (``sensitivity_by_slice_thickness``) and reported with every result
+    (:meth:`CtLungNodules.figures`: DCM 111089 "Lesion Sensitivity", %).
 Limits
     Juxtapleural nodules are found while the closing fills their pleural notch (up to about
     ``2 * closing_mm`` in diameter); part-solid and ground-glass nodules respond weakly; nodules
@@ -57,7 +70,9 @@ import numpy.typing as npt
 from scipy import ndimage as ndi
 
 from models.base import (
+    Code,
     Detection,
+    Figure,
     Manifest,
     ModelResult,
     Segment,
@@ -68,7 +83,7 @@ from models.base import (
 from models.ct_emphysema.model import AirwayParams, find_airways
 from models.ct_hu_segmentation.model import HuSegParams, segment_ct
 from models.errors import ManifestError
-from models.manifest import MANIFEST_FILENAME, load_manifest
+from models.manifest import MANIFEST_FILENAME, load_manifest, load_manifest_file
 
 MANIFEST_PATH = Path(__file__).with_name(MANIFEST_FILENAME)
 
@@ -76,6 +91,8 @@ BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float32]
 Box = tuple[slice, slice, slice]
 
+LESION_SENSITIVITY = Code("111089", "DCM", "Lesion Sensitivity")
+"""CID 6048 "CAD Operating Point Axis Label": the fraction of lesions the detector finds."""
 BALL_PEAK = 0.925  # max over sigma of sigma^2 * |LoG| at the centre of a unit-contrast ball
 _OFFSETS = np.array([o for o in itertools.product((-1, 0, 1), repeat=3) if o != (0, 0, 0)], dtype=np.intp)
 
@@ -86,16 +103,20 @@ class NoduleParams:
 
     min_diameter_mm: float = 4.0
     max_diameter_mm: float = 30.0
+    """Larger findings are masses (up to ``max_mass_mm``), not nodules (Fleischner: a nodule is <= 3 cm)."""
+    max_mass_mm: float = 60.0
     scales_per_octave: int = 4
     min_lung_ml: float = 20.0
-    max_slice_mm: float = 3.0
+    max_slice_mm: float = 5.0
+    thick_slice_mm: float = 3.0
+    """From this slice spacing on, the slab of a slice counts as smoothing along z (see Blobs)."""
     closing_mm: float = 8.0
     margin_mm: float = 2.0
     clip_hu: tuple[float, float] = (-1000.0, 100.0)
     reference_contrast_hu: float = 900.0
     min_strength: float = 0.3
     min_sphericity: float = 0.35
-    min_lung_surround: float = 0.35
+    min_lung_surround: float = 0.55
     min_confidence: float = 0.4
     solid_hu: float = -400.0
     max_detections: int = 50
@@ -138,9 +159,10 @@ class CtLungNodules:
         self.manifest: Manifest = load_manifest(manifest_path)
         self.params = params or NoduleParams()
         names = [o.name for o in self.manifest.outputs]
-        if names != ["Nodule"]:
-            raise ManifestError(f"{manifest_path}: outputs must be ['Nodule'], got {names}")
-        self._type = self.manifest.outputs[0].type
+        if names != ["Nodule", "Mass"]:
+            raise ManifestError(f"{manifest_path}: outputs must be ['Nodule', 'Mass'], got {names}")
+        self._outputs = {o.name: o for o in self.manifest.outputs}
+        self._sensitivity = load_manifest_file(manifest_path).sensitivity_by_slice_thickness or {}
 
     def check(self, volume: Volume) -> None:
         """Raise :class:`UnsuitableInput` unless ``volume`` is an axial CT with enough, thin slices."""
@@ -160,23 +182,28 @@ class CtLungNodules:
             )
         candidates = detect_nodules(volume.voxels, masks["Right Lung"], masks["Left Lung"], volume, p)
         detections = []
-        for n, c in enumerate(candidates, start=1):
+        counts = {"Nodule": 0, "Mass": 0}
+        for c in candidates:
+            kind = self.kind(c)
+            counts[kind] += 1
+            n = counts[kind]
             ijk = (c.centre_kji[2], c.centre_kji[1], c.centre_kji[0])
             lps = volume.to_patient(ijk)
             detections.append(
                 Detection(
-                    label=f"Nodule {n}",
-                    type=self._type,
+                    label=f"{kind} {n}",
+                    type=self._outputs[kind].type,
                     centre_ijk=(float(ijk[0]), float(ijk[1]), float(ijk[2])),
                     centre_lps=(float(lps[0]), float(lps[1]), float(lps[2])),
                     bbox_ijk_min=(c.bbox_min_kji[2], c.bbox_min_kji[1], c.bbox_min_kji[0]),
                     bbox_ijk_max=(c.bbox_max_kji[2], c.bbox_max_kji[1], c.bbox_max_kji[0]),
                     diameter_mm=c.diameter_mm,
                     confidence=c.confidence,
-                    tracking_id=f"nodule-{n}",
+                    tracking_id=f"{kind.lower()}-{n}",
                 )
             )
-        notes.append(f"{len(detections)} nodule candidate(s) in {lung_ml:.0f} ml of lung")
+        notes.append(f"{counts['Nodule']} nodule candidate(s) and {counts['Mass']} mass(es) in {lung_ml:.0f} ml "
+                     "of lung")
         segments = self._segments(candidates[: p.max_segmented], detections, volume.voxels.shape)
         if len(candidates) > len(segments):
             notes.append(f"the {len(segments)} most confident candidates are segmented")
@@ -186,7 +213,30 @@ class CtLungNodules:
             notes=tuple(notes),
             detections=tuple(detections),
             segments=segments,
+            figures=self.figures(volume),
         )
+
+    def kind(self, candidate: Candidate) -> str:
+        """``Mass`` over ``max_diameter_mm`` (30 mm), else ``Nodule``."""
+        return "Mass" if candidate.diameter_mm > self.params.max_diameter_mm else "Nodule"
+
+    def sensitivity_at(self, slice_mm: float) -> float | None:
+        """Measured sensitivity (nodules >= 6 mm, phantoms) at the manifest's thickness nearest
+        ``slice_mm`` (the larger one of a tie, the more conservative figure); None without a table."""
+        if not self._sensitivity:
+            return None
+        nearest = min(self._sensitivity, key=lambda mm: (abs(mm - slice_mm), -mm))
+        return self._sensitivity[nearest]
+
+    def figures(self, volume: Volume) -> tuple[Figure, ...]:
+        """The measured sensitivity at this series' slice spacing, for the report (SR, PDF)."""
+        slice_mm = volume.spacing[0]
+        sensitivity = self.sensitivity_at(slice_mm)
+        if sensitivity is None:
+            return ()
+        return (Figure(LESION_SENSITIVITY, 100.0 * sensitivity, "%",
+                       f"sensitivity for solid nodules >= 6 mm on phantoms with {slice_mm:.1f} mm slices "
+                       "(testkit.thick_slices)"),)
 
     def _segments(self, candidates: list[Candidate], detections: list[Detection],
                   shape: tuple[int, ...]) -> tuple[Segment, ...]:
@@ -194,8 +244,8 @@ class CtLungNodules:
         candidate, so segments never overlap (a LABELMAP SEG can hold them)."""
         out = []
         taken = np.zeros(shape, dtype=bool)
-        output = self.manifest.outputs[0]
         for cand, det in zip(candidates, detections, strict=False):
+            output = self._outputs[self.kind(cand)]
             mask = np.zeros(shape, dtype=bool)
             mask[tuple(cand.voxels_kji.T)] = True
             mask &= ~taken
@@ -306,7 +356,7 @@ def _upsample(coarse: BoolArray, f: tuple[int, ...], shape: tuple[int, ...]) -> 
 
 def _sigmas(p: NoduleParams) -> npt.NDArray[np.float64]:
     lo = p.min_diameter_mm / (2.0 * np.sqrt(3.0))
-    hi = p.max_diameter_mm / (2.0 * np.sqrt(3.0))
+    hi = max(p.max_diameter_mm, p.max_mass_mm) / (2.0 * np.sqrt(3.0))
     n = int(np.ceil(np.log2(hi / lo) * p.scales_per_octave)) + 1
     return np.asarray(np.geomspace(lo, hi, n), dtype=np.float64)
 
@@ -352,6 +402,8 @@ def _blob_maxima(
     out: list[tuple[npt.NDArray[np.float64], float, float, float]] = []
     levels: dict[tuple[int, ...], tuple[FloatArray, BoolArray]] = {}
     norm = BALL_PEAK * p.reference_contrast_hu
+    # A thick slice (s = its spacing >= thick_slice_mm) already averaged a box of s along z: variance s^2 / 12.
+    slab_var = np.array([spacing[0] ** 2 / 12.0 if spacing[0] >= p.thick_slice_mm else 0.0, 0.0, 0.0])
     for sigma in sigmas:
         f = tuple(max(1, int(sigma / (2.0 * s))) for s in spacing)
         if f not in levels:
@@ -361,7 +413,7 @@ def _blob_maxima(
         level, level_region = levels[f]
         h = spacing * np.array(f)
         box_var = spacing**2 * (np.array(f) ** 2 - 1) / 12.0  # block averaging already smoothed this much
-        sig_vox = np.sqrt(np.maximum(sigma**2 - box_var, 0.0)) / h
+        sig_vox = np.sqrt(np.maximum(sigma**2 - box_var - slab_var, 0.0)) / h
         g = ndi.gaussian_filter(level, sig_vox, mode="nearest", truncate=3.0)
         strength = (-(sigma**2) / norm) * _laplacian(g, h)
         peaks = _local_maxima(strength, level_region, p.min_strength)
@@ -466,7 +518,7 @@ def _measure(
     nodule = np.isin(lab, ids[ids > 0])
     volume_mm3 = float(nodule.sum()) * float(np.prod(spacing))
     diameter = float(np.cbrt(6.0 * volume_mm3 / np.pi))
-    if not p.min_diameter_mm <= diameter <= p.max_diameter_mm:
+    if not p.min_diameter_mm <= diameter <= max(p.max_diameter_mm, p.max_mass_mm):
         return None
     r_nod = diameter / 2.0
     shell = (dist2 > (r_nod + 2.0) ** 2) & (dist2 <= (r_nod + 6.0) ** 2)

@@ -150,15 +150,17 @@ def series_attributes(ds: Dataset, calling_ae: str) -> dict[str, Any]:
     with it too)."""
     out: dict[str, Any] = {"CallingAETitle": calling_ae.strip()}
     for kw in ("Modality", "BodyPartExamined", "SeriesDescription", "StudyDescription", "ProtocolName",
-               "Manufacturer", "ManufacturerModelName", "SOPClassUID"):
+               "Manufacturer", "ManufacturerModelName", "SOPClassUID", "ViewPosition"):
         v = ds.get(kw)
         if v not in (None, ""):
             out[kw] = str(v)
-    if "ImageType" in ds:
-        out["ImageType"] = [str(x) for x in ds.ImageType] if ds["ImageType"].VM > 1 else [str(ds.ImageType)]
-    if ds.get("SliceThickness") not in (None, ""):
-        with contextlib.suppress(TypeError, ValueError):
-            out["SliceThickness"] = float(ds.SliceThickness)
+    for kw in ("ImageType", "ScanningSequence", "SequenceVariant"):  # multi-valued
+        if ds.get(kw) not in (None, ""):
+            out[kw] = [str(x) for x in ds[kw].value] if ds[kw].VM > 1 else [str(ds[kw].value)]
+    for kw in ("SliceThickness", "EchoTime", "RepetitionTime", "MagneticFieldStrength"):
+        if ds.get(kw) not in (None, ""):
+            with contextlib.suppress(TypeError, ValueError):
+                out[kw] = float(ds[kw].value)
     return out
 
 

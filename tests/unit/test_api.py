@@ -150,7 +150,7 @@ def test_destinations_without_secrets(node: ApiNode) -> None:
 def test_models_from_the_manifests(node: ApiNode) -> None:
     models = {m["name"]: m for m in node.get("/api/v1/models").json()}
     seg = models["ct-hu-segmentation"]
-    assert seg["version"] == "1.1.0" and seg["family"] == "segmentation" and seg["modalities"] == ["CT"]
+    assert seg["version"] == "1.2.0" and seg["family"] == "segmentation" and seg["modalities"] == ["CT"]
     assert seg["rules"] == ["ct"] and seg["queue"] == "cpu" and seg["runtime"] == "classical"
     assert models["ct-emphysema"]["queue"] == "slow" and models["ct-emphysema"]["rules"] == []
     assert models["dl-ct-segmentation"]["runtime"] == "torch"

@@ -58,12 +58,12 @@ def test_manifest_and_registry(model: CtLungNodules) -> None:
     m = registry.manifest("ct-lung-nodules")
     assert (m.name, m.version, m.family, m.modalities, m.objects) == (
         "ct-lung-nodules",
-        "1.1.0",
+        "1.2.0",
         "detection",
         ("CT",),
         ("SEG", "SR", "SC", "PDF"),
     )
-    assert [o.type for o in m.outputs] == [Code("27925004", "SCT", "Nodule")]
+    assert [o.type for o in m.outputs] == [Code("27925004", "SCT", "Nodule"), Code("4147007", "SCT", "Mass")]
     assert m.outputs[0].category == Code("49755003", "SCT", "Morphologically Abnormal Structure")
     assert registry.load("ct-lung-nodules").manifest == m == model.manifest
 
@@ -184,8 +184,8 @@ def test_check_rejects_unsuitable_series(model: CtLungNodules) -> None:
             dataclasses.replace(volume, voxels=volume.voxels[:5], sop_instance_uids=volume.sop_instance_uids[:5])
         )
     thick = volume.affine.copy()
-    thick[2, 2] = 5.0
-    with pytest.raises(UnsuitableInput, match="5 mm"):
+    thick[2, 2] = 6.0  # 3-5 mm series are analysed (tests/unit/test_nodules_thick.py)
+    with pytest.raises(UnsuitableInput, match="6 mm"):
         model.check(dataclasses.replace(volume, affine=thick))
     sheared = volume.affine.copy()
     sheared[:3, 2] = [0.0, 2.5 * np.sin(0.5), 2.5 * np.cos(0.5)]  # slices stepping 29 degrees off their normal

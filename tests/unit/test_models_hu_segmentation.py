@@ -62,7 +62,7 @@ def result(model: CtHuSegmentation, phantom: Phantom) -> ModelResult:
 
 
 def test_result_shape_and_codes(model: CtHuSegmentation, phantom: Phantom, result: ModelResult) -> None:
-    assert (result.model_name, result.model_version) == ("ct-hu-segmentation", "1.1.0")
+    assert (result.model_name, result.model_version) == ("ct-hu-segmentation", "1.2.0")
     assert tuple(s.name for s in result.segments) == NAMES
     declared = {o.name: o for o in model.manifest.outputs}
     for seg in result.segments:

@@ -62,7 +62,7 @@ def test_unknown_name_lists_known_models() -> None:
 
 def test_hu_manifest_loads() -> None:
     m = registry.manifest("ct-hu-segmentation")
-    assert (m.name, m.version, m.family) == ("ct-hu-segmentation", "1.1.0", "segmentation")
+    assert (m.name, m.version, m.family) == ("ct-hu-segmentation", "1.2.0", "segmentation")
     assert m.modalities == ("CT",) and m.min_slices == 3 and m.objects == ("SEG", "SR", "SC", "PDF")
     by_name = {o.name: o for o in m.outputs}
     assert list(by_name) == ["Body", "Right Lung", "Left Lung", "Bone", "Airway"]
@@ -245,6 +245,7 @@ def test_worker_builds_models_with_the_site_settings(tmp_path: Path) -> None:
 MODEL_FOLDERS = {
     "ct_hu_segmentation", "ct_lung_nodules", "ct_emphysema", "ct_registration",
     "dl_ct_segmentation", "dl_lung_nodule_detection", "dl_emphysema_classification", "dl_ct_registration",
+    "mr_brain_segmentation", "cxr_lung_fields",
 }
 
 

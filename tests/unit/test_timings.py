@@ -128,7 +128,7 @@ def test_pipeline_records_stage_times_and_a_rerun_is_sent_again(tmp_path: Path) 
 
     assert run_job(ctx, job_id) == JobState.DONE
     job = catalog.get_job(job_id)
-    assert job is not None and job.model_version == "1.1.0"
+    assert job is not None and job.model_version == "1.2.0"
     assert job.load_seconds is not None and job.infer_seconds is not None and job.encode_seconds is not None
     assert min(job.load_seconds, job.infer_seconds, job.encode_seconds) > 0
     assert (job.started_at, job.finished_at) == (10.0, 10.0)

@@ -28,7 +28,7 @@ import os
 import re
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,9 +275,11 @@ def _drive_viewer(page: Any, url: str, out_dir: Path, console: list[str]) -> Non
 
 
 def _check_seg(page: Any, viewport: Any, baseline: list[float], out_dir: Path, console: list[str],
-               screenshot: str = "ohif-seg.png") -> None:
-    """The SEG: names in the segmentation panel, overlay in colour on the CT."""
-    seg_thumb = _thumbnail(page, SEG_DESCRIPTION)
+               screenshot: str = "ohif-seg.png", description: str = SEG_DESCRIPTION,
+               names: Sequence[str] = SEGMENT_NAMES, colours: int = 3) -> None:
+    """The SEG (series ``description``): ``names`` in the segmentation panel, overlay in at least
+    ``colours`` colours on the image (also used by tests/viewer/test_ohif_mr_xray.py)."""
+    seg_thumb = _thumbnail(page, description)
     seg_thumb.wait_for()
     assert seg_thumb.locator("[data-cy=series-modality-label]").inner_text().strip() == "SEG"
     seg_thumb.dblclick()
@@ -287,16 +289,16 @@ def _check_seg(page: Any, viewport: Any, baseline: list[float], out_dir: Path, c
     rows = page.locator("[data-cy=data-row]")
     panel_button = page.locator("[data-cy=panelSegmentation-btn]")
     for _ in range(3):  # the panel may or may not open by itself; the button toggles it
-        if _appears(rows.filter(has_text="Body"), 8):
+        if _appears(rows.filter(has_text=names[0]), 8):
             break
         panel_button.click()
-    for name in SEGMENT_NAMES:
+    for name in names:
         _wait_visible(rows.filter(has_text=name), console, 20, f"the segment row {name!r}")
     row_texts = [re.sub(r"\s+", " ", t).strip() for t in rows.all_inner_texts()]
-    for name in SEGMENT_NAMES:
+    for name in names:
         assert any(t.endswith(name) for t in row_texts), (name, row_texts)
-    hues = wait_for(lambda: _new_colours(_image(viewport), baseline, 0.003, 3), 30, interval=0.5,
-                    what="the segmentation overlay drawn in at least 3 colours")
+    hues = wait_for(lambda: _new_colours(_image(viewport), baseline, 0.003, colours), 30, interval=0.5,
+                    what=f"the segmentation overlay drawn in at least {colours} colours")
     print(f"SEG overlay: new hues (degrees: fraction of the image) {hues}; segment rows {row_texts}")
     _assert_no_error_shown(page, console)
     page.screenshot(path=str(out_dir / screenshot))

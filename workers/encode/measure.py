@@ -21,6 +21,8 @@ class SegmentMeasurement:
         volume_ml: ``voxel_count`` times the voxel volume, in millilitres.
         mean: mean voxel value inside the mask (HU for CT); ``None`` for an empty segment.
         sd: population standard deviation (ddof=0) inside the mask; ``None`` for an empty segment.
+        area_mm2: for a projection radiograph (one CR/DX image) the area in mm2, which is then
+            reported instead of the (meaningless) volume; ``None`` otherwise.
     """
 
     name: str
@@ -29,6 +31,7 @@ class SegmentMeasurement:
     volume_ml: float
     mean: float | None
     sd: float | None
+    area_mm2: float | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -38,6 +41,8 @@ class SegmentMeasurement:
 def measure_segments(volume: Volume, segments: Sequence[Segment]) -> list[SegmentMeasurement]:
     """Measure each segment's mask against ``volume.voxels``; statistics are computed in float64."""
     voxel_ml = volume.voxel_volume_ml
+    projection = volume.modality.upper() in ("CR", "DX") and volume.voxels.shape[0] == 1
+    _, row_mm, col_mm = volume.spacing
     out: list[SegmentMeasurement] = []
     for number, segment in enumerate(segments, start=1):
         mask = np.asarray(segment.mask)
@@ -59,6 +64,7 @@ def measure_segments(volume: Volume, segments: Sequence[Segment]) -> list[Segmen
                 volume_ml=count * voxel_ml,
                 mean=mean,
                 sd=sd,
+                area_mm2=count * row_mm * col_mm if projection else None,
             )
         )
     return out

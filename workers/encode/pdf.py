@@ -3,9 +3,12 @@
 The page (ReportLab, real text): title, study date and accession number (no other patient data:
 the viewer shows the header), a disclaimer, findings tables (segments: volume, mean and SD;
 detections: diameter, confidence, LPS position; classifications: category and score;
-registration: residual), the key images of :func:`workers.encode.render.render_key_images` (the
-same pictures as the SC images) and the model and node versions. Everything is fitted onto one A4
-page (tables are cut after :data:`MAX_TABLE_ROWS` rows and the content is shrunk when needed).
+registration: residual), what the model looked for and did not find (``ModelResult.looked_for``:
+"none found"), or did not assess and why (``ModelResult.not_assessed``), the figures of the run
+(e.g. the detector's sensitivity at this slice thickness), the key images of
+:func:`workers.encode.render.render_key_images` (the same pictures as the SC images) and the model and
+node versions. Everything is fitted onto one A4 page (tables are cut after :data:`MAX_TABLE_ROWS`
+rows and the content is shrunk when needed).
 ReportLab runs in invariant mode, so the same input gives the same PDF bytes.
 
 The DICOM object (highdicom has no PDF class; built with pydicom): Patient, General Study,
@@ -32,7 +35,7 @@ from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
 from reportlab.lib.units import mm
 from reportlab.platypus import Flowable, Image, KeepInFrame, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
-from models.base import ModelResult, Volume
+from models.base import Code, ModelResult, Volume
 from workers.encode.header import copy_patient_and_study
 from workers.encode.measure import SegmentMeasurement, measure_segments
 from workers.encode.render import has_content, render_key_images, source_slice_labels
@@ -74,13 +77,15 @@ def build_pdf_report(
             :class:`~workers.encode.render.KeyImage` given to the SC encoder; rendered here when empty.
 
     Raises:
-        EmptyResultError: nothing to report (no segment voxels, detections, classifications or registration).
+        EmptyResultError: nothing to report (no segment voxels, detections, classifications or
+            registration, and nothing looked for).
         ValueError: no sources, or measurements that do not match the segments.
     """
     if not sources:
         raise ValueError("at least one source dataset is required")
-    if not has_content(result):
-        raise EmptyResultError("nothing to report: no segment voxels, detections, classifications or registration")
+    if not has_content(result) and not result.looked_for:
+        raise EmptyResultError("nothing to report: no segment voxels, detections, classifications, registration "
+                               "or looked-for concepts")
     if result.segments and not measurements:
         measurements = measure_segments(volume, result.segments)
     if [m.name for m in measurements] != [s.name for s in result.segments]:
@@ -173,11 +178,13 @@ def _findings(
     unit = " (HU)" if volume.modality.upper() == "CT" else ""
     if result.segments:
         rows = [
-            [m.name, f"{m.volume_ml:.1f}", "-" if m.mean is None else f"{m.mean:.1f}",
+            [m.name, f"{m.volume_ml:.1f}" if m.area_mm2 is None else f"{m.area_mm2 / 100.0:.1f} cm2",
+             "-" if m.mean is None else f"{m.mean:.1f}",
              "-" if m.sd is None else f"{m.sd:.1f}"]
             for m in measurements
         ]
-        out += [_table(["Segment", "Volume (ml)", f"Mean{unit}", f"SD{unit}"], rows,
+        size = "Area" if any(m.area_mm2 is not None for m in measurements) else "Volume (ml)"
+        out += [_table(["Segment", size, f"Mean{unit}", f"SD{unit}"], rows,
                        [0.4 * width, 0.2 * width, 0.2 * width, 0.2 * width]), Spacer(1, 2 * mm)]
     if result.detections:
         rows = [
@@ -200,8 +207,40 @@ def _findings(
         out.append(_table(["Registration of the prior study", "Residual (mm)", "Metric"],
                           [["prior resampled onto this series", f"{reg.residual_mm:.2f}", f"{reg.metric_value:.4g}"]],
                           [0.5 * width, 0.25 * width, 0.25 * width]))
+    out += _looked_for(result, width, body)
     if not out:
         out.append(Paragraph("No findings.", body))
+    return out
+
+
+def found_count(result: ModelResult, concept: Code) -> int:
+    """How many findings of ``concept`` the result has (detections, non-empty segments, classifications)."""
+    return (sum(d.type == concept for d in result.detections)
+            + sum(s.type == concept and bool(s.mask.any()) for s in result.segments)
+            + sum(c.concept == concept for c in result.classifications))
+
+
+def _looked_for(result: ModelResult, width: float, body: ParagraphStyle) -> list[Flowable]:
+    """What was looked for: not assessed (and why), or each concept found / none found, and the
+    run's figures; nothing when every looked-for concept was found."""
+    out: list[Flowable] = []
+    concepts = result.looked_for
+    if result.not_assessed is not None:
+        warn = ParagraphStyle("not-assessed", parent=body, fontName="Helvetica-Bold")
+        names = ", ".join(c.meaning for c in concepts) or "anything"
+        out += [Paragraph(escape(f"Not assessed: {names}. Reason: {result.not_assessed}"), warn),
+                Paragraph(escape("The model did not analyse this series; absence of findings here means nothing."),
+                          body)]
+        return out
+    counts = [found_count(result, c) for c in concepts]
+    if concepts and not all(counts):
+        rows = [[c.meaning, f"{n} found" if n else "none found"] for c, n in zip(concepts, counts, strict=True)]
+        out += [_table(["Looked for", "Result"], rows, [0.5 * width, 0.5 * width]), Spacer(1, 2 * mm)]
+    if result.figures:
+        for f in result.figures:
+            unit = "" if f.unit == "1" else f" {f.unit}"
+            out.append(Paragraph(escape(f"{f.concept.meaning}: {f.value:.0f}{unit}"
+                                        + (f" ({f.note})" if f.note else "")), body))
     return out
 
 

@@ -3,11 +3,12 @@
 Shared by the Secondary Capture encoder (:mod:`workers.encode.sc`) and the PDF report
 (:mod:`workers.encode.pdf`), so both show the same pictures. An image is the source slice at its
 own pixel grid (repeated by an integer ``scale`` for small matrices, so Pixel Spacing stays exact),
-with a legend band below it; nothing is drawn on the patient but outlines, circles and numbers.
+with a legend band below it; nothing is drawn on the patient but outlines, circles, lines and numbers.
 
 What is drawn: segment outlines (optionally a translucent fill) in :data:`workers.encode.seg.PALETTE_RGB`,
 the colour the SEG recommends for the same segment number; detection circles numbered 1..N in result
-order; a legend with the segments on the slice, the detections ("1: Nodule 8.3 mm 92%"),
+order; the classifications' measured distances (``Measured.line_ijk``, e.g. heart and thoracic
+widths) as lines; a legend with the segments on the slice, the detections ("1: Nodule 8.3 mm 92%"),
 classifications, the registration residual, and ``AI result - not for diagnosis``. No PHI is drawn.
 
 Which slices (:func:`key_slices`): each detection's centre slice (most confident first); the slice
@@ -281,6 +282,7 @@ def _render(
     head = f"{result.model_name} {result.model_version} | {label}{z}"
     if ks.view == "overlay":
         _draw_detections(draw, volume, result, k, scale, font)
+        _draw_lines(draw, result, k, scale)
         for number, det in enumerate(result.detections, start=1):
             if det.bbox_ijk_min[2] <= k <= det.bbox_ijk_max[2] or _clamp(round(det.centre_ijk[2]), n) == k:
                 legend.append(f"{number}: {det.type.meaning} {det.diameter_mm:.1f} mm {det.confidence * 100:.0f}%")
@@ -292,8 +294,9 @@ def _render(
                 draw.text((x0, 2), text, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
         legend.append(f"{ks.reason}; registration residual {reg.residual_mm:.2f} mm")
     for c in result.classifications:
-        unit = "" if c.score_unit == "1" else f" {c.score_unit}"
-        legend.append(f"{c.name}: {c.value.meaning} ({c.score:.1f}{unit})")
+        score = f"{c.score:.2f}" if c.score_unit == "1" else f"{c.score:.1f} {c.score_unit}"
+        legend.append(f"{c.name}: {c.value.meaning} ({score})")
+        legend += [f"{m.name} {m.value:.0f} {m.unit}" for m in c.measurements]
     if len(legend) > _MAX_LEGEND_ITEMS:
         legend = [*legend[: _MAX_LEGEND_ITEMS - 1], f"... {len(legend) - _MAX_LEGEND_ITEMS + 1} more"]
     band = _legend_band(width, font, font_size, head, swatches, legend)
@@ -317,6 +320,23 @@ def _draw_detections(
         size = getattr(font, "size", 11)
         draw.text((x + rx * 0.75 + 2, y - ry * 0.75 - size - 2), str(number), fill=DETECTION_RGB, font=font,
                   stroke_width=2, stroke_fill=(0, 0, 0))
+
+
+LINE_RGB: RGB = (0, 255, 255)
+
+
+def _draw_lines(draw: ImageDraw.ImageDraw, result: ModelResult, k: int, scale: int) -> None:
+    """The classifications' measured distances on slice ``k`` (e.g. heart and thoracic widths), with end ticks."""
+    for c in result.classifications:
+        for m in c.measurements:
+            if m.line_ijk is None or round(m.line_ijk[0][2]) != k:
+                continue
+            (i0, j0, _), (i1, j1, _) = m.line_ijk
+            x0, y0, x1, y1 = ((v + 0.5) * scale for v in (i0, j0, i1, j1))
+            draw.line((x0, y0, x1, y1), fill=LINE_RGB, width=2)
+            tick = 6 * max(1, scale)
+            for x, y in ((x0, y0), (x1, y1)):
+                draw.line((x, y - tick, x, y + tick), fill=LINE_RGB, width=2)
 
 
 def _legend_band(

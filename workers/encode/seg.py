@@ -268,7 +268,34 @@ def build_seg(
         omit_empty_frames=True,
         workers=workers,
     )
+    if "FrameOfReferenceUID" not in seg:
+        _without_frame_of_reference(seg, sources[0])
     return seg
+
+
+def _without_frame_of_reference(seg: pydicom.Dataset, source: pydicom.Dataset) -> None:
+    """A SEG of a projection radiograph (CR/DX) without a frame of reference shares its source's pixel
+    grid, frame by frame through the Derivation Image references: General Image's Patient Orientation
+    is then required (Type 2C). For OHIF 3.12, which cannot open a SEG without them, the shared
+    functional groups also get Pixel Measures (the source's pixel size and a nominal 1 mm thickness,
+    the step of workers.load_radiograph's affine) and the nominal Plane Orientation [1,0,0,0,1,0]
+    that viewers assume for an image without one; dciodvfy accepts both."""
+    if "PatientOrientation" not in seg:
+        seg.PatientOrientation = source.get("PatientOrientation") or None
+    spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+    shared = seg.get("SharedFunctionalGroupsSequence")
+    if spacing and not (shared and "PixelMeasuresSequence" in shared[0]):
+        measures = pydicom.Dataset()
+        measures.PixelSpacing = list(spacing)
+        measures.SliceThickness = 1  # a projection has none; highdicom reads Pixel Measures only with it
+        if not shared:
+            seg.SharedFunctionalGroupsSequence = [pydicom.Dataset()]
+        seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence = [measures]
+    group = seg.SharedFunctionalGroupsSequence[0] if seg.get("SharedFunctionalGroupsSequence") else None
+    if group is not None and "PlaneOrientationSequence" not in group:
+        orientation = pydicom.Dataset()
+        orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        group.PlaneOrientationSequence = [orientation]
 
 
 def _frame_order(sources: Sequence[pydicom.Dataset], n: int, source_frames: Sequence[int] | None) -> list[int] | None:

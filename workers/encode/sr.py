@@ -13,14 +13,22 @@ Content tree (every group carries a Tracking Identifier, a Tracking UID and the 
         3. per classification, TID 1501 group: Finding = concept, Score (model unit),
            qualitative evaluation concept = category
         4. the registration, TID 1501 group: Finding = Spatial Registration, RMS Distance (mm)
+        5. only when there is none of the above, per looked-for concept (``ModelResult.looked_for``),
+           TID 1501 group: Finding = the concept, Presence of property = Absent (a negative
+           result, with the run's figures, e.g. the detector's sensitivity at this slice
+           thickness) or Undetermined with the reason (``ModelResult.not_assessed``: the model
+           declined the series)
 
 Why this layout: planar groups come first because OHIF (3.12) fails to load a report whose first
 group is a volumetric SEG reference without image coordinates; it draws SCOORDs on the slice,
 and lists in its measurement panel the numeric items with an "inferred from" SCOORD (the dcmjs
 layout), hence the outline under Diameter too. Classifications are TID 1501 groups rather than
 TID 1500's report-level "Qualitative Evaluations" container because highdicom (0.28) builds
-only the former, and a score needs a numeric item, which that container does not hold. Codes and
-the SCOORD pixel convention: see :mod:`workers.encode.sr_content`.
+only the former, and a score needs a numeric item, which that container does not hold. Absent / not
+assessed groups are written only in a report that has no other group: OHIF 3.12 fails to load
+a report with a group without image coordinates, so a report with findings stays as it was
+(what was not found there is in the PDF). Codes and the SCOORD pixel convention: see
+:mod:`workers.encode.sr_content`.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from workers.encode.sr_content import (
     NO_UNITS,
     STANDARD_DEVIATION,
     VOLUME,
+    absence_group,
     algorithm_of,
     classification_group,
     detection_group,
@@ -155,12 +164,18 @@ def _groups(
     finding_site: Code | None,
     source_frames: Sequence[int] | None = None,
 ) -> list[Group]:
-    """All measurement groups, in report order (planar first)."""
+    """All measurement groups, in report order (planar first); absent / not assessed statements
+    when there is nothing else."""
     _check_unique("detection tracking ids", [d.tracking_id for d in result.detections])
     _check_unique("classification names", [c.name for c in result.classifications])
+    _check_unique("looked-for concepts", [f"{c.scheme}:{c.value}" for c in result.looked_for])
     source_series_uid = str(sources[0].SeriesInstanceUID)
     modality = str(sources[0].Modality)
     algorithm = algorithm_of(result)
+    if result.not_assessed is not None:
+        if result.detections or result.segments or result.classifications or result.registration is not None:
+            raise ValueError("a result that was not assessed cannot have findings")
+        return [absence_group(c, source_series_uid, result, algorithm) for c in result.looked_for]
     groups: list[Group] = [
         detection_group(detection, sources, result, algorithm, finding_site, source_frames)
         for detection in result.detections
@@ -177,6 +192,8 @@ def _groups(
     )
     if result.registration is not None:
         groups.append(registration_group(result.registration, source_series_uid, result, algorithm))
+    if not groups:  # a negative result: each looked-for concept is absent
+        groups = [absence_group(c, source_series_uid, result, algorithm) for c in result.looked_for]
     return groups
 
 
@@ -201,7 +218,9 @@ def build_sr(
         sources: the source images in the volume's k order (only attributes are read); detections
             are drawn on ``sources[round(centre k)]``. Or one multi-frame image: detections are
             then drawn on its frame ``source_frames[round(centre k)]``.
-        result: the model result: detections, segments, classifications, registration.
+        result: the model result: detections, segments, classifications, registration; with none
+            of them, ``looked_for`` concepts are reported absent, or not assessed when
+            ``not_assessed`` gives the reason.
         seg: the SEG built by :func:`workers.encode.seg.build_seg` for ``result``; required when
             the result has non-empty segments, which are reported only with it.
         measurements: from :func:`workers.encode.measure.measure_segments`, one per segment
@@ -222,7 +241,7 @@ def build_sr(
 
     Raises:
         EmptyResultError: nothing to report (every segment empty, no detection, classification or
-            registration); TID 1500 needs at least one group.
+            registration, and nothing in ``result.looked_for``); TID 1500 needs at least one group.
         ValueError: inconsistent inputs (seg not built from these sources/segments, measurements
             out of order, a detection outside the slices, a predecessor from another study...).
     """
@@ -234,7 +253,8 @@ def build_sr(
     groups = _groups(sources, result, seg, measurements, finding_site, source_frames)
     if not groups:
         raise EmptyResultError(
-            "every segment is empty and there is no detection, classification or registration to report"
+            "every segment is empty and there is no detection, classification, registration or looked-for "
+            "concept to report"
         )
 
     modality = str(sources[0].Modality)

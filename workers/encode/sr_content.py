@@ -9,7 +9,9 @@ One builder per kind of finding:
   Mean and Standard Deviation;
 * :func:`classification_group`: TID 1501 group with the score and the category (qualitative
   evaluation);
-* :func:`registration_group`: TID 1501 group with the registration residual.
+* :func:`registration_group`: TID 1501 group with the registration residual;
+* :func:`absence_group`: TID 1501 group saying that a looked-for finding is absent, or was not
+  assessed and why (a negative result or a declined series is a result too).
 
 Codes (all standard, none private):
 
@@ -23,6 +25,13 @@ Codes (all standard, none private):
   qualitative evaluation ``Classification.concept`` = ``Classification.value``.
 * Registration residual: DCM 121206 "Distance" (CID 7470), mm, derivation UMLS C2347976 "Root Mean
   Square" (CID 7464), finding DCM 112353 "Spatial Registration".
+* Absence: a TID 1501 group whose Finding is the looked-for concept (e.g. SCT 27925004 "Nodule")
+  with the qualitative evaluation DCM 121052 "Presence of property" = SCT 272519000 "Absent", or
+  SCT 373068000 "Undetermined" when the model did not assess the series (both from CID 240
+  "Present-Absent", the value set of TID 1501's qualitative evaluations of presence); the reason
+  or the figures' notes as TEXT DCM 121106 "Comment". Figures about the run (``ModelResult.figures``,
+  e.g. DCM 111089 "Lesion Sensitivity" of CID 6048 "CAD Operating Point Axis Label", %) are
+  numeric items of that group, and of each detection's group.
 
 Spatial coordinates (SCOORD) follow PS3.3 C.18.6.1: (column, row) with (0, 0) at the top left
 corner of the top left pixel, so the centre of voxel (i, j) is (i + 0.5, j + 0.5).
@@ -46,6 +55,7 @@ from workers.encode.uids import derive_uid, segment_tracking_uid
 
 #: Measurement names.
 VOLUME = codes.SCT.Volume  # SCT 118565006
+AREA = codes.SCT.Area  # SCT 42798000 (segments of a projection radiograph)
 MEAN = codes.SCT.Mean  # SCT 373098007
 STANDARD_DEVIATION = codes.SCT.StandardDeviation  # SCT 386136009
 DIAMETER = codes.SCT.Diameter  # SCT 81827009
@@ -54,10 +64,15 @@ SCORE = PydicomCode("246262008", "SCT", "Score")
 DISTANCE = codes.DCM.Distance  # DCM 121206
 ROOT_MEAN_SQUARE = codes.cid7464.RootMeanSquare  # UMLS C2347976
 SPATIAL_REGISTRATION = codes.DCM.SpatialRegistration  # DCM 112353
+PRESENCE = PydicomCode("121052", "DCM", "Presence of property")
+ABSENT = codes.cid240.Absent  # SCT 272519000, CID 240 "Present-Absent"
+UNDETERMINED = codes.cid240.Undetermined  # SCT 373068000, CID 240 "Present-Absent"
+COMMENT = codes.DCM.Comment  # DCM 121106
 
 #: Units (UCUM).
 MILLILITER = PydicomCode("ml", "UCUM", "milliliter")
 MILLIMETER = PydicomCode("mm", "UCUM", "millimeter")
+SQUARE_MILLIMETER = PydicomCode("mm2", "UCUM", "square millimeter")
 PERCENT = codes.UCUM.Percent  # %
 HOUNSFIELD_UNIT = codes.UCUM.HounsfieldUnit  # [hnsf'U]
 NO_UNITS = codes.UCUM.NoUnits  # "1"
@@ -106,6 +121,11 @@ def detection_tracking_uid(source_series_uid: str, model_name: str, tracking_id:
 def classification_tracking_uid(source_series_uid: str, model_name: str, name: str) -> str:
     """Tracking UID of a classification (``Classification.name``) of a model on a series."""
     return derive_uid("classification-tracking", source_series_uid, model_name, name)
+
+
+def absence_tracking_uid(source_series_uid: str, model_name: str, concept: Code) -> str:
+    """Tracking UID of the absent / not assessed statement of a looked-for concept."""
+    return derive_uid("absence-tracking", source_series_uid, model_name, concept.scheme, concept.value)
 
 
 def registration_tracking_uid(source_series_uid: str, model_name: str) -> str:
@@ -279,6 +299,7 @@ def detection_group(
         measurements=[
             diameter,
             hd.sr.Measurement(name=CERTAINTY_OF_FINDING, value=100.0 * float(detection.confidence), unit=PERCENT),
+            *figure_measurements(result),
         ],
     )
     _add_inferred_from(diameter, graphic_type, graphic_data, image, frame)
@@ -321,7 +342,8 @@ def segment_group(
     modality: str,
     source_frames: Sequence[int] | None = None,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """TID 1411 group of one non-empty segment: Volume (ml), Mean and Standard Deviation.
+    """TID 1411 group of one non-empty segment: Volume (ml; Area in mm2 on a projection radiograph),
+    Mean and Standard Deviation.
 
     The Volume is also "inferred from" a SCOORD POINT inside the segment on a source image: TID 300
     allows it, and OHIF (3.12) crashes on any SR group that has no image coordinates at all; with
@@ -331,7 +353,9 @@ def segment_group(
         raise ValueError(f"segment {segment.name!r}: non-empty but mean/sd missing")
     unit = intensity_unit(modality)
     source_series_uid = str(sources[0].SeriesInstanceUID)
-    volume = hd.sr.Measurement(name=VOLUME, value=float(measurement.volume_ml), unit=MILLILITER)
+    volume = (hd.sr.Measurement(name=VOLUME, value=float(measurement.volume_ml), unit=MILLILITER)
+              if measurement.area_mm2 is None  # a projection radiograph: its area instead
+              else hd.sr.Measurement(name=AREA, value=float(measurement.area_mm2), unit=SQUARE_MILLIMETER))
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=segment_tracking_uid(source_series_uid, result.model_name, segment.name),
@@ -368,7 +392,8 @@ def classification_group(
     result: ModelResult,
     algorithm: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group: finding = the concept, Score (model unit), concept = category."""
+    """TID 1501 group: finding = the concept, Score (model unit), concept = category; then the
+    classification's own measurements (with their finding site) and coded evaluations."""
     concept = to_pydicom_code(classification.concept)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -378,10 +403,15 @@ def classification_group(
         finding_type=concept,
         algorithm_id=algorithm,
         measurements=[
-            hd.sr.Measurement(name=SCORE, value=float(classification.score), unit=ucum(classification.score_unit))
+            hd.sr.Measurement(name=SCORE, value=float(classification.score), unit=ucum(classification.score_unit)),
+            *(hd.sr.Measurement(name=to_pydicom_code(m.concept), value=float(m.value), unit=ucum(m.unit),
+                                finding_sites=[hd.sr.FindingSite(to_pydicom_code(m.site))] if m.site else None)
+              for m in classification.measurements),
         ],
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=concept, value=to_pydicom_code(classification.value))
+            hd.sr.QualitativeEvaluation(name=concept, value=to_pydicom_code(classification.value)),
+            *(hd.sr.QualitativeEvaluation(name=to_pydicom_code(c), value=to_pydicom_code(v))
+              for c, v in classification.evaluations),
         ],
     )
 
@@ -409,3 +439,42 @@ def registration_group(
             )
         ],
     )
+
+
+# --- absent or not assessed (TID 1501) -----------------------------------------------------------
+
+
+def figure_measurements(result: ModelResult) -> list[hd.sr.Measurement]:
+    """The result's figures about the run (e.g. Lesion Sensitivity, %) as TID 300 measurements."""
+    return [hd.sr.Measurement(name=to_pydicom_code(f.concept), value=float(f.value), unit=ucum(f.unit))
+            for f in result.figures]
+
+
+def absence_group(
+    concept: Code,
+    source_series_uid: str,
+    result: ModelResult,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group: Finding = ``concept``, Presence of property = Absent, or Undetermined with the
+    reason as a Comment when ``result.not_assessed``; the result's figures as measurements (their
+    notes as a Comment)."""
+    assessed = result.not_assessed is None
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=absence_tracking_uid(source_series_uid, result.model_name, concept),
+            identifier=_identifier(f"{concept.meaning[:40]}: {'absent' if assessed else 'not assessed'}"),
+        ),
+        finding_type=to_pydicom_code(concept),
+        algorithm_id=algorithm,
+        measurements=figure_measurements(result) if assessed else None,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=PRESENCE, value=ABSENT if assessed else UNDETERMINED)
+        ],
+    )
+    comments = [f"Not assessed: {result.not_assessed}"] if not assessed else [
+        f"{f.concept.meaning}: {f.note}" for f in result.figures if f.note]
+    for text in comments:
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=COMMENT, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
