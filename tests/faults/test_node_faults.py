@@ -143,7 +143,7 @@ def test_node_sigkill_during_500_instance_push(tmp_path: Path, cleanup: list[Any
     sender = threading.Thread(target=lambda: acked.update(c_store(node.port, files)))
     sender.start()
     # 160 stored: the acknowledgements lag the files by at most the one request in flight
-    wait_for(lambda: len(list((node.storage / "instances").rglob("*.dcm"))) >= 160, 60, what="160 stored")
+    wait_for(lambda: len(list((node.storage / "instances").rglob("*.dcm"))) >= 160, 180, what="160 stored")
     node.kill()  # SIGKILL the node and its embedded worker mid-push
     sender.join(30)
     ok = {uid for uid, st in acked.items() if st == 0}
