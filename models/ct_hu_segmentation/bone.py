@@ -60,7 +60,7 @@ class BoneParams:
 def segment_bone(hu: FloatArray, body: BoolArray, spacing: tuple[float, float, float], p: BoneParams) -> BoolArray:
     """Bone mask (cortex and enclosed marrow) of ``hu`` (k, j, i) inside ``body``; see the module docstring."""
     out = np.zeros(hu.shape, dtype=bool)
-    box = _bbox(body)
+    box = bbox(body, pad=1)
     if box is None:
         return out
     sub_hu, sub_body = hu[box], body[box]
@@ -82,8 +82,8 @@ def segment_bone(hu: FloatArray, body: BoolArray, spacing: tuple[float, float, f
     return out
 
 
-def _bbox(mask: BoolArray) -> tuple[slice, slice, slice] | None:
-    """Bounding box of ``mask`` with one background pixel around it in-plane (holes need a border)."""
+def bbox(mask: BoolArray, pad: int) -> tuple[slice, slice, slice] | None:
+    """Bounding box of ``mask`` grown in-plane by ``pad`` (clipped to the array); None if empty."""
     ks = np.flatnonzero(mask.any(axis=(1, 2)))
     if ks.size == 0:
         return None
@@ -92,8 +92,8 @@ def _bbox(mask: BoolArray) -> tuple[slice, slice, slice] | None:
     _, rows, cols = mask.shape
     return (
         slice(int(ks[0]), int(ks[-1]) + 1),
-        slice(max(0, int(js[0]) - 1), min(rows, int(js[-1]) + 2)),
-        slice(max(0, int(is_[0]) - 1), min(cols, int(is_[-1]) + 2)),
+        slice(max(0, int(js[0]) - pad), min(rows, int(js[-1]) + 1 + pad)),
+        slice(max(0, int(is_[0]) - pad), min(cols, int(is_[-1]) + 1 + pad)),
     )
 
 

@@ -38,7 +38,7 @@ from scipy import ndimage as ndi
 
 from models.base import Manifest, ModelResult, Segment, Volume, check_input
 from models.ct_hu_segmentation.airways import AirwayParams, find_airways
-from models.ct_hu_segmentation.bone import BoneParams, segment_bone
+from models.ct_hu_segmentation.bone import BoneParams, bbox, segment_bone
 from models.errors import ManifestError
 from models.manifest import MANIFEST_FILENAME, ManifestFile, load_manifest_file
 
@@ -178,27 +178,12 @@ def _fill_holes_per_slice(mask: BoolArray, max_hole_voxels: int | None = None) -
 
     With ``max_hole_voxels``, only holes of at most that many pixels are filled.
     """
-    box = _bbox(mask, pad=1)
+    box = bbox(mask, pad=1)
     if box is None:
         return mask.copy()
     out = mask.copy()
     out[box] = _fill_holes_cropped(mask[box], max_hole_voxels)
     return out
-
-
-def _bbox(mask: BoolArray, pad: int) -> tuple[slice, slice, slice] | None:
-    """Bounding box of ``mask`` grown in-plane by ``pad`` (clipped to the array); None if empty."""
-    ks = np.flatnonzero(mask.any(axis=(1, 2)))
-    if ks.size == 0:
-        return None
-    js = np.flatnonzero(mask.any(axis=(0, 2)))
-    is_ = np.flatnonzero(mask.any(axis=(0, 1)))
-    _, rows, cols = mask.shape
-    return (
-        slice(int(ks[0]), int(ks[-1]) + 1),
-        slice(max(0, int(js[0]) - pad), min(rows, int(js[-1]) + 1 + pad)),
-        slice(max(0, int(is_[0]) - pad), min(cols, int(is_[-1]) + 1 + pad)),
-    )
 
 
 def _fill_holes_cropped(mask: BoolArray, max_hole_voxels: int | None) -> BoolArray:
