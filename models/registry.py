@@ -55,6 +55,7 @@ from typing import Literal, cast, get_args
 from models.base import Manifest, Model
 from models.errors import ManifestError, MissingExtraError, ModelOptionsError, UnknownModelError
 from models.manifest import MANIFEST_FILENAME, ManifestFile, Runtime, load_manifest_file
+from models.site import ENTRIES as SITE_ENTRIES
 from models.site import SiteModel
 
 __all__ = [
@@ -232,7 +233,7 @@ def set_site_models(models: Iterable[SiteModel]) -> None:
                                     f"of the built-in model {model.name!r}; choose another name")
         if model.name in found:
             raise ModelOptionsError(f"models.{model.name}: defined twice")
-        found[model.name] = ModelSpec(package="models.dl.bundle_model", path=model.source,
+        found[model.name] = ModelSpec(package=SITE_ENTRIES[model.family][0], path=model.source,
                                       file=model.manifest_file(), site=model)
     _site_specs = MappingProxyType(found)
 
@@ -356,12 +357,12 @@ def build(model: ModelSpec, options: ModelOptions = DEFAULT_OPTIONS) -> Model:
     ``runtime: torch``: ``cls(path, device=, batch_size=, precision=)`` (``device: auto`` -> None,
     ``batch_size`` None -> the class's ``BATCH_SIZE``); ``runtime: classical``: ``cls()``.
     """
-    if model.site is not None:
-        from models.dl.bundle_model import BundleSegmentation
-
+    if model.site is not None:  # models.dl.bundle_model.BundleSegmentation, models.dl.bundle_detection...
+        module, entry = SITE_ENTRIES[model.site.family]
+        runner = getattr(importlib.import_module(module), entry)
         device = None if options.device == "auto" else options.device
-        return cast(Model, BundleSegmentation(model.site, device=device, batch_size=options.batch_size,
-                                              precision=options.precision))
+        return cast(Model, runner(model.site, device=device, batch_size=options.batch_size,
+                                  precision=options.precision))
     cls = _entry_class(model)
     if model.runtime == "torch":
         device = None if options.device == "auto" else options.device

@@ -6,6 +6,11 @@ out), their codes to the shipped SNOMED CT table (:mod:`models.codes`), both ove
 bundle's configs are parsed and checked against the resolver's grammar and allow-list
 (:mod:`models.bundle`). Nothing here imports torch or MONAI, so the node process can do it.
 
+Families: ``segmentation`` (one SEG segment per label, channels from 1; run by
+:mod:`models.dl.bundle_model`) and ``detection`` (a bundle with a RetinaNet ``detector``: findings in
+an SR, labels are the detector's class indices from 0, e.g. ``{0: {name: nodule}}``; run by
+:mod:`models.dl.bundle_detection`).
+
 A bundle config is data run through the safe resolver; a TorchScript file is code compiled by its
 author, loaded with ``torch.jit.load`` and run as it is: using one is the site's own choice.
 """
@@ -29,6 +34,16 @@ __all__ = ["LabelDef", "SiteLabel", "SiteModel", "define"]
 SourceKind = Literal["bundle", "torchscript"]
 ENTRY = "BundleSegmentation"
 """The class in :mod:`models.dl.bundle_model` that runs a site segmentation model."""
+ENTRIES: Mapping[str, tuple[str, str]] = {
+    "segmentation": ("models.dl.bundle_model", ENTRY),
+    "detection": ("models.dl.bundle_detection", "BundleDetection"),
+}
+"""Family -> (module, class) that runs a site model of that family."""
+DEFAULT_OBJECTS: Mapping[str, tuple[OutputObject, ...]] = {"segmentation": ("SEG", "SR"),
+                                                           "detection": ("SR", "SC", "PDF")}
+DETECTION_IDS = ("network_def", "detector", "detector_ops", "preprocessing", "postprocessing")
+"""What a detection bundle's run uses (its ``inferer``, a script in the model zoo, is replaced: see
+:mod:`models.dl.bundle_detection`)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,7 @@ class SiteModel:
     def manifest_file(self) -> ManifestFile:
         """The manifest this model would have, so the registry treats it like a built-in one."""
         data = {
-            "name": self.name, "version": self.version, "entry": ENTRY, "runtime": "torch",
+            "name": self.name, "version": self.version, "entry": ENTRIES[self.family][1], "runtime": "torch",
             "requires": {"extra": "ml", "modules": ["torch", "monai"]}, "family": self.family,
             "description": self.description, "modalities": list(self.modalities), "min_slices": self.min_slices,
             "objects": list(self.objects),
@@ -112,32 +127,35 @@ def define(
     where = f"models.{name}"
     if (bundle is None) == (torchscript is None):
         raise ModelOptionsError(f"{where}: give bundle or torchscript (one of them)")
-    if family != "segmentation":
+    if family not in ENTRIES:
         raise ModelOptionsError(f"{where}.family: site models of family {family!r} are not supported yet "
-                                "(segmentation is)")
+                                f"({' and '.join(ENTRIES)} are)")
+    if family == "detection" and torchscript is not None:
+        raise ModelOptionsError(f"{where}.torchscript: a detection site model needs a bundle (its detector, "
+                                "anchors and box postprocessing are config)")
     metadata: Mapping[str, object] = {}
     channel_def: Mapping[int, str] = {}
     kind: SourceKind
     if bundle is not None:
-        metadata, channel_def = _read_bundle(where, bundle)
+        metadata, channel_def = _read_bundle(where, bundle, family)
         source, kind = bundle, "bundle"
     else:
         assert torchscript is not None
         if not torchscript.is_file():
             raise ModelOptionsError(f"{where}.torchscript: {torchscript} is not a file")
         source, kind = torchscript, "torchscript"
-    resolved = _labels(where, labels, channel_def)
+    resolved = _labels(where, labels, channel_def, first=0 if family == "detection" else 1)
     meta_version = metadata.get("version")
     meta_text = metadata.get("description") or metadata.get("name")
     return SiteModel(
         name=name, family=family, kind=kind, source=source, modalities=tuple(modalities), labels=resolved,
         description=description or (str(meta_text) if meta_text else f"site model from {source.name}"),
         version=version or (str(meta_version) if isinstance(meta_version, str) else "0.0.0"),
-        objects=tuple(objects) if objects else ("SEG", "SR"), min_slices=min_slices,
+        objects=tuple(objects) if objects else DEFAULT_OBJECTS[family], min_slices=min_slices,
     )
 
 
-def _read_bundle(where: str, bundle: Path) -> tuple[Mapping[str, object], Mapping[int, str]]:
+def _read_bundle(where: str, bundle: Path, family: Family) -> tuple[Mapping[str, object], Mapping[int, str]]:
     from models.bundle import BundleConfig  # parsing only: no torch
 
     if not bundle.is_dir():
@@ -146,13 +164,21 @@ def _read_bundle(where: str, bundle: Path) -> tuple[Mapping[str, object], Mappin
         cfg = BundleConfig.read(bundle)
         if "network_def" not in cfg:
             raise BundleError(f"{bundle}: the inference config has no network_def")
-        cfg.check()  # network_def, preprocessing, inferer, postprocessing (those present) and what they use
+        if family == "detection":
+            if "detector" not in cfg:
+                raise BundleError(f"{bundle}: the inference config has no detector (a detection bundle's "
+                                  "RetinaNetDetector)")
+            cfg.check(*(i for i in DETECTION_IDS if i in cfg))
+        else:
+            cfg.check()  # network_def, preprocessing, inferer, postprocessing (those present) and what they use
     except BundleError as exc:
         raise ModelOptionsError(f"{where}.bundle: {exc}") from None
     return cfg.metadata, {int(k): str(v) for k, v in (cfg.channel_def or {}).items()}
 
 
-def _labels(where: str, labels: Mapping[int, LabelDef] | None, channel_def: Mapping[int, str]) -> tuple[SiteLabel, ...]:
+def _labels(where: str, labels: Mapping[int, LabelDef] | None, channel_def: Mapping[int, str],
+            first: int = 1) -> tuple[SiteLabel, ...]:
+    """Labels by output index: segmentation channels from 1 (0 is the background), detection classes from 0."""
     if labels is None:
         labels = {i: LabelDef(n) for i, n in sorted(channel_def.items()) if n.strip().lower() != "background"}
         if not labels:
@@ -160,7 +186,7 @@ def _labels(where: str, labels: Mapping[int, LabelDef] | None, channel_def: Mapp
                                     "give labels: {index: {name: ...}}")
     out: list[SiteLabel] = []
     for index, lb in sorted(labels.items()):
-        if index == 0:
+        if index < first:
             raise ModelOptionsError(f"{where}.labels.0 ({lb.name!r}): label 0 is the background")
         if channel_def and index not in channel_def:
             raise ModelOptionsError(f"{where}.labels.{index} ({lb.name!r}): the bundle's channel_def has no "

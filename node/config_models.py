@@ -66,8 +66,9 @@ class ModelSettings(Frozen):
     """Celery queue its jobs go to: run GPU models on ``gpu`` workers (concurrency 1 per GPU)."""
 
     # ---- a site model's definition ----
-    family: Literal["segmentation"] | None = None
-    """What the model produces (``segmentation``: one SEG segment per label)."""
+    family: Literal["segmentation", "detection"] | None = None
+    """What the model produces (``segmentation``: one SEG segment per label; ``detection``: findings in a
+    TID 1500 SR, from a bundle with a RetinaNet ``detector``; labels are its class indices from 0)."""
     bundle: Path | None = None
     """A MONAI bundle directory (``configs/inference.json|yaml``, ``configs/metadata.json``,
     ``models/model.pt``): run unchanged through the safe resolver (no code is executed)."""
@@ -81,7 +82,7 @@ class ModelSettings(Frozen):
     version: Annotated[str, StringConstraints(pattern=r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$")] | None = None
     """None = the bundle's ``metadata.json`` version."""
     objects: list[Literal["SEG", "SR", "SC", "PDF"]] | None = None
-    """Result objects; None = SEG and SR."""
+    """Result objects; None = SEG and SR (detection: SR, SC and PDF)."""
     min_slices: int = Field(1, ge=1)
 
     @property
@@ -107,7 +108,7 @@ class ModelSettings(Frozen):
         if self.path is not None:
             raise ValueError("path: a site model's file is its bundle: or torchscript: key")
         if self.family is None:
-            raise ValueError("family is required for a site model (segmentation)")
+            raise ValueError("family is required for a site model (segmentation or detection)")
         if self.modality is not None and self.modalities is not None:
             raise ValueError("give modality or modalities, not both")
         if not self.site_modalities:

@@ -8,7 +8,8 @@ callable, so a bundle could run arbitrary code. This package implements the same
 constructors and callables of an allow-list (:mod:`models.bundle.allow`) are built. ``imports``
 (``$import ...``), ``logging.conf`` and ``scripts/`` are never executed. Data input (``LoadImage[d]``) and
 output writing (``SaveImage[d]``) are the node's: inside a ``Compose`` they are left out and reported in
-:attr:`BundleConfig.replaced`.
+:attr:`BundleConfig.replaced`. MONAI's RetinaNet ``resnet_fpn_feature_extractor`` (torchvision inside) is
+built by a torchvision-free equivalent (:mod:`models.bundle.compat`), so detection bundles build unchanged.
 
 Reading and checking need neither torch nor MONAI (the node's ``check-config`` can call them); building
 imports them lazily::

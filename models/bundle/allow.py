@@ -9,7 +9,9 @@ Dictionary transforms are also accepted under MONAI's aliases ``...D`` and ``...
 Data input (``LoadImage[d]``) and output writing (``SaveImage[d]``) are the node's: :data:`REPLACED` says why;
 the resolver leaves them out of transform lists and reports them. Anything else (``os.system``,
 ``scripts.detection_inferer.RetinaNetInferer``, ``monai.utils.set_determinism``, ``Lambdad``...) is refused.
-MONAI's RetinaNet feature extractor (``resnet_fpn_feature_extractor``) needs ``torchvision`` at build time.
+MONAI's RetinaNet feature extractor (``resnet_fpn_feature_extractor``) imports ``torchvision`` for one
+argument check: its name is mapped to a torchvision-free equivalent (:mod:`models.bundle.compat`, same
+arguments, same network): see :data:`STAND_INS`.
 """
 
 from __future__ import annotations
@@ -52,15 +54,23 @@ _DETECTION = {
 }
 
 
+#: MONAI callables built by our own equivalent (``monai path`` -> ``our module``): same arguments, same result.
+STAND_INS: Mapping[str, str] = MappingProxyType({
+    "monai.apps.detection.networks.retinanet_network.resnet_fpn_feature_extractor": "models.bundle.compat",
+})
+
+
 @dataclass(frozen=True)
 class Entry:
     """One allowed constructor or callable: ``module.attr`` is its canonical location; paths under ``root``
-    that end in one of its names are accepted spellings."""
+    that end in one of its names are accepted spellings. ``stands_for`` is the MONAI path a stand-in
+    (:data:`STAND_INS`) replaces: that spelling loads the stand-in."""
 
     name: str
     module: str
     attr: str
     root: str
+    stands_for: str | None = None
 
     @property
     def path(self) -> str:
@@ -91,6 +101,9 @@ def _table() -> dict[str, Entry]:
     for module, names in _DETECTION.items():
         for name in names:
             add(name, module, "monai.apps.detection")
+    for path, module in STAND_INS.items():
+        name = path.rsplit(".", 1)[1]
+        table[name] = Entry(name, module, name, table[name].root, stands_for=path)
     return table
 
 
@@ -161,6 +174,8 @@ def find(path: str) -> Entry | None:
     entry = ENTRIES.get(name)
     if entry is None:
         return None
+    if entry.stands_for is not None:  # spelled as MONAI's: our module's own path is not a config name
+        return entry if path in (name, entry.stands_for) else None
     if path in (name, entry.path, f"{entry.module}.{name}"):
         return entry
     module = path.rsplit(".", 1)[0] if "." in path else ""
@@ -178,6 +193,10 @@ def is_allowed_dotted(path: str) -> bool:
 def load(entry: Entry, spelled: str | None = None) -> Any:
     """Import ``entry``; a long spelling must name the very same object (checked in an already allowed package)."""
     obj = getattr(importlib.import_module(entry.module), entry.attr)
+    if entry.stands_for is not None:  # our equivalent: only the MONAI path it replaces (or the short name)
+        if spelled and spelled not in (entry.name, entry.stands_for):
+            raise LookupError(f"{spelled!r} is not {entry.stands_for}")
+        return obj
     if spelled and "." in spelled and spelled not in (entry.path, f"{entry.module}.{entry.name}"):
         module_name, attr = spelled.rsplit(".", 1)
         module = sys.modules.get(module_name) or importlib.import_module(module_name)

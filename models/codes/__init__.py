@@ -8,6 +8,10 @@ Segmented Property Category, Type and optional Type Modifier (laterality). See `
 
 Lookups are by normalised name: case, spaces and hyphens do not matter (``"Kidney Left"`` ->
 ``kidney_left``). Importing this module reads no file; the table is read once on first use.
+
+Findings (what a detection model reports: ``nodule``, ``mass``, ``lesion``) are not structures and
+not in that table: :data:`FINDINGS` codes them (SNOMED CT, category "Morphologically Abnormal
+Structure", as the built-in nodule models use); the table wins on a name in both.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from types import MappingProxyType
 
 from models.base import Code
 
-__all__ = ["TABLE", "CodedStructure", "lookup", "normalise", "table"]
+__all__ = ["FINDINGS", "TABLE", "CodedStructure", "lookup", "normalise", "table"]
 
 TABLE = Path(__file__).resolve().parent / "totalsegmentator_snomed_mapping.csv"
 _PREFIX = "SegmentedProperty"
@@ -67,6 +71,18 @@ def table() -> Mapping[str, CodedStructure]:
     return MappingProxyType(found)
 
 
+_ABNORMAL = Code("49755003", "SCT", "Morphologically Abnormal Structure")
+
+#: Finding names a detection model's labels may use (SNOMED CT), by normalised name.
+FINDINGS: Mapping[str, CodedStructure] = MappingProxyType({
+    "nodule": CodedStructure("nodule", _ABNORMAL, Code("27925004", "SCT", "Nodule")),
+    "lung_nodule": CodedStructure("lung_nodule", _ABNORMAL, Code("27925004", "SCT", "Nodule")),
+    "mass": CodedStructure("mass", _ABNORMAL, Code("4147007", "SCT", "Mass")),
+    "lesion": CodedStructure("lesion", _ABNORMAL, Code("52988006", "SCT", "Lesion")),
+})
+
+
 def lookup(name: str) -> CodedStructure | None:
-    """The coded structure for ``name`` (None when the table does not know it)."""
-    return table().get(normalise(name))
+    """The coded structure (or finding, :data:`FINDINGS`) for ``name``; None when neither knows it."""
+    key = normalise(name)
+    return table().get(key) or FINDINGS.get(key)

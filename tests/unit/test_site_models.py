@@ -149,6 +149,20 @@ def test_torchscript_site_model_needs_its_file_and_coded_labels(tmp_path: Path) 
     assert model.kind == "torchscript" and model.labels[0].type == Code("12738006", "SCT", "Brain")
 
 
+def test_detection_bundle_defines_a_detection_model(tmp_path: Path) -> None:
+    """family: detection with the model-zoo-form RetinaNet bundle: labels are class indices from 0, the detector
+    and its ops are checked (its script inferer is not used), default objects SR, SC and PDF."""
+    bundle = ROOT / "tests" / "data" / "bundles" / "retinanet_detection"
+    entry = {"family": "detection", "bundle": str(bundle), "modality": "CT", "labels": {0: {"name": "nodule"}}}
+    check_models(_settings(tmp_path, {"nodules-zoo": entry}))
+    spec = registry.specs()["nodules-zoo"]
+    assert spec.site is not None and spec.file.family == "detection" and spec.file.entry == "BundleDetection"
+    assert [(lb.index, lb.type) for lb in spec.site.labels] == [(0, Code("27925004", "SCT", "Nodule"))]
+    assert spec.site.objects == ("SR", "SC", "PDF")
+    with pytest.raises(ModelOptionsError, match=r"models\.nodules-zoo\.torchscript: a detection site model needs"):
+        check_models(_settings(tmp_path, {"nodules-zoo": {**entry, "bundle": None, "torchscript": str(bundle)}}))
+
+
 def test_models_command_lists_site_models_without_torch(tmp_path: Path) -> None:
     """The node process resolves a site model from its bundle's JSON only: torch and MONAI stay unimported."""
     cfg = _config_file(tmp_path, {"spleen-ct": _spleen()})
