@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install everything the node and its test suite need on a fresh Debian 12 machine.
-#   system packages: Orthanc (+ DICOMweb plugin), dcmtk, redis-server, python3-venv, chromium
+#   system packages: Orthanc (+ DICOMweb plugin), dcmtk, redis-server, postgresql (the tests start their own
+#   throwaway server with initdb/pg_ctl: testkit/postgres.py), python3-venv, chromium
 #   the OHIF viewer's built dist/ (npm pack, cached) for the viewer test (tests/viewer/)
 #   a virtual environment in ./.venv with the project, its extras and pinned torch (CPU wheel)
 # Idempotent: re-running it only installs what is missing. Needs root (or sudo) for apt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk redis-server python3-venv chromium)
+APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk redis-server postgresql python3-venv chromium)
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
@@ -18,7 +19,7 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install: apt packages: ${missing[*]}"
   $SUDO apt-get update -qq
-  # Do not start the packaged Orthanc/Redis services: the node and its tests start their own.
+  # Do not start the packaged Orthanc/Redis/PostgreSQL services: the node and its tests start their own.
   DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 

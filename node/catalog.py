@@ -1,4 +1,5 @@
-"""The catalog: the node's source of truth (SQLite in WAL mode by default, any SQLAlchemy URL works).
+"""The catalog: the node's source of truth (SQLite in WAL mode by default; PostgreSQL for several
+receivers and workers sharing one, ``catalog.url``; schema by Alembic, :func:`node.db.upgrade`).
 
 Tables (:mod:`node.schema`): studies, series, instances, prior fetches, jobs, results, deliveries,
 destination state (paused or not).
@@ -13,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import (
     case,
@@ -25,13 +26,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.catalog_ops import NEW_RUN, DeliveryAndOperatorQueries
-from node.db import add_missing_columns, add_missing_indexes, catalog_url, make_engine, upgrade_states
+from node.db import catalog_url, make_engine, upgrade
 from node.dicomweb.attributes import IndexedAttributes, study_columns
 from node.policy import JobPolicy
 from node.schema import (
     BINARY_VARIANT,
     LABELMAP_VARIANT,
-    Base,
     Delivery,
     DeliveryState,
     Instance,
@@ -46,6 +46,9 @@ from node.schema import (
     StudyState,
 )
 
+if TYPE_CHECKING:
+    from node.config import Settings
+
 
 class JobSpec(NamedTuple):
     """One job for :meth:`Catalog.create_jobs` (routing's output)."""
@@ -56,6 +59,8 @@ class JobSpec(NamedTuple):
     destinations: tuple[str, ...]
     awaits_prior: bool = False
     """Starts as awaiting-prior: its prior is to be fetched from the PACS first (node.retrieve)."""
+    priority: str = "normal"
+    """Its rule's priority (``urgent``, ``normal``, ``offpeak``)."""
 
 
 class ResultFile(NamedTuple):
@@ -101,17 +106,28 @@ class Catalog(DeliveryAndOperatorQueries):
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
-        add_missing_columns(self.engine)
-        add_missing_indexes(self.engine)
-        upgrade_states(self.engine)
+        upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(make_engine(url, read_only=True), expire_on_commit=False)
 
     @classmethod
-    def for_storage(cls, storage_dir: Path) -> Catalog:
+    def for_storage(cls, storage_dir: Path, url: str | None = None) -> Catalog:
+        """The catalog at ``url`` (``catalog.url``), by default the SQLite file in ``storage_dir``."""
+        if url is not None:
+            return cls(url)
         storage_dir.mkdir(parents=True, exist_ok=True)
         return cls(catalog_url(storage_dir))
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Catalog:
+        """The catalog ``settings`` name (``catalog.url``, default the file in ``node.storage_dir``)."""
+        return cls.for_storage(settings.node.storage_dir, settings.catalog.url)
+
+    def close(self) -> None:
+        """Close the engines' pooled connections."""
+        self.engine.dispose()
+        read_engine = self._read_sessions.kw["bind"]
+        read_engine.dispose()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -162,7 +178,9 @@ class Catalog(DeliveryAndOperatorQueries):
                 if known is not None:
                     return Recorded(new=False, study_id=known)
                 event: str | None = None
-                study = s.scalar(select(Study).where(Study.study_uid == study_uid))
+                # Row locks (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers): the counts
+                # below are read-modify-write, and several receivers may share the catalog.
+                study = s.scalar(select(Study).where(Study.study_uid == study_uid).with_for_update())
                 if study is None:
                     study = Study(study_uid=study_uid, first_received_at=now, last_received_at=now,
                                   patient_key=patient_key, study_datetime=study_datetime)
@@ -179,7 +197,7 @@ class Catalog(DeliveryAndOperatorQueries):
                     study.dicom = indexed.study
                     for column, value in study_columns(indexed.study).items():
                         setattr(study, column, value)
-                series = s.scalar(select(Series).where(Series.series_uid == series_uid))
+                series = s.scalar(select(Series).where(Series.series_uid == series_uid).with_for_update())
                 if series is None:
                     series = Series(series_uid=series_uid, study_id=study.id, attributes=series_attributes)
                     s.add(series)
@@ -221,6 +239,7 @@ class Catalog(DeliveryAndOperatorQueries):
             ids = list(
                 s.scalars(
                     select(Study.id).where(Study.state == StudyState.RECEIVING, Study.last_received_at <= quiet_before)
+                    .with_for_update()  # PostgreSQL: a late instance's reopening waits, or is seen
                 )
             )
             if ids:
@@ -323,7 +342,7 @@ class Catalog(DeliveryAndOperatorQueries):
                 .values(state=JobState.SUPERSEDED, updated_at=now)
             )
             ids: list[int] = []
-            for series_id, model, rule, dests, awaits_prior in specs:
+            for series_id, model, rule, dests, awaits_prior, priority in specs:
                 existing = s.scalar(
                     select(Job.id).where(
                         Job.series_id == series_id, Job.model == model, Job.generation == generation
@@ -333,7 +352,7 @@ class Catalog(DeliveryAndOperatorQueries):
                     continue
                 job = Job(
                     study_id=study_id, series_id=series_id, generation=generation, model=model, rule=rule,
-                    destinations=list(dests), created_at=now, updated_at=now,
+                    destinations=list(dests), created_at=now, updated_at=now, priority=priority,
                     state=JobState.AWAITING_PRIOR if awaits_prior else JobState.QUEUED,
                 )
                 s.add(job)
@@ -390,7 +409,7 @@ class Catalog(DeliveryAndOperatorQueries):
         used up ``policy.max_attempts`` goes to ``failed`` instead (a poison job stops here).
         """
         with self.session() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=True)  # PostgreSQL: two workers never both claim it
             if job is None or not (job.state == JobState.QUEUED
                                    or (job.state == JobState.RUNNING and policy.abandoned(job, now))):
                 return None
@@ -412,7 +431,7 @@ class Catalog(DeliveryAndOperatorQueries):
     def fail_attempt(self, job_id: int, now: float, error: str, policy: JobPolicy) -> JobState:
         """Record a failed attempt: back to queued with backoff, or ``failed`` when attempts are used up."""
         with self.session() as s:
-            job = s.get_one(Job, job_id)
+            job = s.get_one(Job, job_id, with_for_update=True)
             job.error, job.updated_at = error[:500], now
             if job.attempts >= policy.max_attempts:
                 job.state, job.finished_at = JobState.FAILED, now
@@ -425,7 +444,7 @@ class Catalog(DeliveryAndOperatorQueries):
         """Running jobs whose worker is gone go back to the queue (or to failed when out of attempts)."""
         with self.session() as s:
             changed = []
-            for job in s.scalars(select(Job).where(Job.state == JobState.RUNNING)):
+            for job in s.scalars(select(Job).where(Job.state == JobState.RUNNING).with_for_update()):
                 if not policy.abandoned(job, now):
                     continue
                 changed.append(job.id)
@@ -462,11 +481,13 @@ class Catalog(DeliveryAndOperatorQueries):
 
     # ---- results / deliveries --------------------------------------------------------------
     def record_results(self, job_id: int, results: Sequence[ResultFile | tuple[str, str, str, str]],
-                       destinations: list[str], now: float) -> None:
+                       destinations: list[str], now: float, *, state: JobState = JobState.DONE,
+                       error: str | None = None) -> None:
         """Record result objects (kind, sop_instance_uid, sop_class_uid, path[, variant]) and their
-        deliveries, and mark the job done, in one transaction. A rerun with the same UIDs replaces the
-        files but keeps one result row; its deliveries go back to pending so the PACS gets the new
-        version. A :class:`ResultFile` with a ``series_uid`` is also recorded as an instance of a
+        deliveries, and set the job's ``state`` (done; skipped with ``error`` for a not-assessed report),
+        in one transaction, so no delivery is sent while the job still reads otherwise. A rerun with the
+        same UIDs replaces the files but keeps one result row; its deliveries go back to pending so the
+        PACS gets the new version. A :class:`ResultFile` with a ``series_uid`` is also recorded as an instance of a
         result series of the job's study (see :func:`_serve_result`)."""
         with self.session() as s:
             study_id = s.get_one(Job, job_id).study_id
@@ -489,7 +510,7 @@ class Catalog(DeliveryAndOperatorQueries):
                         d.state, d.next_attempt_at = DeliveryState.PENDING, now
                 if isinstance(item, ResultFile) and item.series_uid:
                     _serve_result(s, study_id, item, now)
-            s.execute(update(Job).where(Job.id == job_id).values(state=JobState.DONE, error=None, updated_at=now))
+            s.execute(update(Job).where(Job.id == job_id).values(state=state, error=error, updated_at=now))
 
     def prior_series(self, job: Job) -> Series | None:
         """The largest series, of the same modality, in the newest earlier study of the same patient

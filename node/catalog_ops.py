@@ -84,7 +84,7 @@ class DeliveryAndOperatorQueries:
     def delivery_failed(self, delivery_id: int, error: str, next_attempt_at: float, now: float | None = None) -> int:
         """Record a failed attempt (made at ``now``); returns the number of attempts so far."""
         with self.session() as s:
-            d = s.get_one(Delivery, delivery_id)
+            d = s.get_one(Delivery, delivery_id, with_for_update=True)
             if d.first_attempt_at is None and now is not None:
                 d.first_attempt_at = now
             d.attempts += 1
@@ -163,13 +163,14 @@ class DeliveryAndOperatorQueries:
                 job.enqueued_at, job.not_before = None, 0.0
                 job.first_enqueued_at = job.started_at = job.finished_at = None
                 ids.append(job.id)
-            for series_id, job_model, rule, dests, _awaits in new_jobs:
+            for series_id, job_model, rule, dests, _awaits, priority in new_jobs:
                 exists = s.scalar(select(Job.id).where(Job.series_id == series_id, Job.model == job_model,
                                                        Job.generation == study.generation))
                 if exists is not None:
                     continue
                 job = Job(study_id=study_id, series_id=series_id, generation=study.generation, model=job_model,
-                          rule=rule, destinations=list(dests), created_at=now, updated_at=now, state=JobState.QUEUED)
+                          rule=rule, destinations=list(dests), created_at=now, updated_at=now, state=JobState.QUEUED,
+                          priority=priority)
                 s.add(job)
                 s.flush()
                 ids.append(job.id)

@@ -21,8 +21,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from models.errors import ConfigError
 from node.config_models import ModelSettings
+from node.config_ops import CatalogSettings, NotificationSettings, StorageSettings
 from node.config_ops import Frozen as _Frozen
-from node.config_ops import NotificationSettings, StorageSettings
 from node.roles import Role
 from node.syslog import facility_number
 
@@ -265,6 +265,12 @@ class QueueSettings(_Frozen):
     """A failed attempt is retried after initial, 2 x initial, ... up to this cap."""
     poll_seconds: float = Field(0.2, gt=0)
     """Polling interval of the embedded broker."""
+    offpeak_window: str = Field("22:00-06:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
+    """Local time ``HH:MM-HH:MM`` (may span midnight) when ``offpeak`` jobs run; outside it they run
+    only while no urgent or normal job waits for their queue."""
+    in_flight: dict[str, Annotated[int, Field(ge=1, le=1024)]] = Field(default_factory=dict)
+    """Queue -> messages the node keeps sent but not finished (its workers' total concurrency); the
+    node picks each next job itself (priority, fair share per study). Unlisted: ``worker_concurrency``."""
 
 
 class SendSettings(_Frozen):
@@ -377,6 +383,9 @@ class Rule(_Frozen):
     """Attribute -> value (equal, case-insensitive), list (any of), {regex}, or {min, max}."""
     models: list[str] = Field(min_length=1)
     send_to: list[str] = Field(default_factory=list)
+    priority: Literal["urgent", "normal", "offpeak"] = "normal"
+    """Its jobs' priority: ``urgent`` overtakes waiting ``normal`` jobs; ``offpeak`` waits for
+    ``queue.offpeak_window`` (or an idle queue)."""
 
     @field_validator("match")
     @classmethod
@@ -451,6 +460,7 @@ class Settings(_Frozen):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+    catalog: CatalogSettings = Field(default_factory=CatalogSettings)
 
     @model_validator(mode="before")
     @classmethod

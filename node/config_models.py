@@ -64,6 +64,9 @@ class ModelSettings(Frozen):
     precision: Literal["fp32", "amp"] = "fp32"
     queue: str = Field("cpu", pattern=r"^[a-z0-9_-]{1,32}$")
     """Celery queue its jobs go to: run GPU models on ``gpu`` workers (concurrency 1 per GPU)."""
+    time_limit_seconds: int | None = Field(None, ge=1, le=86400)
+    """A job of this model running longer is stopped with the error "time limit of N s exceeded" (and
+    retried up to ``queue.job_max_attempts``); None: ``queue.job_time_limit_seconds``."""
 
     # ---- a site model's definition ----
     family: Literal["segmentation", "detection"] | None = None

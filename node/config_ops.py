@@ -146,3 +146,19 @@ class NotificationSettings(Frozen):
         if any(isinstance(t, EmailTarget) for t in self.targets) and self.smtp is None:
             raise ValueError("notifications: e-mail targets need notifications.smtp")
         return self
+
+
+# ---- catalog database --------------------------------------------------------------------------
+class CatalogSettings(Frozen):
+    """Where the catalog lives (``catalog:``). Default: the SQLite file ``catalog.sqlite3`` in
+    ``node.storage_dir``. Several receivers and workers share one catalog on PostgreSQL:
+    ``postgresql+psycopg://user@db-host/dicom_node``; put the password in the environment
+    (``DICOM_NODE__CATALOG__URL``), never in the file. The URL is never logged."""
+
+    url: str | None = Field(None, repr=False)
+
+    @model_validator(mode="after")
+    def _known_backend(self) -> CatalogSettings:
+        if self.url is not None and not self.url.startswith(("sqlite", "postgresql")):
+            raise ValueError("catalog.url: only sqlite:/// and postgresql+psycopg:// catalogs are supported")
+        return self

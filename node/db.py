@@ -1,20 +1,32 @@
-"""The catalog's database: engine set-up (SQLite pragmas, write locks) and in-place upgrades.
+"""The catalog's database: engine set-up (SQLite pragmas and write locks; PostgreSQL) and schema
+upgrades by Alembic (:mod:`node.migrations`).
 
 :class:`node.catalog.Catalog` builds its engine here; the tables are in :mod:`node.schema`.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from node.schema import Base
+from node.migrations import legacy
+
+log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 60
 """How long a writer waits for the SQLite lock before giving up."""
+
+MIGRATION_LOCK_KEY = 0x44494E4F
+"""PostgreSQL advisory lock held while migrating: receivers starting together migrate once."""
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -28,8 +40,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(url: str, *, read_only: bool = False) -> Engine:
-    """The catalog's engine. ``read_only``: transactions begin DEFERRED instead of IMMEDIATE, so a
-    long read (a QIDO-RS scan) holds no write lock (WAL: readers and the writer do not block each other)."""
+    """The catalog's engine. SQLite: ``read_only`` transactions begin DEFERRED instead of IMMEDIATE, so
+    a long read (a QIDO-RS scan) holds no write lock (WAL: readers and the writer do not block each
+    other). PostgreSQL: READ COMMITTED (its MVCC readers never block writers); the places that relied
+    on SQLite's database-wide write lock take row locks (``SELECT ... FOR UPDATE``) instead."""
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
@@ -43,58 +57,46 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
             conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
-def add_missing_columns(engine: Engine) -> list[str]:
-    """Upgrade a catalog written by an earlier version in place: add the columns it lacks.
-
-    Only additive changes are made this way (a new column must have a scalar default); anything
-    else needs a migration of its own. Returns ``table.column`` of each column added.
-    """
-    added: list[str] = []
-    with engine.begin() as conn:
-        inspector = inspect(conn)
-        for table in Base.metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                default = getattr(column.default, "arg", None)
-                if callable(default) or (default is None and not column.nullable):
-                    raise RuntimeError(f"catalog table {table.name} lacks column {column.name} and it cannot "
-                                       "be added automatically; move the old catalog aside")
-                ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
-                if default is not None:
-                    ddl += " DEFAULT " + (f"'{default}'" if isinstance(default, str) else repr(default))
-                conn.exec_driver_sql(ddl)
-                added.append(f"{table.name}.{column.name}")
-    return added
+def alembic_config(conn: Connection) -> Config:
+    """Alembic's configuration for :mod:`node.migrations`, bound to ``conn`` (no alembic.ini)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.set_main_option("path_separator", "os")
+    cfg.attributes["connection"] = conn
+    return cfg
 
 
-def add_missing_indexes(engine: Engine) -> list[str]:
-    """Create the indexes of :mod:`node.schema` an existing catalog lacks (``create_all`` creates
-    the indexes of new tables only, not those on columns :func:`add_missing_columns` added).
-    Returns the names of the indexes created."""
-    created: list[str] = []
-    with engine.begin() as conn:
-        inspector = inspect(conn)
-        for table in Base.metadata.sorted_tables:
-            present = {ix["name"] for ix in inspector.get_indexes(table.name)}
-            for index in table.indexes:
-                if index.name not in present:
-                    index.create(conn)
-                    created.append(str(index.name))
-    return created
+def upgrade(engine: Engine) -> None:
+    """Bring the catalog to the newest revision: an empty database gets every table, a catalog from
+    a version before Alembic is brought to the current schema in place (:mod:`node.migrations.legacy`)
+    and stamped, a stamped one runs the revisions it lacks. One transaction, under the write lock."""
+    with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+        cfg = alembic_config(conn)
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+        if legacy.is_legacy(conn):
+            added = legacy.to_current(conn)
+            log.info("catalog from before schema revisions upgraded in place (%d columns/indexes added), "
+                     "stamped %s", len(added), head)
+            command.stamp(cfg, "head")
+            return
+        current = _stamped_revision(conn)
+        if current != head:  # the common case, an up-to-date catalog, runs (and logs) nothing
+            command.upgrade(cfg, "head")
+            log.info("catalog schema upgraded from revision %s to %s", current or "(empty)", head)
 
 
-def upgrade_states(engine: Engine) -> int:
-    """Move states an earlier version wrote and this one no longer has: a study left
-    ``awaiting-prior`` (now a job state) is ready again and routed anew. Returns the rows changed."""
-    with engine.begin() as conn:
-        res = conn.exec_driver_sql("UPDATE studies SET state = 'ready' WHERE state = 'awaiting-prior'")
-        return int(res.rowcount)
+def _stamped_revision(conn: Connection) -> str | None:
+    """The revision in ``alembic_version`` (None: an empty database), read without Alembic's logging."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
 
 
 def catalog_url(storage_dir: Path) -> str:
+    """The default catalog: a SQLite file in the storage directory."""
     return f"sqlite:///{storage_dir / 'catalog.sqlite3'}"

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from node.config import Settings
+from node.queue import longest_time_limit
 from node.schema import Job
 
 JOB_LEASE_MARGIN_SECONDS = 120
@@ -51,7 +52,7 @@ def job_policy(settings: Settings) -> JobPolicy:
         max_attempts=q.job_max_attempts,
         retry_initial_seconds=q.job_retry_initial_seconds,
         retry_max_seconds=q.job_retry_max_seconds,
-        lease_seconds=q.job_time_limit_seconds + JOB_LEASE_MARGIN_SECONDS,
+        lease_seconds=longest_time_limit(settings) + JOB_LEASE_MARGIN_SECONDS,  # per-model limits too
         local_host=socket.gethostname(),
     )
 

@@ -34,6 +34,21 @@ TORCH_THREADS_CONF = "dicom_node_torch_threads"
 """App setting carrying ``queue.torch_threads`` (None: automatic) from the settings to the worker."""
 PROC_ALIVE_TIMEOUT_SECONDS = 60.0
 """How long a new pool child may take to start (Celery's default, 4 s, is short for importing torch)."""
+HARD_LIMIT_GRACE_SECONDS = 60
+"""After its soft time limit a job has this long to end before its pool child is killed."""
+
+
+def model_time_limit(settings: Settings, model: str) -> int:
+    """Soft time limit of a job of ``model``: ``models.<model>.time_limit_seconds``, else
+    ``queue.job_time_limit_seconds``. Sent with each message (:mod:`node.enqueue`); the worker
+    enforces it (``SoftTimeLimitExceeded`` in the job, the pool child killed after the grace)."""
+    return settings.model_settings(model).time_limit_seconds or settings.queue.job_time_limit_seconds
+
+
+def longest_time_limit(settings: Settings) -> int:
+    """The longest soft time limit of any job (leases and the broker's visibility timeout exceed it)."""
+    return max([settings.queue.job_time_limit_seconds,
+                *(m.time_limit_seconds for m in settings.models.values() if m.time_limit_seconds)])
 
 
 def queue_dir(settings: Settings) -> Path:
@@ -58,14 +73,14 @@ def worker_command(config: Path, *, concurrency: int = 0, queues: str = "") -> l
 def create_app(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``; the workers register the task on it."""
     app = Celery(APP_NAME, set_as_current=False)
-    visibility = settings.queue.job_time_limit_seconds * 2 + 600
+    visibility = longest_time_limit(settings) * 2 + 600
     conf: dict[str, object] = {
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_ignore_result": True,
         "task_default_queue": DEFAULT_QUEUE,
-        "task_time_limit": settings.queue.job_time_limit_seconds + 60,
+        "task_time_limit": settings.queue.job_time_limit_seconds + HARD_LIMIT_GRACE_SECONDS,
         "task_soft_time_limit": settings.queue.job_time_limit_seconds,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,

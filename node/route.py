@@ -7,7 +7,8 @@ A match value is one of:
     {min, max}    numeric range, inclusive
 A multi-valued attribute (ImageType) matches when any of its values does. A missing attribute never
 matches. Every series of a ready study is checked against every rule; each (series, model) pair
-becomes one job (first matching rule wins for a model; destinations of all matching rules merge).
+becomes one job (first matching rule wins for a model; destinations of all matching rules merge, and
+the job takes the most urgent ``priority`` among them).
 
 With ``priors:`` configured, a job of a registration model whose series has no prior study in the
 catalog is created ``awaiting-prior``: :mod:`node.retrieve` fetches the prior from the PACS and then
@@ -25,6 +26,7 @@ from typing import Any
 from models import registry
 from node.catalog import Catalog, JobSpec
 from node.config import MatchValue, RangeMatch, RegexMatch, Rule
+from node.dispatch import most_urgent
 from node.schema import StudyState
 
 log = logging.getLogger("node.route")
@@ -85,9 +87,10 @@ def plan_jobs(rules: list[Rule], series: list[tuple[int, dict[str, Any]]]) -> li
                 key = (series_id, model)
                 if key in specs:
                     merged = tuple(dict.fromkeys(specs[key].destinations + tuple(rule.send_to)))
-                    specs[key] = JobSpec(series_id, model, specs[key].rule, merged)
+                    specs[key] = specs[key]._replace(destinations=merged,
+                                                     priority=most_urgent(specs[key].priority, rule.priority))
                 else:
-                    specs[key] = JobSpec(series_id, model, rule.name, tuple(rule.send_to))
+                    specs[key] = JobSpec(series_id, model, rule.name, tuple(rule.send_to), priority=rule.priority)
     return list(specs.values())
 
 

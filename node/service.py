@@ -20,7 +20,7 @@ from node.assemble import Assembler
 from node.audit import AuditTrail
 from node.catalog import Catalog
 from node.config import Settings
-from node.enqueue import Enqueuer
+from node.enqueue import Dispatch, Enqueuer
 from node.http.app import create_app as create_http_app
 from node.http.context import NodeContext
 from node.http.server import HttpServer
@@ -47,7 +47,7 @@ class NodeService:
         self.clock = clock
         storage = settings.node.storage_dir
         storage.mkdir(parents=True, exist_ok=True)
-        self.catalog = Catalog.for_storage(storage)
+        self.catalog = Catalog.for_settings(settings)
         self.spool = Spool(storage)
         self.metrics = NodeMetrics(settings, self.catalog, self.spool)  # /metrics; hooked into the receiver
         audit = self.audit = AuditTrail.from_settings(settings, clock) if settings.audit.enabled else None
@@ -66,7 +66,8 @@ class NodeService:
         self.router = Router(self.catalog, settings.rules, clock, priors_from_pacs=settings.priors is not None)
         self.celery = create_app(settings)
         self.enqueuer = Enqueuer(self.celery, self.catalog, clock,
-                                 queue_of=lambda model: settings.model_settings(model).queue)
+                                 queue_of=lambda model: settings.model_settings(model).queue,
+                                 dispatch=Dispatch.from_settings(settings))  # priorities, fair share, limits
         self.notifier = Notifier(settings, self.catalog, clock) if settings.notifications.targets else None
         self.deliverer = Deliverer(settings, self.catalog, self.spool, clock, sender_factory,
                                    on_batch=_fan_out(audit.delivered if audit else None,

@@ -125,7 +125,7 @@ class HeartbeatSignals:
 
     def on_process_init(self, **_: Any) -> None:
         """In each pool child, after the fork: its own catalog engine and heartbeat thread."""
-        catalog = Catalog.for_storage(self.settings.node.storage_dir)
+        catalog = Catalog.for_settings(self.settings)
         self.heartbeat = Heartbeat(catalog, self.queues, interval=self.interval)
         self.heartbeat.start()
 

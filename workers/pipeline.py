@@ -19,6 +19,7 @@ from io import BytesIO
 from typing import Literal
 
 import pydicom
+from celery.exceptions import SoftTimeLimitExceeded
 from pydicom.dataset import Dataset
 
 from models import registry
@@ -30,6 +31,7 @@ from node.catalog_ops import JobTimings
 from node.config import Settings
 from node.dicomweb.attributes import indexed_attributes
 from node.policy import JobPolicy, job_policy, worker_identity
+from node.queue import model_time_limit
 from node.schema import BINARY_VARIANT, Job, JobState
 from node.spool import Spool
 from node.version import software_version
@@ -51,7 +53,7 @@ class WorkerContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
-        return cls(settings, Catalog.for_storage(settings.node.storage_dir), Spool(settings.node.storage_dir))
+        return cls(settings, Catalog.for_settings(settings), Spool(settings.node.storage_dir))
 
     def model(self, name: str) -> Model:
         """The warm instance of model ``name``, built on first use with the site's ``models.<name>``
@@ -136,7 +138,8 @@ def _write_not_assessed(ctx: WorkerContext, job: Job, model: Model, volume: Volu
         return
     if written:
         written_at = ctx.clock()
-        ctx.catalog.record_results(job.id, written, job.destinations, written_at)
+        ctx.catalog.record_results(job.id, written, job.destinations, written_at, state=JobState.SKIPPED,
+                                   error=reason)
         ctx.catalog.resend_replaced(job.id, [w.sop_instance_uid for w in written], written_at, ctx.clock())
     log.info("job #%d study #%d model=%s not assessed: %d object(s) say why", job.id, job.study_id, job.model,
              len(written))
@@ -171,7 +174,10 @@ def _end_attempt(ctx: WorkerContext, job: Job, exc: Exception, policy: JobPolicy
         ctx.catalog.finish_job(job.id, JobState.SKIPPED, now, error=str(exc))
         log.info("job #%d study #%d model=%s skipped: %s", job.id, job.study_id, job.model, exc)
         return JobState.SKIPPED
-    reason = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, SoftTimeLimitExceeded):  # the message's soft limit (node.queue.model_time_limit)
+        reason = f"time limit of {model_time_limit(ctx.settings, job.model)} s exceeded"
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
     if outcome == "fail":
         ctx.catalog.finish_job(job.id, JobState.FAILED, now, error=reason[:500])
         state = JobState.FAILED

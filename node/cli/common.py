@@ -41,10 +41,11 @@ def settings(config: Path) -> Settings:
 
 
 def open_catalog(config: Path) -> Catalog:
-    """The catalog of the configuration's ``node.storage_dir`` (configuration read without the registry check)."""
+    """The configuration's catalog (``catalog.url``, default the file in ``node.storage_dir``; configuration
+    read without the registry check)."""
     from node.catalog import Catalog
 
-    return Catalog.for_storage(settings(config).node.storage_dir)
+    return Catalog.for_settings(settings(config))
 
 
 def checked_settings(config: Path, *, node_files: bool = False) -> Settings:

@@ -61,7 +61,7 @@ def purge(
 
     s = settings(config)
     storage = s.node.storage_dir
-    catalog = Catalog.for_storage(storage)
+    catalog = Catalog.for_settings(s)
     if dry_run:
         plan = plan_purge(s, catalog, time.time(), watermarks=watermarks)
         if as_json:

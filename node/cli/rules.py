@@ -25,9 +25,9 @@ def _catalog(s: Settings) -> Catalog | None:
     """The node's catalog when it exists (a dry run on files needs none and creates nothing)."""
     from node.catalog import Catalog
 
-    if not (s.node.storage_dir / "catalog.sqlite3").exists():
+    if s.catalog.url is None and not (s.node.storage_dir / "catalog.sqlite3").exists():
         return None
-    return Catalog.for_storage(s.node.storage_dir)
+    return Catalog.for_settings(s)
 
 
 def _value(v: object) -> str:

@@ -159,7 +159,7 @@ def status(
     s = settings(config)
     from node.catalog import Catalog
 
-    catalog = Catalog.for_storage(s.node.storage_dir)
+    catalog = Catalog.for_settings(s)
     data = status_data(s, catalog, failed=failed)
     if as_json:
         print(json.dumps(data, indent=2, sort_keys=True))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,16 +155,18 @@ def search(catalog: Catalog, query: Query, *, study_uid: str | None = None,
             hits = [_hit(query.level, r) for r in rows]
         else:
             skipped = 0
-            for row in s.execute(stmt.execution_options(yield_per=_SCAN_CHUNK)):
-                hit = _hit(query.level, row)
-                if not all(m.matches(json_values(hit.data.get(m.tag))) for m in in_python):
-                    continue
-                if skipped < query.offset:
-                    skipped += 1
-                    continue
-                hits.append(hit)
-                if len(hits) >= want:
-                    break
+            # PostgreSQL streams through a server-side cursor: closed when the page is full early
+            with closing(s.execute(stmt.execution_options(yield_per=_SCAN_CHUNK))) as scan:
+                for row in scan:
+                    hit = _hit(query.level, row)
+                    if not all(m.matches(json_values(hit.data.get(m.tag))) for m in in_python):
+                        continue
+                    if skipped < query.offset:
+                        skipped += 1
+                        continue
+                    hits.append(hit)
+                    if len(hits) >= want:
+                        break
     return hits[:query.limit], len(hits) > query.limit
 
 

@@ -94,12 +94,12 @@ def disk_usage(settings: Settings, catalog: Catalog | None = None) -> DiskUsage:
     open catalog (one is opened on the storage directory when omitted)."""
     storage = settings.node.storage_dir
     total, used, free, percent = filesystem_usage(storage)
-    cat = catalog if catalog is not None else Catalog.for_storage(storage)
+    cat = catalog if catalog is not None else Catalog.for_settings(settings)
     try:
         instances, results = catalog_bytes(cat, storage)
     finally:
         if catalog is None:
-            cat.engine.dispose()
+            cat.close()
     db = storage / "catalog.sqlite3"
     areas = {
         "instances": instances,

@@ -76,7 +76,7 @@ def test_negative_and_not_assessed_results_reach_the_pacs(tmp_path: Path) -> Non
             return all({"SR": 1, "DOC": 1}.items() <= stack.orthanc.modalities_of_study(s).items() for s in studies)
 
         try:
-            wait_for(arrived, 120, interval=0.25, what="an SR and a PDF for each study")
+            wait_for(arrived, 240, interval=0.25, what="an SR and a PDF for each study")
         except TimeoutError:
             print(stack.logs()[-5000:])
             raise

@@ -191,7 +191,9 @@ def test_worker_sigkill_during_inference(tmp_path: Path, cleanup: list[Any]) -> 
 def test_redis_restart_with_queued_jobs(tmp_path: Path, cleanup: list[Any]) -> None:
     redis = Redis(tmp_path).start()
     cleanup.append(redis)
-    node = make_node(tmp_path, broker_url=redis.url, embedded_workers=False)
+    node = make_node(tmp_path, {"queue": {"job_retry_initial_seconds": 0.5, "job_retry_max_seconds": 1,
+                                          "in_flight": {"cpu": 2}}},  # both jobs sent before a worker runs
+                     broker_url=redis.url, embedded_workers=False)
     cleanup += [node.orthanc, node]
     node.start()  # no worker yet: jobs wait in Redis
     series = [phantom_series(tmp_path, f"s{i}", seed=i) for i in range(2)]

@@ -80,10 +80,11 @@ def add_study(receiver: Receiver, n: int, *, outcome: str = "delivered", now: fl
     return study_id
 
 
-def node_parts(storage: Path, node: dict[str, Any] | None = None,
+def node_parts(storage: Path, node: dict[str, Any] | None = None, catalog_url: str | None = None,
                **storage_section: Any) -> tuple[Settings, Catalog, Spool, Receiver, list[float]]:
+    """``catalog_url``: a PostgreSQL catalog (the ``catalog_url`` fixture); default the SQLite file."""
     settings = lifecycle_settings(storage, node, **storage_section)
-    catalog, spool = Catalog.for_storage(storage), Spool(storage)
+    catalog, spool = Catalog.for_storage(storage, catalog_url), Spool(storage)
     clock = [1000.0]
     return settings, catalog, spool, Receiver(settings, catalog, spool, lambda: clock[0]), clock
 

@@ -1,5 +1,6 @@
 """Catalog bookkeeping and quiet-period assembly, driven by a fake clock."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,11 @@ class FakeClock:
 
 
 @pytest.fixture
-def catalog(tmp_path: Path) -> Catalog:
-    return Catalog.for_storage(tmp_path)
+def catalog(tmp_path: Path, catalog_url: str | None) -> Iterator[Catalog]:
+    """On SQLite and on PostgreSQL (``catalog_url``)."""
+    catalog = Catalog.for_storage(tmp_path, catalog_url)
+    yield catalog
+    catalog.close()
 
 
 def add(catalog: Catalog, sop: str, now: float, study: str = "1.2.1", series: str = "1.2.1.1") -> Recorded:

@@ -12,8 +12,10 @@ from node.schema import JobState, StudyState
 
 
 def _drop_column(db: Path, table: str, column: str) -> None:
+    """Make the catalog one from a version before Alembic that lacked ``table.column``."""
     con = sqlite3.connect(db)
     con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    con.execute("DROP TABLE IF EXISTS alembic_version")
     con.commit()
     con.close()
 
@@ -49,6 +51,7 @@ def test_old_rows_read_back_as_typed_states(tmp_path: Path) -> None:
     JSON; a study it left ``awaiting-prior`` (now a job state) is ready again, to be routed anew."""
     Catalog.for_storage(tmp_path).engine.dispose()
     con = sqlite3.connect(tmp_path / "catalog.sqlite3")
+    con.execute("DROP TABLE alembic_version")  # written before Alembic
     con.execute("INSERT INTO studies (id, study_uid, state, generation, first_received_at, last_received_at, "
                 "instance_count, study_datetime) VALUES (1, '1.2.1', 'awaiting-prior', 1, 0, 0, 1, ''), "
                 "(2, '1.2.2', 'routed', 1, 0, 0, 1, '')")

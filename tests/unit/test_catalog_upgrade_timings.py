@@ -33,6 +33,7 @@ def test_old_catalog_gets_the_timing_columns_and_the_destination_table(tmp_path:
         for column in columns:
             con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     con.execute(f"DROP TABLE {DestinationState.__tablename__}")
+    con.execute("DROP TABLE alembic_version")  # written before Alembic
     con.commit()
     con.close()
 

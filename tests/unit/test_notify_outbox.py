@@ -35,8 +35,9 @@ class Flaky:
             raise NotificationError("HTTP 503 from the webhook")
 
 
-def _failed_job_event(tmp_path: Path, clock: Clock, sender: Any, **ns: Any) -> tuple[Notifier, Catalog]:
-    catalog = Catalog.for_storage(tmp_path)
+def _failed_job_event(tmp_path: Path, clock: Clock, sender: Any, url: str | None = None,
+                      **ns: Any) -> tuple[Notifier, Catalog]:
+    catalog = Catalog.for_storage(tmp_path, url)
     notifier = Notifier(make_settings(tmp_path, **ns), catalog, clock, usage=lambda: (1, 0, 1, 0.0),
                         senders={"hook": sender})
     notifier.detect_tick()
@@ -46,11 +47,12 @@ def _failed_job_event(tmp_path: Path, clock: Clock, sender: Any, **ns: Any) -> t
     return notifier, catalog
 
 
-def test_retries_with_capped_backoff_then_sent(tmp_path: Path) -> None:
+def test_retries_with_capped_backoff_then_sent(tmp_path: Path, catalog_url: str | None) -> None:
     clock = Clock()
     sender = Flaky(fail=4)
     sender.clock = clock
-    notifier, _ = _failed_job_event(tmp_path, clock, sender, retry_initial_seconds=10, retry_max_seconds=40)
+    notifier, catalog = _failed_job_event(tmp_path, clock, sender, catalog_url, retry_initial_seconds=10,
+                                          retry_max_seconds=40)
     for _ in range(200):
         notifier.send_tick()
         clock.t += 1
@@ -58,6 +60,7 @@ def test_retries_with_capped_backoff_then_sent(tmp_path: Path) -> None:
     assert len({i for i, _ in sender.calls}) == 1  # the same outbox row each time
     [(_, target, state, attempts, error, key)] = notifier.outbox.rows()
     assert (target, state, attempts, error) == ("hook", "sent", 5, None) and key.startswith("job-failed:")
+    catalog.close()
 
 
 def test_dropped_after_max_attempts(tmp_path: Path) -> None:
@@ -73,22 +76,23 @@ def test_dropped_after_max_attempts(tmp_path: Path) -> None:
     assert (state, attempts, error) == ("dropped", 3, "HTTP 503 from the webhook")
 
 
-def test_outbox_survives_a_restart(tmp_path: Path) -> None:
+def test_outbox_survives_a_restart(tmp_path: Path, catalog_url: str | None) -> None:
     clock = Clock()
     down = Flaky(fail=100)
-    notifier, catalog = _failed_job_event(tmp_path, clock, down)
+    notifier, catalog = _failed_job_event(tmp_path, clock, down, catalog_url)
     notifier.send_tick()
     assert len(down.calls) == 1
-    catalog.engine.dispose()
+    catalog.close()
     # the node restarts: a new catalog object and notifier on the same storage
     clock.t += 3600
     rec = Recorder()
-    again = Notifier(make_settings(tmp_path), Catalog.for_storage(tmp_path), clock, usage=lambda: (1, 0, 1, 0.0),
-                     senders={"hook": rec})
+    catalog = Catalog.for_storage(tmp_path, catalog_url)
+    again = Notifier(make_settings(tmp_path), catalog, clock, usage=lambda: (1, 0, 1, 0.0), senders={"hook": rec})
     assert again.tick() == 1
     assert again.tick() == 0  # neither detected again nor sent twice
     [(event, outbox_id, doc)] = rec.sent
     assert event == "job-failed" and outbox_id == down.calls[0][0] and doc["job"]["error"] == "x"
+    catalog.close()
 
 
 def test_a_row_for_a_target_no_longer_configured_is_dropped(tmp_path: Path) -> None:
@@ -141,11 +145,11 @@ def test_email_targets_need_smtp(tmp_path: Path) -> None:
                         "notifications": {"targets": [{"name": "m", "type": "email", "to": ["a@b.c"]}]}})
 
 
-def test_old_events_are_pruned_but_not_pending_ones_nor_open_episodes(tmp_path: Path) -> None:
+def test_old_events_are_pruned_but_not_pending_ones_nor_open_episodes(tmp_path: Path, catalog_url: str | None) -> None:
     clock = Clock()
     percent = [95.0]
     sender = Flaky(fail=0)
-    catalog = Catalog.for_storage(tmp_path)
+    catalog = Catalog.for_storage(tmp_path, catalog_url)
     settings = make_settings(tmp_path, target={"events": ["job-failed", "disk-high"]})
     notifier = Notifier(settings, catalog, clock, usage=lambda: (100, 95, 5, percent[0]), senders={"hook": sender})
     notifier.detect_tick()
@@ -166,3 +170,4 @@ def test_old_events_are_pruned_but_not_pending_ones_nor_open_episodes(tmp_path: 
     left = notifier.outbox.events()
     assert [e for e, _ in left] == ["disk-recovered", "job-failed"]
     assert left[1][1] == f"job-failed:{second}:{clock.t - 31 * 86400 - 1:.3f}"  # still pending
+    catalog.close()

@@ -44,9 +44,9 @@ def _study_ids(catalog: Catalog) -> set[int]:
         return set(s.scalars(select(Study.id)))
 
 
-def test_retention_purges_rows_and_files_together(tmp_path: Path) -> None:
-    settings, catalog, spool, receiver, clock = node_parts(tmp_path, retention={"results_days": 7, "failed_days": 7,
-                                                                               "unrouted_days": 7})
+def test_retention_purges_rows_and_files_together(tmp_path: Path, catalog_url: str | None) -> None:
+    settings, catalog, spool, receiver, clock = node_parts(tmp_path, catalog_url=catalog_url, retention={
+        "results_days": 7, "failed_days": 7, "unrouted_days": 7})
     old = [add_study(receiver, n, outcome=o, now=0.0, clock=clock)
            for n, o in enumerate(["delivered", "failed", "unrouted"], start=1)]
     kept = {add_study(receiver, 4, outcome="pending", now=0.0, clock=clock),      # delivery pending
@@ -69,10 +69,12 @@ def test_retention_purges_rows_and_files_together(tmp_path: Path) -> None:
     assert not (tmp_path / "results" / study_uid(1)).exists()
     assert _count(catalog, Delivery) == 4 and _count(catalog, PurgeJournal) == 0  # studies 4 and 7: two each
     assert plan_purge(settings, catalog, 8 * DAY, watermarks=False).items == ()
+    catalog.close()
 
 
-def test_instances_purge_keeps_the_history(tmp_path: Path) -> None:
-    settings, catalog, spool, receiver, clock = node_parts(tmp_path, retention={"instances_days": 1})
+def test_instances_purge_keeps_the_history(tmp_path: Path, catalog_url: str | None) -> None:
+    settings, catalog, spool, receiver, clock = node_parts(tmp_path, catalog_url=catalog_url,
+                                                           retention={"instances_days": 1})
     sid = add_study(receiver, 1, now=0.0, clock=clock)
     plan = plan_purge(settings, catalog, 2 * DAY, watermarks=False)
     assert [(i.scope, i.files) for i in plan.items] == [(Scope.INSTANCES, 3)]
@@ -98,6 +100,7 @@ def test_instances_purge_keeps_the_history(tmp_path: Path) -> None:
         new = s.execute(select(Series.series_uid, Job.generation).join(Job, Job.series_id == Series.id)
                         .where(Job.generation == 2)).all()
     assert [tuple(r) for r in new] == [(f"{study_uid(1)}.2", 2)]
+    catalog.close()
 
 
 def test_watermarks_take_the_oldest_settled_whole(tmp_path: Path) -> None:
