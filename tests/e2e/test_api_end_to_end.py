@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from models import registry
 from testkit.dicom import write_ct_series
 from testkit.harness import (
     Orthanc,
@@ -139,7 +140,8 @@ def test_api_rerun_pause_retry_and_metrics(stack: ApiStack, tmp_path: Path) -> N
     assert phi["00100010"]["Value"][0]["Alphabetic"] == PATIENT_NAME  # only when asked for
 
     seg = _job(stack, "ct-hu-segmentation")
-    assert seg["model_version"] == "1.1.0" and seg["times"]["infer_seconds"] > 0
+    assert seg["model_version"] == registry.manifest("ct-hu-segmentation").version
+    assert seg["times"]["infer_seconds"] > 0
     assert _sent_times(stack, seg["id"], 1)
     n_seg = stack.orthanc.modalities_of_study(study_uid)["SEG"]
 
