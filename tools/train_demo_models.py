@@ -114,6 +114,39 @@ SEG_NET = {
 }
 
 
+def grid_items(params: dict[str, Any], mode: str) -> dict[str, Any]:
+    """``preprocessing`` and ``inferer`` items of a bundle on a resampled grid (models/dl/items.py uses them)."""
+    lo, hi = params["hu_window"]
+    return {
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "LPS"},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": lo, "a_max": hi, "b_min": 0.0,
+             "b_max": 1.0, "clip": True},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": params["spacing_mm"], "mode": "bilinear"},
+        ]},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": params["roi_size"], "sw_batch_size": 4,
+                    "overlap": params["overlap"], "mode": mode},
+    }
+
+
+def seg_items(params: dict[str, Any]) -> dict[str, Any]:
+    """The segmentation bundle's ordinary MONAI items: what the model builds through models.bundle and uses."""
+    return {
+        **grid_items(params, "gaussian"),
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+        ]},
+    }
+
+
+SEG_NODE_PARAMS: dict[str, Any] = {"min_lung_ml": SEG_PARAMS["min_lung_ml"]}
+"""What stays in the segmentation bundle's ``dicom_node`` block (not expressible as MONAI items)."""
+
+
 def seg_classes(labels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """Phantom labels -> background 0, other body tissue 1, lung 2 (emphysema included), bone 3."""
     lut = np.ones(256, dtype=np.uint8)
@@ -184,8 +217,9 @@ def train_segmentation(root: Path, iters: int, n_cases: int) -> None:
         name="dl-ct-segmentation",
         version=VERSION,
         description=DESCRIPTION,
-        params=SEG_PARAMS,
+        params=SEG_NODE_PARAMS,
         metadata=_training_metadata("segmentation", iters, n_cases, "dl_ct_segmentation"),
+        items=seg_items(SEG_PARAMS),
     )
 
 
@@ -218,6 +252,10 @@ DET_PARAMS: dict[str, Any] = {
     "diameter_scale_mm": 20.0,
     "min_diameter_mm": 3.0,
 }
+DET_NODE_PARAMS: dict[str, Any] = {
+    k: DET_PARAMS[k] for k in ("score_threshold", "nms_iou", "max_detections", "diameter_scale_mm", "min_diameter_mm")
+}
+"""What stays in the detection bundle's ``dicom_node`` block: heat-map decoding (not expressible as MONAI items)."""
 DET_NET = {
     "_target_": "monai.networks.nets.UNet",
     "spatial_dims": 3,
@@ -334,8 +372,9 @@ def train_detection(root: Path, iters: int, n_cases: int) -> None:
         name="dl-lung-nodule-detection",
         version=VERSION,
         description=DESCRIPTION,
-        params=DET_PARAMS,
+        params=DET_NODE_PARAMS,
         metadata=_training_metadata("nodule detection (centre heatmap)", iters, n_cases, "dl_lung_nodule_detection"),
+        items=grid_items(DET_PARAMS, "constant"),
     )
 
 
@@ -350,6 +389,19 @@ CLS_PARAMS: dict[str, Any] = {
     "grades": [g.meaning for g in GRADES],
     "min_lung_ml": 100.0,
 }
+CLS_ITEMS: dict[str, Any] = {
+    "preprocessing": {"_target_": "Compose", "transforms": [
+        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": CLS_PARAMS["hu_window"][0],
+         "a_max": CLS_PARAMS["hu_window"][1], "b_min": 0.0, "b_max": 1.0, "clip": True},
+    ]},
+    "inferer": {"_target_": "SimpleInferer"},
+    "postprocessing": {"_target_": "Compose", "transforms": [
+        {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+    ]},
+}
+"""The classifier bundle's MONAI items: HU window of the lung channel, SimpleInferer, softmax."""
+CLS_NODE_PARAMS: dict[str, Any] = {k: CLS_PARAMS[k] for k in ("in_shape", "margin_mm", "min_lung_ml")}
+"""What stays in its ``dicom_node`` block: the lung-box crop (margin, shape) and the minimum lung volume."""
 CLS_NET = {
     "_target_": "monai.networks.nets.Classifier",
     "in_shape": [2, 48, 48, 48],
@@ -418,8 +470,9 @@ def train_classification(root: Path, iters: int, n_cases: int) -> None:
         name="dl-emphysema-classification",
         version=VERSION,
         description=DESCRIPTION,
-        params=CLS_PARAMS,
+        params=CLS_NODE_PARAMS,
         metadata=_training_metadata("emphysema grading", iters, n_cases, "dl_emphysema_classification"),
+        items=CLS_ITEMS,
     )
 
 
@@ -559,6 +612,12 @@ DATA_FORMATS: dict[str, dict[str, Any]] = {
         ["rotation x", "rotation y", "rotation z", "shift x", "shift y", "shift z"], REG_PARAMS["grid"]),
 }
 """metadata.json's ``network_data_format`` of each demo bundle (inputs and outputs with channel_def)."""
+BUNDLE_ITEMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "dl_ct_segmentation": (seg_items(SEG_PARAMS), SEG_NODE_PARAMS),
+    "dl_lung_nodule_detection": (grid_items(DET_PARAMS, "constant"), DET_NODE_PARAMS),
+    "dl_emphysema_classification": (CLS_ITEMS, CLS_NODE_PARAMS),
+}
+"""Converted bundles: their ordinary MONAI items and what is left of their ``dicom_node`` block."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -572,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.configs_only:
         for package, data_format in DATA_FORMATS.items():
-            rewrite_configs(args.out / package, data_format)
+            rewrite_configs(args.out / package, data_format, *BUNDLE_ITEMS.get(package, (None, None)))
             log(f"{package}: configs rewritten")
         return 0
     torch.set_num_threads(args.threads)

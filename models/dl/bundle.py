@@ -211,6 +211,7 @@ def write_bundle(
     description: str,
     params: Mapping[str, Any],
     metadata: Mapping[str, Any] | None = None,
+    items: Mapping[str, Any] | None = None,
 ) -> None:
     """Write ``network``'s weights and configs as an ordinary MONAI bundle at ``root`` (used by the training
     tool and tests); ``metadata`` adds keys to ``metadata.json`` (``network_data_format`` with channel_def)."""
@@ -226,7 +227,7 @@ def write_bundle(
         "intended_use": "Demonstration only: trained on synthetic phantoms, not a clinical model.",
         **(metadata or {}),
     }
-    inference = _inference_config(netdef.to_json(), params)
+    inference = _inference_config(netdef.to_json(), params, items)
     (root / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     (root / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n", encoding="utf-8")
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
@@ -254,22 +255,37 @@ def network_data_format(
     }
 
 
-def _inference_config(netdef_json: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
-    return {
+def _inference_config(
+    netdef_json: Mapping[str, Any], params: Mapping[str, Any], items: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """inference.json: device, network_def, network, then ordinary bundle ``items`` (preprocessing, inferer,
+    postprocessing...) and the model-specific ``dicom_node`` block (left out when empty)."""
+    config: dict[str, Any] = {
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "network_def": dict(netdef_json),
         "network": "$@network_def.to(@device)",
-        "dicom_node": dict(params),
+        **dict(items or {}),
     }
+    if params:
+        config["dicom_node"] = dict(params)
+    return config
 
 
-def rewrite_configs(root: Path, data_format: Mapping[str, Any]) -> None:
-    """Rewrite an existing demo bundle's configs in the format :func:`write_bundle` writes (weights untouched)."""
+def rewrite_configs(
+    root: Path,
+    data_format: Mapping[str, Any],
+    items: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> None:
+    """Rewrite an existing demo bundle's configs in the format :func:`write_bundle` writes (weights untouched):
+    ``items`` (bundle items such as preprocessing/inferer) and ``params`` (the new ``dicom_node`` block) replace
+    the old ones when given."""
     meta_path, inference_path = root / "configs" / "metadata.json", root / "configs" / "inference.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     inference = json.loads(inference_path.read_text(encoding="utf-8"))
     meta["network_data_format"] = dict(data_format)
-    inference = _inference_config(inference["network_def"], inference.get("dicom_node") or {})
+    old_params = inference.get("dicom_node") or {}
+    inference = _inference_config(inference["network_def"], old_params if params is None else params, items)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     inference_path.write_text(json.dumps(inference, indent=2) + "\n", encoding="utf-8")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypedDict, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -13,6 +13,9 @@ from models.dl.bundle import BundleError, LoadedNetwork, load_network
 from models.dl.runtime import Precision, autocast, pick_device
 from models.errors import ModelOptionsError
 from models.manifest import MANIFEST_FILENAME, ManifestFile, load_manifest_file
+
+if TYPE_CHECKING:
+    from models.bundle import BundleConfig
 
 MODELS_DIR = Path(__file__).resolve().parents[1]
 
@@ -78,7 +81,9 @@ class DlModel(Generic[P]):
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.precision: Precision = precision
-        self.loaded: LoadedNetwork = load_network(default if bundle is None else bundle, self.device)
+        source = default if bundle is None else Path(bundle)
+        self.bundle_root: Path | None = source if source.is_dir() else None
+        self.loaded: LoadedNetwork = load_network(source, self.device)
         self.network = self.loaded.network
         self.params: P = self.parse_params()
         self.setup()
@@ -96,6 +101,17 @@ class DlModel(Generic[P]):
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
             raise BundleError(f"{self.loaded.source}: bad 'dicom_node' parameters: {problems}") from None
+
+    def bundle_config(self) -> BundleConfig | None:
+        """The bundle's config read by the safe resolver (:mod:`models.bundle`); None for a TorchScript file."""
+        if self.bundle_root is None:
+            return None
+        from models.bundle import BundleConfig, BundleConfigError
+
+        try:
+            return BundleConfig.read(self.bundle_root, overrides={"device": self.device})
+        except BundleConfigError as exc:
+            raise BundleConfigError(f"{self.bundle_root}: {exc}") from None
 
     def expect_output(self, inputs: torch.Tensor, channels: int) -> None:
         """Run the network on ``inputs`` and check it gives ``channels`` output channels (warms it up)."""

@@ -2,11 +2,12 @@
 
 Pipeline of :meth:`DlCtSegmentation.run`:
 
-1. The volume is viewed in canonical orientation (:class:`models.dl.runtime.Orientation`), its HU
-   clipped to ``hu_window`` and scaled to [0, 1], then resampled (area-averaged) to the working
-   spacing (3 mm in the demo bundle).
-2. ``monai.inferers.sliding_window_inference`` runs the U-Net (4 classes: background, other body
-   tissue, lung, bone) over ``roi_size`` windows, ``batch_size`` windows at a time.
+1. The volume is viewed in canonical orientation (:class:`models.dl.runtime.Orientation`, the
+   bundle's ``Orientationd`` LPS), its HU scaled by the bundle's own ``ScaleIntensityRanged``, then
+   resampled (area-averaged) to the bundle's ``Spacingd`` spacing (3 mm in the demo bundle); see
+   :mod:`models.dl.items`.
+2. The bundle's ``inferer`` (SlidingWindowInferer) runs the U-Net (classes from metadata.json's
+   channel_def: background, other body tissue, lung, bone), ``batch_size`` windows at a time.
 3. Lung components are assigned a side from patient coordinates (``Volume.affine``: LPS +x is the
    patient's left) relative to the body's centre; a component lying on both sides is split at
    that plane. Components under ``min_lung_ml`` are dropped.
@@ -21,18 +22,21 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import torch
-from monai.inferers import sliding_window_inference
 from pydantic import Field
 from scipy import ndimage as ndi
 
 from models.base import ModelResult, Segment, Volume
 from models.dl.core import DlModel, Params
+from models.dl.items import GridPipeline, grid_pipeline
 from models.dl.runtime import (
     Orientation,
     argmax_channels,
-    to_work_grid,
+    resample,
     upsample_chunks,
     work_axis_to_canonical,
+)
+from models.dl.runtime import (
+    work_shape as grid_shape,
 )
 from models.errors import BundleError, ManifestError
 
@@ -46,7 +50,8 @@ BoolArray = npt.NDArray[np.bool_]
 
 
 class SegParams(Params):
-    """``dicom_node`` parameters of a segmentation bundle."""
+    """``dicom_node`` parameters of a segmentation bundle: ``min_lung_ml`` (model-specific). The others are
+    the legacy form, used only by a bundle or TorchScript file without ``preprocessing``/``inferer`` items."""
 
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
@@ -63,12 +68,20 @@ class DlCtSegmentation(DlModel[SegParams]):
     PARAMS = SegParams
 
     def setup(self) -> None:
-        if tuple(self.params.classes) != CLASSES:
-            raise BundleError(f"{self.loaded.source}: classes must be {list(CLASSES)}, got {list(self.params.classes)}")
+        cfg = self.bundle_config()
+        p = self.params
+        channels = cfg.channel_def if cfg is not None else {}
+        classes = tuple(channels[i] for i in sorted(channels)) if channels else tuple(p.classes)
+        if classes != CLASSES:
+            raise BundleError(f"{self.loaded.source}: classes must be {list(CLASSES)}, got {list(classes)}")
+        self.pipeline: GridPipeline = grid_pipeline(
+            cfg, window=p.hu_window, spacing_mm=p.spacing_mm, roi_size=p.roi_size, overlap=p.overlap,
+            batch_size=self.batch_size)
+        roi = getattr(self.pipeline.inferer, "roi_size", p.roi_size)
         names = tuple(o.name for o in self.manifest.outputs)
         if names != SEGMENT_NAMES:
             raise ManifestError(f"{self.manifest.name}: manifest outputs must be {SEGMENT_NAMES}, got {names}")
-        self.expect_output(torch.zeros(1, 1, *(min(r, 32) for r in self.params.roi_size)), len(CLASSES))
+        self.expect_output(torch.zeros(1, 1, *(min(int(r), 32) for r in roi)), len(CLASSES))
 
     def run(self, volume: Volume) -> ModelResult:
         """Segment ``volume``; every declared segment is returned (empty ones are noted)."""
@@ -80,7 +93,7 @@ class DlCtSegmentation(DlModel[SegParams]):
             "Left Lung": labels == OUT_LEFT,
             "Bone": labels == OUT_BONE,
         }
-        notes = [self.note()]
+        notes = [f"{self.note()}, pipeline from {self.pipeline.source}"]
         segments = []
         for out in self.manifest.outputs:
             mask = masks[out.name]
@@ -96,14 +109,14 @@ class DlCtSegmentation(DlModel[SegParams]):
 
     def probabilities(self, volume: Volume) -> tuple[torch.Tensor, Orientation]:
         """Class probabilities (4, *work_shape) on the working grid (CPU, float32) and the orientation."""
-        p = self.params
+        pipe = self.pipeline
         orient = Orientation.of(volume.affine)
-        canonical = orient.to_canonical(volume.voxels)
-        x = to_work_grid(canonical, orient.canonical_spacing(), p.spacing_mm, p.hu_window).to(self.device)
+        canonical = np.asarray(orient.to_canonical(volume.voxels), dtype=np.float32)
+        x = pipe.to_input(torch.from_numpy(np.ascontiguousarray(canonical))[None, None])
+        size = grid_shape(canonical.shape, orient.canonical_spacing(), pipe.spacing_mm)
+        x = resample(x, size).contiguous().to(self.device)
         with torch.no_grad(), self.autocast():
-            logits = sliding_window_inference(
-                x, p.roi_size, self.batch_size, self.network, overlap=p.overlap, mode="gaussian"
-            )
+            logits = pipe.inferer(x, self.network)
         assert isinstance(logits, torch.Tensor)
         return torch.softmax(logits[0].float(), dim=0).cpu(), orient
 

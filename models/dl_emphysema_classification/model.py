@@ -4,9 +4,11 @@ Pipeline of :meth:`DlEmphysemaClassification.run`:
 
 1. Lungs come from :class:`models.dl_ct_segmentation.DlCtSegmentation` (right and left lung).
 2. In canonical orientation, the lungs' bounding box (plus ``margin_mm``) is cut out and
-   area-averaged to ``in_shape`` (48^3 in the demo bundle) as two channels: HU clipped to
-   ``hu_window`` and scaled to [0, 1] times the lung mask, and the lung mask.
-3. A small MONAI ``Classifier`` (3-D CNN) gives one logit per grade; the grade is the argmax.
+   area-averaged to ``in_shape`` (48^3 in the demo bundle) as two channels: HU scaled by the
+   bundle's ``ScaleIntensityRanged`` (its ``preprocessing``) times the lung mask, and the lung mask.
+3. A small MONAI ``Classifier`` (3-D CNN), run by the bundle's ``inferer`` (SimpleInferer), gives one
+   logit per grade; the bundle's ``postprocessing`` (Activationsd softmax) gives the probabilities and
+   the grade is the argmax. Grade names come from metadata.json's channel_def.
 
 Grades and their codes are those of ``ct-emphysema`` (:data:`models.ct_emphysema.GRADES`: low-
 attenuation lung below 5 % absent, 5-15 % mild, 15-25 % moderate, 25 % or more severe); the
@@ -17,8 +19,9 @@ calibrated); ``details`` gives every grade's probability and the lung volume.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Unpack
+from typing import Any, Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -28,13 +31,15 @@ from pydantic import Field
 from models.base import Classification, ModelResult, UnsuitableInput, Volume
 from models.ct_emphysema import GRADES
 from models.dl.core import DlModel, DlOptions, Params
+from models.dl.items import transforms_by_name
 from models.dl.runtime import Orientation, hu_to_unit, resample
 from models.dl_ct_segmentation.model import OUT_LEFT, OUT_RIGHT, DlCtSegmentation
 from models.errors import BundleError, ManifestError
 
 
 class ClsParams(Params):
-    """``dicom_node`` parameters of a classification bundle."""
+    """``dicom_node`` parameters of a classification bundle (``hu_window`` and ``grades`` are the legacy form,
+    used only without ``preprocessing`` items / channel_def)."""
 
     in_shape: tuple[int, int, int, int] = (2, 48, 48, 48)
     hu_window: tuple[float, float] = (-1024.0, -600.0)
@@ -44,9 +49,14 @@ class ClsParams(Params):
 
 
 def classifier_input(
-    hu: npt.NDArray[np.generic], lung: npt.NDArray[np.bool_], spacing: tuple[float, float, float], params: ClsParams
+    hu: npt.NDArray[np.generic],
+    lung: npt.NDArray[np.bool_],
+    spacing: tuple[float, float, float],
+    params: ClsParams,
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The network input (1, 2, *in_shape[1:]) from canonical HU and lung mask (shared with training)."""
+    """The network input (1, 2, *in_shape[1:]) from canonical HU and lung mask (shared with training);
+    ``scale`` maps HU to [0, 1] (default: ``params.hu_window``)."""
     idx = (
         np.nonzero(lung.any(axis=(1, 2)))[0],
         np.nonzero(lung.any(axis=(0, 2)))[0],
@@ -58,7 +68,8 @@ def classifier_input(
         box.append(slice(max(0, int(idx[a][0]) - pad), min(lung.shape[a], int(idx[a][-1]) + 1 + pad)))
     sub = torch.from_numpy(np.ascontiguousarray(hu[tuple(box)], dtype=np.float32))
     mask = torch.from_numpy(np.ascontiguousarray(lung[tuple(box)])).float()
-    x = torch.stack([hu_to_unit(sub, params.hu_window) * mask, mask])[None]
+    unit = hu_to_unit(sub, params.hu_window) if scale is None else torch.as_tensor(scale(sub)).as_subclass(torch.Tensor)
+    x = torch.stack([unit.float() * mask, mask])[None]
     return resample(x, params.in_shape[1:]).contiguous()
 
 
@@ -88,8 +99,24 @@ class DlEmphysemaClassification(DlModel[ClsParams]):
 
     def setup(self) -> None:
         expected = tuple(g.meaning for g in GRADES)
-        if tuple(self.params.grades) != expected:
-            raise BundleError(f"{self.loaded.source}: grades must be {list(expected)}, got {list(self.params.grades)}")
+        cfg = self.bundle_config()
+        channels = cfg.channel_def if cfg is not None else {}
+        self.grades = tuple(channels[i] for i in sorted(channels)) if channels else tuple(self.params.grades)
+        if self.grades != expected:
+            raise BundleError(f"{self.loaded.source}: grades must be {list(expected)}, got {list(self.grades)}")
+        self.scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.inferer: Callable[..., Any] = lambda x, net: net(x)
+        self.post: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        self.pipeline_source = "dicom_node"
+        if cfg is not None and "inferer" in cfg:
+            self.inferer, self.pipeline_source = cfg.inferer(), "bundle items"
+        if cfg is not None and "preprocessing" in cfg:
+            found = transforms_by_name(cfg.preprocessing())
+            if "ScaleIntensityRanged" not in found:
+                raise BundleError(f"{cfg.where('preprocessing')}: a ScaleIntensityRanged transform is required")
+            self.scale = found["ScaleIntensityRanged"].scaler
+        if cfg is not None and "postprocessing" in cfg:
+            self.post = cfg.postprocessing()
         if [o.name for o in self.manifest.outputs] != ["Emphysema"]:
             raise ManifestError(f"{self.manifest.name}: the manifest must declare the single output 'Emphysema'")
         self._label = self.manifest.outputs[0]
@@ -104,13 +131,18 @@ class DlEmphysemaClassification(DlModel[ClsParams]):
             raise UnsuitableInput(f"{self.manifest.name}: only {lung_ml:.0f} ml of lung found")
         orient = Orientation.of(volume.affine)
         x = classifier_input(
-            orient.to_canonical(volume.voxels), orient.to_canonical(lung), orient.canonical_spacing(), self.params
+            orient.to_canonical(volume.voxels), orient.to_canonical(lung), orient.canonical_spacing(), self.params,
+            self.scale,
         )
         with torch.no_grad(), self.autocast():
-            logits = self.network(x.to(self.device))
-        prob = torch.softmax(logits.float()[0], dim=0).cpu().numpy()
+            logits = self.inferer(x.to(self.device), self.network)
+        if self.post is None:
+            prob = torch.softmax(logits.float()[0], dim=0).cpu().numpy()
+        else:
+            out = self.post({"pred": logits.float()[0]})["pred"]
+            prob = torch.as_tensor(out).as_subclass(torch.Tensor).cpu().numpy()
         grade = int(np.argmax(prob))
-        details = {f"P({g})": float(p) for g, p in zip(self.params.grades, prob, strict=True)}
+        details = {f"P({g})": float(p) for g, p in zip(self.grades, prob, strict=True)}
         details["lung volume (ml)"] = lung_ml
         cls = Classification(
             name=self._label.name,
@@ -121,7 +153,7 @@ class DlEmphysemaClassification(DlModel[ClsParams]):
             details=details,
         )
         notes = (
-            self.note(),
+            f"{self.note()}, pipeline from {self.pipeline_source}",
             f"lung masks from {self.segmenter.manifest.name}: {self.segmenter.note()}",
             f"{lung_ml:.0f} ml lung: {GRADES[grade].meaning} (p = {prob[grade]:.2f})",
         )

@@ -1,6 +1,7 @@
 """``dl-lung-nodule-detection``: lung nodule candidates on CT from a centre heatmap (CenterNet-style).
 
-Not MONAI's RetinaNet: a small MONAI 3-D U-Net predicts, on a 2 mm grid, two channels: a
+Not MONAI's RetinaNet: a small MONAI 3-D U-Net predicts, on a 2 mm grid (the bundle's ``preprocessing``
+and ``inferer`` items, :mod:`models.dl.items`), two channels: a
 nodule-centre heatmap (logit; trained with the CenterNet focal loss on Gaussian blobs at nodule
 centres) and the nodule diameter (in units of ``diameter_scale_mm``). Decoding:
 
@@ -19,17 +20,20 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from monai.data.box_utils import non_max_suppression
-from monai.inferers import sliding_window_inference
 from pydantic import Field
 
 from models.base import Detection, ModelResult, Volume
 from models.dl.core import DlModel, Params
-from models.dl.runtime import Orientation, to_work_grid, work_to_canonical_index
+from models.dl.items import GridPipeline, grid_pipeline
+from models.dl.runtime import Orientation, resample, work_to_canonical_index
+from models.dl.runtime import work_shape as grid_shape
 from models.errors import ManifestError
 
 
 class DetParams(Params):
-    """``dicom_node`` parameters of a detection bundle."""
+    """``dicom_node`` parameters of a detection bundle: the heat-map decoding (model-specific). ``spacing_mm``,
+    ``hu_window``, ``roi_size`` and ``overlap`` are the legacy form, used only without ``preprocessing``/``inferer``
+    items (:mod:`models.dl.items`)."""
 
     spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
     hu_window: tuple[float, float] = (-1000.0, 400.0)
@@ -52,7 +56,12 @@ class DlNoduleDetection(DlModel[DetParams]):
         if len(self.manifest.outputs) != 1:
             raise ManifestError(f"{self.manifest.name}: the manifest must declare exactly one output "
                                 "(the finding type)")
-        self.expect_output(torch.zeros(1, 1, *(min(r, 32) for r in self.params.roi_size)), 2)
+        p = self.params
+        self.pipeline: GridPipeline = grid_pipeline(
+            self.bundle_config(), window=p.hu_window, spacing_mm=p.spacing_mm, roi_size=p.roi_size,
+            overlap=p.overlap, batch_size=self.batch_size, mode="constant")
+        roi = getattr(self.pipeline.inferer, "roi_size", p.roi_size)
+        self.expect_output(torch.zeros(1, 1, *(min(int(r), 32) for r in roi)), 2)
 
     def run(self, volume: Volume) -> ModelResult:
         """Detect nodules in ``volume`` (strongest first)."""
@@ -81,7 +90,10 @@ class DlNoduleDetection(DlModel[DetParams]):
                     tracking_id=f"{out.name.lower()}-{n}",
                 )
             )
-        notes = [self.note(), f"{len(detections)} candidate(s) with score >= {self.params.score_threshold}"]
+        notes = [
+            f"{self.note()}, pipeline from {self.pipeline.source}",
+            f"{len(detections)} candidate(s) with score >= {self.params.score_threshold}",
+        ]
         return ModelResult(
             model_name=self.manifest.name,
             model_version=self.manifest.version,
@@ -91,12 +103,13 @@ class DlNoduleDetection(DlModel[DetParams]):
 
     def heatmap(self, volume: Volume) -> tuple[torch.Tensor, Orientation]:
         """Network output (2, *work_shape) on the working grid: sigmoid heat and diameter (mm)."""
-        p = self.params
+        p, pipe = self.params, self.pipeline
         orient = Orientation.of(volume.affine)
-        canonical = orient.to_canonical(volume.voxels)
-        x = to_work_grid(canonical, orient.canonical_spacing(), p.spacing_mm, p.hu_window).to(self.device)
+        canonical = np.asarray(orient.to_canonical(volume.voxels), dtype=np.float32)
+        x = pipe.to_input(torch.from_numpy(np.ascontiguousarray(canonical))[None, None])
+        x = resample(x, grid_shape(canonical.shape, orient.canonical_spacing(), pipe.spacing_mm)).contiguous()
         with torch.no_grad(), self.autocast():
-            out = sliding_window_inference(x, p.roi_size, self.batch_size, self.network, overlap=p.overlap)
+            out = pipe.inferer(x.to(self.device), self.network)
         assert isinstance(out, torch.Tensor)
         out = out[0].float().cpu()
         return torch.stack([torch.sigmoid(out[0]), out[1] * p.diameter_scale_mm]), orient
