@@ -192,7 +192,7 @@ def test_no_phi_leaks_and_the_audit_trail_records_each_event(stack: PhiStack, tm
 
     # no PHI anywhere it must not be
     logs, audit = stack.logs(), stack.audit_files()
-    assert "node.log" in logs and "delivered" in logs["node.log"] and "embedded worker started" in logs["node.log"]
+    assert "node.log" in logs and "delivered" in logs["node.log"] and "worker process started" in logs["node.log"]
     assert audit
     assert _leaks(logs) == []
     assert _leaks(audit) == []

@@ -68,7 +68,7 @@ def test_prior_fetched_from_the_pacs_is_registered(tmp_path: Path, method: str) 
             req = urllib.request.Request(orthanc.url("/instances"), data=f.read_bytes(), method="POST")
             with urllib.request.urlopen(req, timeout=30) as r:
                 assert r.status == 200
-        cfg = node_config(tmp_path, node_port=node_port, orthanc=orthanc, quiet_seconds=2.0,
+        cfg = node_config(tmp_path, node_port=node_port, orthanc=orthanc, quiet_seconds=4.0,
                           models=("ct-registration",),
                           overrides={"priors": {"source": "pacs", "method": method, "timeout_seconds": 120}})
         proc = start_node_process(cfg, "run", "node.log", port=node_port)

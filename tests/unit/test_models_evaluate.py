@@ -80,7 +80,7 @@ def test_format_table(rows: list[EvalRow]) -> None:
 def test_unknown_family() -> None:
     with pytest.raises(ValueError, match="unknown families"):
         evaluate(["segmentation", "astrology"])
-    assert FAMILIES == ("segmentation", "detection", "classification", "registration")
+    assert FAMILIES == ("segmentation", "detection", "classification", "registration", "mr", "xray")
 
 
 def test_eval_row_passed() -> None:
