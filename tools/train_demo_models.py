@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from models.ct_emphysema import GRADES
-from models.dl.bundle import network_data_format, parse_network_def, rewrite_configs, write_bundle
+from models.dl.bundle import parse_network_def, rewrite_configs, write_bundle
 from models.dl.core import MODELS_DIR
 from models.dl.runtime import hu_to_unit, resample, to_work_grid
 from models.dl_ct_registration import model as reg
@@ -43,6 +43,22 @@ from testkit.phantom import (
     RIGHT_LUNG,
     TABLE,
     Phantom,
+)
+from tools.demo_bundle_items import (
+    BUNDLE_ITEMS,
+    CLS_ITEMS,
+    CLS_NODE_PARAMS,
+    CLS_PARAMS,
+    DATA_FORMATS,
+    DET_NODE_PARAMS,
+    DET_PARAMS,
+    REG_NODE_PARAMS,
+    REG_PARAMS,
+    SEG_NODE_PARAMS,
+    SEG_PARAMS,
+    grid_items,
+    reg_items,
+    seg_items,
 )
 
 VERSION = "0.1.0-demo"
@@ -94,14 +110,6 @@ def random_crop(
 # Segmentation
 
 
-SEG_PARAMS: dict[str, Any] = {
-    "spacing_mm": [3.0, 3.0, 3.0],
-    "hu_window": [-1000.0, 1000.0],
-    "roi_size": [64, 64, 64],
-    "overlap": 0.25,
-    "classes": ["background", "body", "lung", "bone"],
-    "min_lung_ml": 5.0,
-}
 SEG_NET = {
     "_target_": "monai.networks.nets.UNet",
     "spatial_dims": 3,
@@ -112,39 +120,6 @@ SEG_NET = {
     "num_res_units": 1,
     "norm": "INSTANCE",
 }
-
-
-def grid_items(params: dict[str, Any], mode: str) -> dict[str, Any]:
-    """``preprocessing`` and ``inferer`` items of a bundle on a resampled grid (models/dl/items.py uses them)."""
-    lo, hi = params["hu_window"]
-    return {
-        "preprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "EnsureChannelFirstd", "keys": "image"},
-            {"_target_": "Orientationd", "keys": "image", "axcodes": "LPS"},
-            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": lo, "a_max": hi, "b_min": 0.0,
-             "b_max": 1.0, "clip": True},
-            {"_target_": "Spacingd", "keys": "image", "pixdim": params["spacing_mm"], "mode": "bilinear"},
-        ]},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": params["roi_size"], "sw_batch_size": 4,
-                    "overlap": params["overlap"], "mode": mode},
-    }
-
-
-def seg_items(params: dict[str, Any]) -> dict[str, Any]:
-    """The segmentation bundle's ordinary MONAI items: what the model builds through models.bundle and uses."""
-    return {
-        **grid_items(params, "gaussian"),
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-             "nearest_interp": False, "to_tensor": True},
-            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-        ]},
-    }
-
-
-SEG_NODE_PARAMS: dict[str, Any] = {"min_lung_ml": SEG_PARAMS["min_lung_ml"]}
-"""What stays in the segmentation bundle's ``dicom_node`` block (not expressible as MONAI items)."""
 
 
 def seg_classes(labels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
@@ -241,21 +216,6 @@ def _training_metadata(what: str, iters: int, n_cases: int, package: str) -> dic
 # Detection
 
 
-DET_PARAMS: dict[str, Any] = {
-    "spacing_mm": [2.0, 2.0, 2.0],
-    "hu_window": [-1000.0, 400.0],
-    "roi_size": [96, 96, 96],
-    "overlap": 0.25,
-    "score_threshold": 0.25,
-    "nms_iou": 0.1,
-    "max_detections": 20,
-    "diameter_scale_mm": 20.0,
-    "min_diameter_mm": 3.0,
-}
-DET_NODE_PARAMS: dict[str, Any] = {
-    k: DET_PARAMS[k] for k in ("score_threshold", "nms_iou", "max_detections", "diameter_scale_mm", "min_diameter_mm")
-}
-"""What stays in the detection bundle's ``dicom_node`` block: heat-map decoding (not expressible as MONAI items)."""
 DET_NET = {
     "_target_": "monai.networks.nets.UNet",
     "spatial_dims": 3,
@@ -382,26 +342,6 @@ def train_detection(root: Path, iters: int, n_cases: int) -> None:
 # Classification
 
 
-CLS_PARAMS: dict[str, Any] = {
-    "in_shape": [2, 48, 48, 48],
-    "hu_window": [-1000.0, -900.0],
-    "margin_mm": 5.0,
-    "grades": [g.meaning for g in GRADES],
-    "min_lung_ml": 100.0,
-}
-CLS_ITEMS: dict[str, Any] = {
-    "preprocessing": {"_target_": "Compose", "transforms": [
-        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": CLS_PARAMS["hu_window"][0],
-         "a_max": CLS_PARAMS["hu_window"][1], "b_min": 0.0, "b_max": 1.0, "clip": True},
-    ]},
-    "inferer": {"_target_": "SimpleInferer"},
-    "postprocessing": {"_target_": "Compose", "transforms": [
-        {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-    ]},
-}
-"""The classifier bundle's MONAI items: HU window of the lung channel, SimpleInferer, softmax."""
-CLS_NODE_PARAMS: dict[str, Any] = {k: CLS_PARAMS[k] for k in ("in_shape", "margin_mm", "min_lung_ml")}
-"""What stays in its ``dicom_node`` block: the lung-box crop (margin, shape) and the minimum lung volume."""
 CLS_NET = {
     "_target_": "monai.networks.nets.Classifier",
     "in_shape": [2, 48, 48, 48],
@@ -480,15 +420,6 @@ def train_classification(root: Path, iters: int, n_cases: int) -> None:
 # Registration
 
 
-REG_PARAMS: dict[str, Any] = {
-    "spacing_mm": 4.5,
-    "grid": [80, 80, 80],
-    "hu_window": [-1000.0, 1000.0],
-    "iterations": 3,
-    "angle_scale_deg": 10.0,
-    "shift_scale_mm": 30.0,
-    "body_hu": -500.0,
-}
 REG_NET = {
     "_target_": "monai.networks.nets.Regressor",
     "in_shape": [2, 80, 80, 80],
@@ -580,8 +511,9 @@ def train_registration(root: Path, iters: int, n_cases: int) -> None:
         name="dl-ct-registration",
         version=VERSION,
         description=DESCRIPTION,
-        params=REG_PARAMS,
+        params=REG_NODE_PARAMS,
         metadata=_training_metadata("rigid registration", iters, n_cases, "dl_ct_registration"),
+        items=reg_items(REG_PARAMS),
     )
 
 
@@ -597,29 +529,6 @@ TRAINERS: dict[str, Callable[[Path, int, int], None]] = {
 DEFAULTS: dict[str, tuple[int, int]] = {"seg": (600, 24), "det": (2000, 30), "cls": (300, 64), "reg": (3000, 128)}
 
 
-DATA_FORMATS: dict[str, dict[str, Any]] = {
-    "dl_ct_segmentation": network_data_format(
-        {"0": "CT, HU window -1000..1000 scaled to 0..1, 3 mm grid"}, "segmentation", SEG_PARAMS["classes"],
-        SEG_PARAMS["roi_size"]),
-    "dl_lung_nodule_detection": network_data_format(
-        {"0": "CT, HU window -1000..400 scaled to 0..1, 2 mm grid"}, "regression",
-        ["nodule centre heatmap (logit)", "nodule diameter / diameter_scale_mm"], DET_PARAMS["roi_size"]),
-    "dl_emphysema_classification": network_data_format(
-        {"0": "lung HU, window -1000..-900 scaled to 0..1", "1": "lung mask"}, "classification",
-        CLS_PARAMS["grades"], CLS_PARAMS["in_shape"][1:]),
-    "dl_ct_registration": network_data_format(
-        {"0": "current CT, 4.5 mm grid", "1": "prior CT, same grid"}, "regression",
-        ["rotation x", "rotation y", "rotation z", "shift x", "shift y", "shift z"], REG_PARAMS["grid"]),
-}
-"""metadata.json's ``network_data_format`` of each demo bundle (inputs and outputs with channel_def)."""
-BUNDLE_ITEMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "dl_ct_segmentation": (seg_items(SEG_PARAMS), SEG_NODE_PARAMS),
-    "dl_lung_nodule_detection": (grid_items(DET_PARAMS, "constant"), DET_NODE_PARAMS),
-    "dl_emphysema_classification": (CLS_ITEMS, CLS_NODE_PARAMS),
-}
-"""Converted bundles: their ordinary MONAI items and what is left of their ``dicom_node`` block."""
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", choices=list(TRAINERS), default=list(TRAINERS), help="cls needs seg's bundle")
@@ -631,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.configs_only:
         for package, data_format in DATA_FORMATS.items():
-            rewrite_configs(args.out / package, data_format, *BUNDLE_ITEMS.get(package, (None, None)))
+            rewrite_configs(args.out / package, data_format, *BUNDLE_ITEMS[package])
             log(f"{package}: configs rewritten")
         return 0
     torch.set_num_threads(args.threads)

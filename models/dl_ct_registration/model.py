@@ -1,14 +1,20 @@
 """``dl-ct-registration``: learned rigid registration of a prior CT onto the current one.
 
 A small MONAI ``Regressor`` (3-D CNN) looks at the current scan and the warped prior on a common
-axis-aligned grid (``grid`` voxels of ``spacing_mm``, centred on the current scan) and predicts a
-rigid correction (3 angles, 3 shifts). Pipeline of :meth:`DlCtRegistration.run_pair`:
+axis-aligned LPS grid centred on the current scan and predicts a rigid correction (3 angles, 3 shifts).
+The bundle declares that grid as ordinary MONAI items, which the model builds through the safe resolver
+(:mod:`models.bundle`) and uses: ``preprocessing``'s ``ScaleIntensityRanged`` maps HU to the network's
+input, ``Spacingd``'s (isotropic) ``pixdim`` is the working spacing, ``ResizeWithPadOrCropd``'s
+``spatial_size`` the grid size, and the ``inferer`` (SimpleInferer) runs the network. The rigid
+parameterisation (``angle_scale_deg``, ``shift_scale_mm``), ``iterations`` and ``body_hu`` stay in the
+``dicom_node`` block; a bundle without items (or a TorchScript file) takes ``spacing_mm``, ``grid`` and
+``hu_window`` from there. Pipeline of :meth:`DlCtRegistration.run_pair`:
 
-1. Both scans are area-averaged to about ``spacing_mm`` in their own array layout; the start
+1. Both scans are area-averaged to about the working spacing in their own array layout; the start
    transform aligns the centres of mass of their bodies (HU > ``body_hu``).
 2. ``iterations`` times: the prior is resampled onto the grid through the current transform with
-   ``monai.networks.layers.AffineTransform``; the network predicts a correction ``D`` about the
-   grid centre; ``T <- T @ D``.
+   ``monai.networks.layers.AffineTransform``; the inferer runs the network, which predicts a
+   correction ``D`` about the grid centre; ``T <- T @ D``.
 3. The prior is resampled onto the full current grid (``Registration.resampled``; -1024 HU
    outside the prior's field of view).
 
@@ -30,7 +36,9 @@ from scipy import ndimage as ndi
 
 from models.base import ModelResult, Registration, UnsuitableInput, Volume
 from models.dl.core import DlModel, Params
+from models.dl.items import GridPipeline, grid_pipeline, transforms_by_name
 from models.dl.runtime import hu_to_unit, resample
+from models.errors import BundleError
 
 FILL_HU = -1024.0
 
@@ -39,7 +47,9 @@ _SWAP = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype
 
 
 class RegParams(Params):
-    """``dicom_node`` parameters of a registration bundle."""
+    """``dicom_node`` parameters of a registration bundle: the rigid parameterisation, ``iterations`` and
+    ``body_hu``. ``spacing_mm``, ``grid`` and ``hu_window`` are the legacy form, used only by a bundle or
+    TorchScript file without ``preprocessing``/``inferer`` items."""
 
     spacing_mm: float = Field(4.5, gt=0)
     grid: tuple[int, int, int] = (80, 80, 80)
@@ -122,7 +132,29 @@ class DlCtRegistration(DlModel[RegParams]):
     BATCH_SIZE = 1
 
     def setup(self) -> None:
-        self.expect_output(torch.zeros(1, 2, *self.params.grid), 6)
+        cfg = self.bundle_config()
+        p = self.params
+        self.grid: tuple[int, int, int] = p.grid
+        if cfg is None or "preprocessing" not in cfg or "inferer" not in cfg:
+            window = p.hu_window
+            self.pipeline = GridPipeline(lambda t: hu_to_unit(t, window), (p.spacing_mm,) * 3, _call, "dicom_node")
+        else:
+            self.pipeline = grid_pipeline(cfg, window=p.hu_window, spacing_mm=(p.spacing_mm,) * 3, roi_size=p.grid,
+                                          overlap=0.0, batch_size=self.batch_size)
+            crop = transforms_by_name(cfg.preprocessing()).get("ResizeWithPadOrCropd")
+            if crop is None:
+                raise BundleError(f"{cfg.where('preprocessing')}: a ResizeWithPadOrCropd transform (the working "
+                                  "grid's size) is required")
+            size = [int(n) for n in crop.padder.cropper.roi_size]
+            if len(size) != 3 or min(size) < 1:
+                raise BundleError(f"{cfg.where('preprocessing')}: ResizeWithPadOrCropd spatial_size must be three "
+                                  f"positive sizes, got {size}")
+            self.grid = (size[0], size[1], size[2])
+        if len(set(self.pipeline.spacing_mm)) != 1:
+            raise BundleError(f"{self.loaded.source}: the working spacing must be isotropic, got "
+                              f"{list(self.pipeline.spacing_mm)}")
+        self.spacing_mm = self.pipeline.spacing_mm[0]
+        self.expect_output(torch.zeros(1, 2, *self.grid), 6)
 
     def run(self, volume: Volume) -> ModelResult:
         """A registration needs a prior: always raises :class:`UnsuitableInput` (use :meth:`run_pair`)."""
@@ -147,37 +179,44 @@ class DlCtRegistration(DlModel[RegParams]):
 
     def register(self, current: Volume, prior: Volume) -> tuple[npt.NDArray[np.float64], float, float]:
         """The current -> prior LPS transform (4x4), the NCC and the surface RMS distance (mm)."""
-        p = self.params
-        cur, cur_aff = downsample(current, p.spacing_mm)
-        pri, pri_aff = downsample(prior, p.spacing_mm)
+        p, sp, grid, to_input = self.params, self.spacing_mm, self.grid, self.pipeline.to_input
+        cur, cur_aff = downsample(current, sp)
+        pri, pri_aff = downsample(prior, sp)
         centre = current.to_patient((np.asarray(current.voxels.shape[::-1], dtype=np.float64) - 1) / 2)
-        g_aff = grid_affine(centre, p.grid, p.spacing_mm)
+        g_aff = grid_affine(centre, grid, sp)
         t = np.eye(4)
         t[:3, 3] = _body_centre(pri, pri_aff, p.body_hu) - _body_centre(cur, cur_aff, p.body_hu)
         dev = self.device
         as_t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=dev)[None]  # noqa: E731
-        fixed = warp(hu_to_unit(cur, p.hu_window).to(dev), as_t(cur_aff), as_t(np.eye(4)), as_t(g_aff), p.grid)
-        fixed_cov = warp(torch.ones_like(cur).to(dev), as_t(cur_aff), as_t(np.eye(4)), as_t(g_aff), p.grid) > 0.99
-        moving_src = hu_to_unit(pri, p.hu_window).to(dev)
+        fixed = warp(to_input(cur).to(dev), as_t(cur_aff), as_t(np.eye(4)), as_t(g_aff), grid)
+        fixed_cov = warp(torch.ones_like(cur).to(dev), as_t(cur_aff), as_t(np.eye(4)), as_t(g_aff), grid) > 0.99
+        moving_src = to_input(pri).to(dev)
         centre_t = torch.as_tensor(centre, dtype=torch.float64, device=dev)
         transform = as_t(t)
         with torch.no_grad():
             for _ in range(p.iterations):
-                moving = warp(moving_src, as_t(pri_aff), transform, as_t(g_aff), p.grid)
+                moving = warp(moving_src, as_t(pri_aff), transform, as_t(g_aff), grid)
                 with self.autocast():
-                    out = self.network(torch.cat([fixed, moving], dim=1))
+                    out = self.pipeline.inferer(torch.cat([fixed, moving], dim=1), self.network)
                 delta = rigid_from_params(out.double(), centre_t, p.angle_scale_deg, p.shift_scale_mm)
                 transform = transform @ delta
-            moving = warp(moving_src, as_t(pri_aff), transform, as_t(g_aff), p.grid)
-            covered = warp(torch.ones_like(moving_src), as_t(pri_aff), transform, as_t(g_aff), p.grid) > 0.99
+            moving = warp(moving_src, as_t(pri_aff), transform, as_t(g_aff), grid)
+            covered = warp(torch.ones_like(moving_src), as_t(pri_aff), transform, as_t(g_aff), grid) > 0.99
             covered &= fixed_cov
         f, m, cov = fixed[0, 0].cpu().numpy(), moving[0, 0].cpu().numpy(), covered[0, 0].cpu().numpy()
-        threshold = float(hu_to_unit(torch.tensor(p.body_hu), p.hu_window))
+        threshold = float(to_input(torch.tensor([p.body_hu]))[0])
         return (
             transform[0].cpu().numpy().astype(np.float64),
             _ncc(f[cov], m[cov]),
-            _surface_rms(f > threshold, m > threshold, cov, p.spacing_mm),
+            _surface_rms(f > threshold, m > threshold, cov, sp),
         )
+
+
+def _call(inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+    """The legacy inferer: one forward pass."""
+    out = network(inputs)
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
 def _body_centre(x: torch.Tensor, aff: npt.NDArray[np.float64], body_hu: float) -> npt.NDArray[np.float64]:

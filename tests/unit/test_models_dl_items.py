@@ -1,4 +1,4 @@
-"""The demo segmentation bundle declares its pipeline as ordinary MONAI items and the model uses them."""
+"""The demo bundles declare their pipelines as ordinary MONAI items and the models use them."""
 
 from __future__ import annotations
 
@@ -121,6 +121,7 @@ GRID = ["EnsureChannelFirstd", "Orientationd", "ScaleIntensityRanged", "Spacingd
         ("dl_ct_segmentation", "SlidingWindowInferer", GRID),
         ("dl_lung_nodule_detection", "SlidingWindowInferer", GRID),
         ("dl_emphysema_classification", "SimpleInferer", ["ScaleIntensityRanged"]),
+        ("dl_ct_registration", "SimpleInferer", [*GRID, "ResizeWithPadOrCropd"]),
     ],
 )
 def test_monai_builds_the_same_items(package: str, inferer: str, transforms: list[str]) -> None:
@@ -143,3 +144,58 @@ def test_emphysema_classifier_uses_its_items() -> None:
     assert model.grades == ("Absent", "Mild", "Moderate", "Severe") and model.scale is not None
     hu = torch.tensor([-1100.0, -1000.0, -950.0, -900.0, 0.0])
     assert torch.allclose(torch.as_tensor(model.scale(hu)).float(), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+
+
+REG = bundle_dir("dl_ct_registration")
+
+
+def test_registration_uses_its_items_and_agrees_with_the_legacy_form(tmp_path: Path, volume: Volume) -> None:
+    """The registration bundle's items (window, isotropic spacing, grid, SimpleInferer) drive the model; the
+    old all-``dicom_node`` form still works and gives the same transform."""
+    from models.dl_ct_registration.model import DlCtRegistration
+
+    inference = json.loads((REG / "configs" / "inference.json").read_text())
+    assert {"preprocessing", "inferer"} <= inference.keys()
+    assert inference["dicom_node"] == {"iterations": 3, "angle_scale_deg": 10.0, "shift_scale_mm": 30.0,
+                                       "body_hu": -500.0}  # the rigid parameterisation only
+    model = DlCtRegistration(device="cpu")
+    assert model.pipeline.source == "bundle items" and type(model.pipeline.inferer).__name__ == "SimpleInferer"
+    assert (model.spacing_mm, model.grid) == (4.5, (80, 80, 80))
+    moved = volume.affine.copy()
+    moved[:3, 3] += (12.0, -8.0, 10.0)
+    prior = Volume(volume.voxels, moved, "CT", volume.sop_instance_uids, "1.2.3")
+    reference = model.register(volume, prior)[0]
+    root = tmp_path / "reg"
+    shutil.copytree(REG, root)
+    legacy = {k: inference[k] for k in ("device", "network_def", "network")}
+    legacy["dicom_node"] = {"spacing_mm": 4.5, "grid": [80, 80, 80], "hu_window": [-1000.0, 1000.0],
+                            **inference["dicom_node"]}
+    old = DlCtRegistration(_write(root, legacy), device="cpu")
+    assert old.pipeline.source == "dicom_node"
+    np.testing.assert_allclose(old.register(volume, prior)[0], reference, atol=1e-4)
+    scale = next(t for t in inference["preprocessing"]["transforms"] if t["_target_"] == "ScaleIntensityRanged")
+    scale.update(a_min=2000.0, a_max=3000.0)  # every voxel below the window: the network sees zeros only
+    model = DlCtRegistration(_write(root, inference), device="cpu")
+    seen: list[float] = []
+    model.network.register_forward_hook(lambda _m, args, _o: seen.append(float(args[0].abs().max())))
+    model.register(volume, prior)
+    assert seen == [0.0] * 3
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda t: t[3].update(pixdim=[4.5, 4.5, 5.0]), "must be isotropic"),
+        (lambda t: t.pop(4), "a ResizeWithPadOrCropd transform"),
+        (lambda t: t[1].update(axcodes="RAS"), "axcodes must be 'LPS'"),
+    ],
+)
+def test_bad_registration_items_are_refused(tmp_path: Path, edit: Any, needle: str) -> None:
+    from models.dl_ct_registration.model import DlCtRegistration
+
+    root = tmp_path / "reg"
+    shutil.copytree(REG, root)
+    inference = json.loads((root / "configs" / "inference.json").read_text())
+    edit(inference["preprocessing"]["transforms"])
+    with pytest.raises(BundleError, match=needle):
+        DlCtRegistration(_write(root, inference), device="cpu")
