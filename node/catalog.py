@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.catalog_ops import NEW_RUN, DeliveryAndOperatorQueries
 from node.db import catalog_url, make_engine, upgrade
 from node.dicomweb.attributes import IndexedAttributes, study_columns
-from node.policy import JobPolicy
+from node.policy import Holder, JobPolicy, held_job, last_seen
 from node.schema import (
     BINARY_VARIANT,
     LABELMAP_VARIANT,
@@ -410,8 +410,8 @@ class Catalog(DeliveryAndOperatorQueries):
         """
         with self.session() as s:
             job = s.get(Job, job_id, with_for_update=True)  # PostgreSQL: two workers never both claim it
-            if job is None or not (job.state == JobState.QUEUED
-                                   or (job.state == JobState.RUNNING and policy.abandoned(job, now))):
+            if job is None or not (job.state == JobState.QUEUED or (
+                    job.state == JobState.RUNNING and policy.abandoned(job, now, last_seen(s, job.worker)))):
                 return None
             if job.attempts >= policy.max_attempts:
                 job.state, job.updated_at, job.finished_at = JobState.FAILED, now, now
@@ -423,15 +423,24 @@ class Catalog(DeliveryAndOperatorQueries):
             job.attempts += 1
             return job
 
-    def finish_job(self, job_id: int, state: JobState, now: float, error: str | None = None) -> None:
+    def finish_job(self, job_id: int, state: JobState, now: float, error: str | None = None, *,
+                   holder: Holder | None = None) -> bool:
+        """End the job in ``state``; with ``holder`` only if that attempt still holds it (else False)."""
         with self.session() as s:
+            if holder is not None and held_job(s, job_id, holder) is None:
+                return False
             s.execute(update(Job).where(Job.id == job_id)
                       .values(state=state, error=error, updated_at=now, finished_at=now))
+            return True
 
-    def fail_attempt(self, job_id: int, now: float, error: str, policy: JobPolicy) -> JobState:
-        """Record a failed attempt: back to queued with backoff, or ``failed`` when attempts are used up."""
+    def fail_attempt(self, job_id: int, now: float, error: str, policy: JobPolicy, *,
+                     holder: Holder | None = None) -> JobState | None:
+        """Record a failed attempt: back to queued with backoff, or ``failed`` when attempts are used up;
+        None (nothing changed) when ``holder`` no longer holds the job."""
         with self.session() as s:
-            job = s.get_one(Job, job_id, with_for_update=True)
+            job = s.get_one(Job, job_id, with_for_update=True) if holder is None else held_job(s, job_id, holder)
+            if job is None:
+                return None
             job.error, job.updated_at = error[:500], now
             if job.attempts >= policy.max_attempts:
                 job.state, job.finished_at = JobState.FAILED, now
@@ -445,7 +454,7 @@ class Catalog(DeliveryAndOperatorQueries):
         with self.session() as s:
             changed = []
             for job in s.scalars(select(Job).where(Job.state == JobState.RUNNING).with_for_update()):
-                if not policy.abandoned(job, now):
+                if not policy.abandoned(job, now, last_seen(s, job.worker)):
                     continue
                 changed.append(job.id)
                 job.updated_at = now
@@ -482,15 +491,19 @@ class Catalog(DeliveryAndOperatorQueries):
     # ---- results / deliveries --------------------------------------------------------------
     def record_results(self, job_id: int, results: Sequence[ResultFile | tuple[str, str, str, str]],
                        destinations: list[str], now: float, *, state: JobState = JobState.DONE,
-                       error: str | None = None) -> None:
+                       error: str | None = None, holder: Holder | None = None) -> bool:
         """Record result objects (kind, sop_instance_uid, sop_class_uid, path[, variant]) and their
         deliveries, and set the job's ``state`` (done; skipped with ``error`` for a not-assessed report),
         in one transaction, so no delivery is sent while the job still reads otherwise. A rerun with the
         same UIDs replaces the files but keeps one result row; its deliveries go back to pending so the
         PACS gets the new version. A :class:`ResultFile` with a ``series_uid`` is also recorded as an instance of a
-        result series of the job's study (see :func:`_serve_result`)."""
+        result series of the job's study (see :func:`_serve_result`). With ``holder``, nothing is recorded
+        (False) unless that attempt still holds the job (fencing: a worker presumed lost comes back late)."""
         with self.session() as s:
-            study_id = s.get_one(Job, job_id).study_id
+            held = s.get_one(Job, job_id) if holder is None else held_job(s, job_id, holder)
+            if held is None:
+                return False
+            study_id = held.study_id
             for item in results:
                 kind, sop_uid, sop_class, path = item[:4]
                 variant = item.variant if isinstance(item, ResultFile) else ""
@@ -511,6 +524,7 @@ class Catalog(DeliveryAndOperatorQueries):
                 if isinstance(item, ResultFile) and item.series_uid:
                     _serve_result(s, study_id, item, now)
             s.execute(update(Job).where(Job.id == job_id).values(state=state, error=error, updated_at=now))
+            return True
 
     def prior_series(self, job: Job) -> Series | None:
         """The largest series, of the same modality, in the newest earlier study of the same patient

@@ -21,7 +21,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from models.errors import ConfigError
 from node.config_models import ModelSettings
-from node.config_ops import CatalogSettings, NotificationSettings, StorageSettings
+from node.config_ops import (
+    BatchSettings,
+    CatalogSettings,
+    NotificationSettings,
+    RemoteSettings,
+    RemoteWorkersSettings,
+    StorageSettings,
+)
 from node.config_ops import Frozen as _Frozen
 from node.roles import Role
 from node.syslog import facility_number
@@ -258,6 +265,9 @@ class QueueSettings(_Frozen):
     job_time_limit_seconds: int = Field(1800, ge=10)
     """A job running longer is stopped (and retried); a job 'running' longer than this plus two
     minutes has lost its worker and goes back to the queue."""
+    worker_lost_seconds: float = Field(30, ge=10)
+    """A running job whose worker's heartbeat (every 5 s) is older than this, and that was claimed longer
+    ago, has lost its worker (on any host) and goes back to the queue."""
     job_max_attempts: int = Field(3, ge=1, le=20)
     """Attempts before a job goes to the visible ``failed`` state (dead letter); ``dicom-node retry``."""
     job_retry_initial_seconds: float = Field(30, ge=0)
@@ -461,6 +471,10 @@ class Settings(_Frozen):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    remote: RemoteSettings | None = None
+    """This host runs remote workers: jobs through the node's worker API, never the catalog or spool."""
+    remote_workers: RemoteWorkersSettings = Field(default_factory=RemoteWorkersSettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -473,6 +487,9 @@ class Settings(_Frozen):
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
+        if self.remote is not None and not self.queue.broker_url:
+            raise ValueError("remote: remote workers need queue.broker_url (the embedded broker is a directory "
+                             "on the node's host)")
         names = [d.name for d in self.destinations]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -162,3 +162,49 @@ class CatalogSettings(Frozen):
         if self.url is not None and not self.url.startswith(("sqlite", "postgresql")):
             raise ValueError("catalog.url: only sqlite:/// and postgresql+psycopg:// catalogs are supported")
         return self
+
+
+# ---- remote workers --------------------------------------------------------------------------------
+class RemoteSettings(Frozen):
+    """A worker host that needs neither the catalog nor the spool (``remote:``): it claims jobs, fetches
+    their inputs and returns results through the node's worker API (``/api/v1/worker``) with a token of
+    role ``worker``. It still needs ``queue.broker_url`` and uses ``node.storage_dir`` for temporary files."""
+
+    node_url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$")
+    """The node's HTTP service, e.g. ``https://ai-node.example:8080``."""
+    token_file: Path
+    """A private file holding an API token of role ``worker`` (``dicom-node token create --role worker``)."""
+    ca_file: Path | None = None
+    """PEM bundle trusted for an https ``node_url``; default: the system's trust store."""
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    """This worker host's name in the node's jobs and worker table (``<name>:<pid>``); default the hostname."""
+    timeout_seconds: float = Field(60, gt=0)
+    """HTTP timeout of one request to the node."""
+
+
+class RemoteWorkersSettings(Frozen):
+    """How the node serves remote workers (``remote_workers:``, on the node)."""
+
+    deidentify: bool = False
+    """Serve only de-identified inputs and predecessors (images with burned-in annotation are left out)
+    and re-identify the results before they are stored and sent."""
+    key_file: Path | None = None
+    """The pseudonymisation key (created, private, if missing); default ``<storage_dir>/deid.key``."""
+
+
+# ---- retrospective batches -------------------------------------------------------------------------
+class BatchSettings(Frozen):
+    """Retrospective batches over an archive (``batch:``, :mod:`node.batch`): defaults of ``dicom-node batch``."""
+
+    rate_per_hour: float = Field(30, gt=0, le=36000)
+    """Studies retrieved per hour when a batch names no rate (spread evenly, one at a time)."""
+    method: Literal["move", "get"] = "move"
+    """``move``: C-MOVE to ``node.ae_title`` (the PACS must know the node); ``get``: C-GET."""
+    timeout_seconds: float = Field(600, gt=0)
+    """Cap on one C-FIND, and on the retrieval of one study (the association is aborted then)."""
+    max_attempts: int = Field(3, ge=1, le=20)
+    """Retrievals of a study before it is failed."""
+    find_retry_seconds: float = Field(300, gt=0)
+    """A batch whose C-FIND failed (PACS down) asks again after this."""
+    poll_seconds: float = Field(5, gt=0)
+    """How often the batch loop looks for work."""

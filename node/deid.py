@@ -63,6 +63,10 @@ PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "Pati
 TYPE_2_KEYWORDS = frozenset({"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                              "AccessionNumber", "StudyID", "ReferringPhysicianName"})
 """Of those, the ones a result must keep (empty) when the source lacks them."""
+LEFT_OUT_OBJECTS = frozenset({"PDF"})
+"""Result objects a worker given de-identified inputs does not make, and the node refuses from it: a PDF
+page's text shows the (shifted) study date and (emptied) accession number, which re-identifying the
+header cannot correct. SEG, SR and key images carry nothing re-identification cannot map back."""
 _KEPT_UID_SUFFIXES = ("ClassUID", "TransferSyntaxUID", "CodingSchemeUID", "ContextUID", "MappingResourceUID")
 _DUMMY_TEXT = "ANONYMIZED"
 _PATIENT_BIRTH_DATE = 0x00100030  # emptied (Z), not shifted: the option need not keep it

@@ -9,6 +9,7 @@ are the only open routes.
     sender     dicomweb.store (STOW-RS)
     operator   viewer's + api.actions (retry, rerun, pause/resume)
     admin      every permission, admin included (API tokens)
+    worker     jobs.work (the remote workers' API, /api/v1/worker)
 
 No imports beyond the standard library: the configuration (OIDC ``role_map``), the token store and
 the CLI read it without the HTTP stack.
@@ -36,6 +37,8 @@ class Permission(StrEnum):
     """``/docs`` (and its assets) and ``/openapi.json``."""
     ADMIN = "admin"
     """API tokens (``/api/v1/tokens``)."""
+    WORKER = "jobs.work"
+    """``/api/v1/worker``: a remote worker claims jobs, fetches their inputs and returns results."""
 
 
 class Role(StrEnum):
@@ -43,6 +46,7 @@ class Role(StrEnum):
     SENDER = "sender"
     OPERATOR = "operator"
     ADMIN = "admin"
+    WORKER = "worker"
 
 
 _VIEWER = frozenset({Permission.DICOMWEB_READ, Permission.API_READ, Permission.METRICS, Permission.DOCS})
@@ -52,6 +56,7 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = MappingProxyType({
     Role.SENDER: frozenset({Permission.DICOMWEB_STORE}),
     Role.OPERATOR: _VIEWER | {Permission.API_ACTIONS},
     Role.ADMIN: frozenset(Permission),
+    Role.WORKER: frozenset({Permission.WORKER}),
 })
 """The role table: what each role may do."""
 

@@ -1,7 +1,8 @@
 """``python -m workers``: a Celery worker for the node's jobs (what ``dicom-node worker`` starts).
 
-The node starts workers by module and never imports this package; here the worker-only Celery
-signals are connected (:func:`workers.celery_app.connect_worker_signals`), the task is registered on
+The node starts workers by module and never imports this package; with ``remote:`` the worker reaches
+the node through its worker API only (:mod:`workers.remote`). Here the worker-only Celery signals are
+connected (:func:`workers.celery_app.connect_worker_signals`), the task is registered on
 the node's app (:func:`node.queue.create_app`), and Celery's prefork worker runs.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from models.errors import ConfigError
 from node.checks import check_models
-from node.config import load_settings
+from node.config import check_readable_file, check_secret_file, load_settings
 from node.logutil import setup_logging
 from node.queue import create_app, worker_queues
 from workers.celery_app import connect_worker_signals
@@ -37,12 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         queues = [q for q in args.queues.split(",") if q] or worker_queues(settings)
         check_models(settings, queues=queues)  # the models of these queues must be installed here
+        if settings.remote is not None:  # a remote worker: the node's API, never the catalog nor the spool
+            check_secret_file("remote.token_file", settings.remote.token_file)
+            if settings.remote.ca_file is not None:
+                check_readable_file("remote.ca_file", settings.remote.ca_file)
     except ConfigError as exc:
         print(f"dicom-node worker: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.logging.level, "worker")
     connect_worker_signals()
-    connect_heartbeat(settings, queues)  # each pool child reports itself in the catalog's workers table
+    connect_heartbeat(settings, queues)  # each pool child reports itself in the workers table (or via the API)
     app = create_app(settings)
     register(app, settings)
     concurrency = args.concurrency or settings.queue.worker_concurrency

@@ -1,7 +1,9 @@
 """Worker heartbeats: each Celery pool child writes a row of the catalog's ``workers`` table every few
 seconds (host, pid, queues, started, last seen, the job it runs, the CUDA device in use), and removes
 it when it stops. The dashboard and ``GET /api/v1/workers`` read them (:mod:`node.overview_ops`): a
-row not updated for a while is a worker lost.
+row not updated for ``queue.worker_lost_seconds`` is a worker lost, and its job runs elsewhere. The
+row is written by :func:`node.worker_beats.write_beat`: here directly in the catalog, or, on a remote
+worker (``remote:``), through the node's worker API (:class:`workers.remote.NodeClient`).
 
 Started from the worker-only Celery signals (:func:`connect_heartbeat`, called by
 :mod:`workers.__main__`): ``worker_process_init`` starts a daemon thread in each child after the fork
@@ -19,22 +21,45 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown
-from sqlalchemy import delete, select
 
 from node.catalog import Catalog
 from node.config import Settings
 from node.queue import TASK_NAME
-from node.schema import WorkerHeartbeat
+from node.worker_beats import Beat, remove_beat, write_beat
 
 log = logging.getLogger("workers.heartbeat")
 
 INTERVAL_SECONDS = 5.0
-"""How often a worker process writes its row (the dashboard calls it lost after 30 s without one)."""
-FORGET_SECONDS = 7 * 86400.0
-"""Rows of workers not seen for this long are deleted (by any worker's heartbeat)."""
+"""How often a worker process writes its row (lost after ``queue.worker_lost_seconds`` without one)."""
+
+
+class BeatSink(Protocol):
+    """Where heartbeats go: the catalog (:class:`CatalogBeats`) or the node's worker API."""
+
+    def write_beat(self, beat: Beat, now: float) -> None: ...
+
+    def remove_beat(self, host: str, pid: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CatalogBeats:
+    """Heartbeats written straight into the catalog."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def write_beat(self, beat: Beat, now: float) -> None:
+        write_beat(self.catalog, beat, now)
+
+    def remove_beat(self, host: str, pid: int) -> None:
+        remove_beat(self.catalog, host, pid)
+
+    def close(self) -> None:
+        self.catalog.engine.dispose()
 
 
 def gpu_name() -> str | None:
@@ -54,9 +79,9 @@ def gpu_name() -> str | None:
 class Heartbeat:
     """One process's heartbeat thread."""
 
-    def __init__(self, catalog: Catalog, queues: Sequence[str], *, interval: float = INTERVAL_SECONDS,
+    def __init__(self, sink: Catalog | BeatSink, queues: Sequence[str], *, interval: float = INTERVAL_SECONDS,
                  clock: Callable[[], float] = time.time, host: str | None = None, pid: int | None = None) -> None:
-        self.catalog = catalog
+        self.sink: BeatSink = CatalogBeats(sink) if isinstance(sink, Catalog) else sink
         self.queues = ",".join(queues)
         self.interval = interval
         self.clock = clock
@@ -70,17 +95,8 @@ class Heartbeat:
 
     def beat(self) -> None:
         """Write this process's row now."""
-        now = self.clock()
-        values = {"queues": self.queues, "last_seen_at": now, "job_id": self.job_id, "gpu": gpu_name()}
-        with self.catalog.session() as s:
-            row = s.scalar(select(WorkerHeartbeat).where(WorkerHeartbeat.host == self.host,
-                                                         WorkerHeartbeat.pid == self.pid))
-            if row is None:
-                s.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.last_seen_at < now - FORGET_SECONDS))
-                s.add(WorkerHeartbeat(host=self.host, pid=self.pid, started_at=self.started_at, **values))
-            else:
-                for key, value in values.items():
-                    setattr(row, key, value)
+        beat = Beat(self.host, self.pid, self.queues, self.started_at, self.job_id, gpu_name())
+        self.sink.write_beat(beat, self.clock())
 
     def set_job(self, job_id: int | None) -> None:
         """The job this process runs now (None: idle); written at once."""
@@ -107,9 +123,7 @@ class Heartbeat:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            with self.catalog.session() as s:
-                s.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.host == self.host,
-                                                        WorkerHeartbeat.pid == self.pid))
+            self.sink.remove_beat(self.host, self.pid)
         except Exception as exc:
             log.warning("heartbeat row not removed: %s", exc)
 
@@ -124,9 +138,16 @@ class HeartbeatSignals:
         self.heartbeat: Heartbeat | None = None
 
     def on_process_init(self, **_: Any) -> None:
-        """In each pool child, after the fork: its own catalog engine and heartbeat thread."""
-        catalog = Catalog.for_settings(self.settings)
-        self.heartbeat = Heartbeat(catalog, self.queues, interval=self.interval)
+        """In each pool child, after the fork: its own catalog engine (or node API client) and heartbeat
+        thread."""
+        remote = self.settings.remote
+        if remote is not None:
+            from workers.remote import NodeClient  # httpx: only remote workers need it
+
+            sink: BeatSink = NodeClient(remote)
+            self.heartbeat = Heartbeat(sink, self.queues, interval=self.interval, host=remote.name or None)
+        else:
+            self.heartbeat = Heartbeat(Catalog.for_settings(self.settings), self.queues, interval=self.interval)
         self.heartbeat.start()
 
     def on_task_prerun(self, sender: Any = None, args: Any = None, **_: Any) -> None:
@@ -143,7 +164,7 @@ class HeartbeatSignals:
     def on_process_shutdown(self, **_: Any) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
-            self.heartbeat.catalog.engine.dispose()
+            self.heartbeat.sink.close()
             self.heartbeat = None
 
 

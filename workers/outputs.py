@@ -19,7 +19,7 @@ Manifest ``objects`` and what they give (each only when the result has something
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from pydicom.dataset import Dataset
@@ -56,15 +56,17 @@ def encode_results(
     software_version: str,
     predecessors: Mapping[str, Dataset] | None = None,
     prior_sources: Sequence[Dataset] = (),
+    leave_out: Collection[str] = (),
 ) -> list[Encoded]:
     """The objects the model's manifest promises for ``result``: with nothing found, or with
     ``result.not_assessed``, the SR and PDF say so (the looked-for concepts default to the manifest's).
 
     ``predecessors`` maps a variant ("" or ``binary``) to the SR of an earlier run on this series
     that the new SR of that variant supersedes. ``prior_sources`` are the prior series' images
-    of a registration.
+    of a registration. ``leave_out`` names manifest objects not to make (``PDF`` for a worker given
+    de-identified inputs: :data:`node.deid.LEFT_OUT_OBJECTS`).
     """
-    objects = model.manifest.objects
+    objects = tuple(o for o in model.manifest.objects if o not in leave_out)
     if not result.looked_for:
         result = replace(result, looked_for=model.manifest.looked_for)
     result = with_view_position(result, sources)  # CR/DX: PA or AP, stated with each classification

@@ -1,6 +1,8 @@
-"""One job, start to finish: load -> model -> encode -> results + deliveries in the catalog.
+"""One job, start to finish: claim -> load -> model -> encode -> results + deliveries in the catalog.
 
-Testable without a broker: ``run_job(context, job_id)``. Sending is not done here: the node's
+The job comes from a :class:`workers.source.JobSource`: the catalog and spool of this host, or the
+node's worker API on a remote worker host (``remote:``, :mod:`workers.remote`). Testable without a
+broker: ``run_job(context, job_id)``. Sending is not done here: the node's
 deliverer picks up the delivery rows this writes, so a PACS outage never fails a job.
 
 A series the model declines (:class:`UnsuitableInput` from its ``check`` or ``run``, once the series
@@ -18,7 +20,6 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Literal
 
-import pydicom
 from celery.exceptions import SoftTimeLimitExceeded
 from pydicom.dataset import Dataset
 
@@ -26,34 +27,54 @@ from models import registry
 from models.base import Model, ModelResult, Volume, is_pair_model
 from models.errors import ConfigError, InputError, ModelError, TransientModelError, UnsuitableInput
 from models.registry import ModelOptions
-from node.catalog import Catalog, ResultFile
+from node.catalog import Catalog
 from node.catalog_ops import JobTimings
 from node.config import Settings
-from node.dicomweb.attributes import indexed_attributes
-from node.policy import JobPolicy, job_policy, worker_identity
+from node.job_results import Outcome, ResultObject
+from node.job_results import result_file as result_file  # where it lived; tests import it from here
 from node.queue import model_time_limit
-from node.schema import BINARY_VARIANT, Job, JobState
+from node.schema import BINARY_VARIANT, JobState
 from node.spool import Spool
 from node.version import software_version
 from workers.load import load_series
-from workers.outputs import Encoded, encode_results
+from workers.outputs import encode_results
+from workers.source import ClaimedJob, JobSource, LocalSource
 
 log = logging.getLogger("workers.pipeline")
+
+RunOutcome = JobState | Literal["not-claimed", "stale"]
+"""What :func:`run_job` returns: the job's new state; ``not-claimed`` (not run here); ``stale`` (this
+attempt lost the job to another worker while it ran: its outcome was dropped)."""
 
 
 @dataclass
 class WorkerContext:
-    """What a worker process keeps between jobs: settings, catalog, spool and warm models."""
+    """What a worker process keeps between jobs: settings, where jobs come from (the catalog and spool,
+    or the node's worker API with ``remote:``) and warm models."""
 
     settings: Settings
-    catalog: Catalog
-    spool: Spool
+    catalog: Catalog | None = None
+    spool: Spool | None = None
     clock: Callable[[], float] = time.time
     models: dict[str, Model] = field(default_factory=dict)
+    job_source: JobSource | None = None
+    """Where jobs come from; None: :class:`LocalSource` of ``catalog`` and ``spool``."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
+        if settings.remote is not None:  # never opens the catalog nor reads the spool
+            from workers.remote import NodeClient, RemoteSource
+
+            return cls(settings, job_source=RemoteSource(settings, NodeClient(settings.remote)))
         return cls(settings, Catalog.for_settings(settings), Spool(settings.node.storage_dir))
+
+    def source(self) -> JobSource:
+        """Where this worker's jobs come from (built once)."""
+        if self.job_source is None:
+            if self.catalog is None or self.spool is None:
+                raise ConfigError("a worker without remote: needs the catalog and the spool")
+            self.job_source = LocalSource(self.settings, self.catalog, self.spool, self.clock)
+        return self.job_source
 
     def model(self, name: str) -> Model:
         """The warm instance of model ``name``, built on first use with the site's ``models.<name>``
@@ -65,20 +86,26 @@ class WorkerContext:
         return self.models[name]
 
 
-def run_job(ctx: WorkerContext, job_id: int) -> JobState | Literal["not-claimed"]:
+def run_job(ctx: WorkerContext, job_id: int) -> RunOutcome:
     """Run one job; returns its new state (``done``, ``skipped``, ``failed``, ``queued`` for a retry),
-    or ``not-claimed``."""
-    policy = job_policy(ctx.settings)
-    job = ctx.catalog.claim_job(job_id, ctx.clock(), worker=worker_identity(), policy=policy)
+    ``not-claimed`` or ``stale``."""
+    source = ctx.source()
+    job = source.claim(job_id)
     if job is None:
         log.info("job #%d not claimed (finished, failed, or running elsewhere)", job_id)
         return "not-claimed"
+    try:
+        return _run(ctx, source, job)
+    finally:
+        source.release(job)
+
+
+def _run(ctx: WorkerContext, source: JobSource, job: ClaimedJob) -> RunOutcome:
     t0 = time.monotonic()
     loaded: tuple[Model, Volume, list[Dataset]] | None = None
     try:
         model = ctx.model(job.model)
-        paths = [ctx.spool.path(i.path) for i in ctx.catalog.instances_of_series(job.series_id)]
-        volume, sources = load_series(paths)
+        volume, sources = load_series(source.inputs(job))
         loaded = (model, volume, sources)
         model.check(volume)
         prior_sources: list[Dataset] = []
@@ -86,66 +113,70 @@ def run_job(ctx: WorkerContext, job_id: int) -> JobState | Literal["not-claimed"
             if volume.source_frames is not None and volume.modality != "CT":
                 raise UnsuitableInput("registration onto a multi-frame series is supported for CT only (the "
                                       "registered prior is written as single-frame CT images on its geometry)")
-            prior = ctx.catalog.prior_series(job)
-            if prior is None:
+            prior_paths = source.prior_inputs(job)
+            if prior_paths is None:
                 raise UnsuitableInput("no earlier study of this patient with this modality in the catalog "
                                       "(a prior whose retrieval from the PACS was cut short is not used)")
-            prior_volume, prior_sources = load_series(
-                [ctx.spool.path(i.path) for i in ctx.catalog.instances_of_series(prior.id)])
+            prior_volume, prior_sources = load_series(prior_paths)
             model.check(prior_volume)
         t1 = time.monotonic()
         result = model.run_pair(volume, prior_volume) if is_pair_model(model) else model.run(volume)
         t2 = time.monotonic()
         predecessors = {}
         for variant in ("", BINARY_VARIANT):
-            previous = ctx.catalog.previous_result(job, "SR", variant)
+            previous = source.predecessor(job, variant)
             if previous is not None:
-                predecessors[variant] = pydicom.dcmread(ctx.spool.path(previous.path))
+                predecessors[variant] = previous
         encoded = encode_results(model, sources, volume, result, software_version=software_version(),
-                                 predecessors=predecessors, prior_sources=prior_sources)
-        written = _store(ctx, str(sources[0].StudyInstanceUID), encoded)
+                                 predecessors=predecessors, prior_sources=prior_sources, leave_out=job.leave_out)
+        objects = [ResultObject(_to_bytes(e.dataset), e.variant, e.dataset) for e in encoded]
         t3 = time.monotonic()
+        version = result.model_version or model.manifest.version
+        accepted = source.submit(job, objects, timings=JobTimings(t1 - t0, t2 - t1, t3 - t2, version))
     except Exception as exc:  # job_outcome() decides, by the exception's class, how the job ends
-        if isinstance(exc, UnsuitableInput) and loaded is not None and not is_pair_model(loaded[0]):
-            _write_not_assessed(ctx, job, *loaded, reason=str(exc))
-        return _end_attempt(ctx, job, exc, policy)
-    written_at = ctx.clock()
-    ctx.catalog.record_results(job_id, written, job.destinations, written_at)
-    version = result.model_version or model.manifest.version
-    ctx.catalog.record_job_timings(job_id, JobTimings(t1 - t0, t2 - t1, t3 - t2, version), ctx.clock())
-    # a rerun of this job: a delivery sent before now (all files written) may have carried the earlier file
-    ctx.catalog.resend_replaced(job_id, [w.sop_instance_uid for w in written], written_at, ctx.clock())
+        if (isinstance(exc, UnsuitableInput) and loaded is not None and not is_pair_model(loaded[0])
+                and _write_not_assessed(source, job, *loaded, reason=str(exc))):
+            return JobState.SKIPPED
+        return _end_attempt(ctx, source, job, exc)
+    if not accepted:
+        return _stale(job, "results")
     log.info(
         "job #%d study #%d model=%s done: %d object(s), %d slices; load %.1fs infer %.1fs encode %.1fs",
-        job_id, job.study_id, job.model, len(written), volume.voxels.shape[0], t1 - t0, t2 - t1, t3 - t2,
+        job.id, job.study_id, job.model, len(objects), volume.voxels.shape[0], t1 - t0, t2 - t1, t3 - t2,
     )
     return JobState.DONE
 
 
-def _write_not_assessed(ctx: WorkerContext, job: Job, model: Model, volume: Volume, sources: list[Dataset],
-                        *, reason: str) -> None:
-    """Write and record the objects saying that ``model`` did not assess the series, and why (the
-    job is then ended ``skipped`` by the caller). A failure here is logged; the job is skipped anyway."""
+def _stale(job: ClaimedJob, what: str) -> Literal["stale"]:
+    log.warning("job #%d model=%s attempt %d: no longer this worker's (presumed lost, given to another); "
+                "its %s are dropped", job.id, job.model, job.attempt, what)
+    return "stale"
+
+
+def _write_not_assessed(source: JobSource, job: ClaimedJob, model: Model, volume: Volume, sources: list[Dataset],
+                        *, reason: str) -> bool:
+    """Write and hand over the objects saying that ``model`` did not assess the series, and why, the job
+    ending ``skipped``. True: the job's attempt is over (recorded, or no longer this worker's); False: no
+    report was written (logged), the caller ends the job ``skipped``."""
     result = ModelResult(model.manifest.name, model.manifest.version, not_assessed=reason)
     try:
-        previous = ctx.catalog.previous_result(job, "SR", "")
-        predecessors = {"": pydicom.dcmread(ctx.spool.path(previous.path))} if previous is not None else {}
+        previous = source.predecessor(job, "")
+        predecessors = {"": previous} if previous is not None else {}
         encoded = encode_results(model, sources, volume, result, software_version=software_version(),
-                                 predecessors=predecessors)
-        written = _store(ctx, str(sources[0].StudyInstanceUID), encoded)
+                                 predecessors=predecessors, leave_out=job.leave_out)
+        if not encoded:
+            return False
+        objects = [ResultObject(_to_bytes(e.dataset), e.variant, e.dataset) for e in encoded]
+        accepted = source.submit(job, objects, state=JobState.SKIPPED, reason=reason)
     except Exception:  # the job is skipped either way; the reason stays in the catalog
         log.exception("job #%d model=%s: could not write the not-assessed report", job.id, job.model)
-        return
-    if written:
-        written_at = ctx.clock()
-        ctx.catalog.record_results(job.id, written, job.destinations, written_at, state=JobState.SKIPPED,
-                                   error=reason)
-        ctx.catalog.resend_replaced(job.id, [w.sop_instance_uid for w in written], written_at, ctx.clock())
+        return False
+    if not accepted:
+        _stale(job, "not-assessed report")
+        return True
     log.info("job #%d study #%d model=%s not assessed: %d object(s) say why", job.id, job.study_id, job.model,
-             len(written))
-
-
-Outcome = Literal["skip", "fail", "retry"]
+             len(objects))
+    return True
 
 
 def job_outcome(exc: BaseException) -> Outcome:
@@ -166,51 +197,30 @@ def job_outcome(exc: BaseException) -> Outcome:
     return "retry"
 
 
-def _end_attempt(ctx: WorkerContext, job: Job, exc: Exception, policy: JobPolicy) -> JobState:
+def _end_attempt(ctx: WorkerContext, source: JobSource, job: ClaimedJob, exc: Exception) -> RunOutcome:
     """Record a failed attempt as :func:`job_outcome` says; returns the job's new state."""
     outcome = job_outcome(exc)
-    now = ctx.clock()
     if outcome == "skip":
-        ctx.catalog.finish_job(job.id, JobState.SKIPPED, now, error=str(exc))
-        log.info("job #%d study #%d model=%s skipped: %s", job.id, job.study_id, job.model, exc)
-        return JobState.SKIPPED
-    if isinstance(exc, SoftTimeLimitExceeded):  # the message's soft limit (node.queue.model_time_limit)
+        reason = str(exc)
+    elif isinstance(exc, SoftTimeLimitExceeded):  # the message's soft limit (node.queue.model_time_limit)
         reason = f"time limit of {model_time_limit(ctx.settings, job.model)} s exceeded"
     else:
         reason = f"{type(exc).__name__}: {exc}"
+    state = source.end_attempt(job, outcome, reason if outcome != "fail" else reason[:500])
+    if state is None:
+        return _stale(job, f"outcome ({type(exc).__name__})")
+    if outcome == "skip":
+        log.info("job #%d study #%d model=%s skipped: %s", job.id, job.study_id, job.model, exc)
+        return state
     if outcome == "fail":
-        ctx.catalog.finish_job(job.id, JobState.FAILED, now, error=reason[:500])
-        state = JobState.FAILED
         what = "failed without retry: it would fail the same way (dicom-node retry once it is fixed)"
     else:
-        state = ctx.catalog.fail_attempt(job.id, now, reason, policy)
         what = ("will be retried" if state == JobState.QUEUED
                 else "failed for good (dicom-node retry to try again)")
     log.error("job #%d study #%d model=%s attempt %d failed (%s); %s", job.id, job.study_id, job.model,
-              job.attempts, type(exc).__name__, what)
+              job.attempt, type(exc).__name__, what)
     log.debug("job #%d traceback", job.id, exc_info=True)
     return state
-
-
-def _store(ctx: WorkerContext, study_uid: str, encoded: list[Encoded]) -> list[ResultFile]:
-    """Write each encoded object into the spool's results (replacing an earlier file of the same UID)."""
-    written: list[ResultFile] = []
-    for item in encoded:
-        ds = item.dataset
-        rel = ctx.spool.result_relpath(study_uid, str(ds.SOPInstanceUID))
-        data = _to_bytes(ds)
-        ctx.spool.write(rel, data, replace=True)
-        written.append(result_file(ds, rel, data, item.variant))
-    return written
-
-
-def result_file(ds: Dataset, rel: str, data: bytes, variant: str = "") -> ResultFile:
-    """The catalog's record of a result object written at spool path ``rel`` as ``data``: sent to the
-    destinations, and served over DICOMweb as an instance of its own series in the study."""
-    meta = pydicom.dcmread(BytesIO(data), stop_before_pixels=True).file_meta
-    return ResultFile(str(ds.Modality), str(ds.SOPInstanceUID), str(ds.SOPClassUID), rel, variant,
-                      series_uid=str(ds.SeriesInstanceUID), transfer_syntax_uid=str(meta.TransferSyntaxUID),
-                      size=len(data), indexed=indexed_attributes(ds))
 
 
 def _to_bytes(ds: Dataset) -> bytes:

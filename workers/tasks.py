@@ -1,7 +1,8 @@
 """Celery tasks: thin. Parse the job id, run the pipeline, nothing else.
 
-The worker context (catalog engine, spool, warm models) is built lazily in each worker child
-process, after the fork: database connections and CUDA must not cross a fork.
+The worker context (catalog engine and spool, or the node API client of a remote worker; warm models)
+is built lazily in each worker child process, after the fork: database connections and CUDA must not
+cross a fork.
 """
 
 from __future__ import annotations

@@ -17,7 +17,22 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from node.http import admin, api, api_actions, api_ops, api_rules, api_storage, health, metrics, qido, stow, ui, wado
+from node.http import (
+    admin,
+    api,
+    api_actions,
+    api_batch,
+    api_ops,
+    api_rules,
+    api_storage,
+    api_worker,
+    health,
+    metrics,
+    qido,
+    stow,
+    ui,
+    wado,
+)
 from node.http.audit import AuditMiddleware
 from node.http.auth import Authenticator, require, require_page
 from node.http.context import NodeContext
@@ -77,10 +92,13 @@ PROTECTED: tuple[tuple[APIRouter, Permission], ...] = (
     (api.router, Permission.API_READ),
     (api_ops.router, Permission.API_READ),  # queues, workers, peers, hourly stats
     (api_actions.router, Permission.API_ACTIONS),
+    (api_batch.router, Permission.API_READ),  # retrospective batches: progress
+    (api_batch.actions_router, Permission.API_ACTIONS),  # create, cancel
     (api_rules.router, Permission.API_READ),  # the rule dry run changes nothing
     (api_storage.router, Permission.API_READ),  # usage and the purge plan
     (api_storage.admin_router, Permission.ADMIN),  # the purge
     (admin.router, Permission.ADMIN),
+    (api_worker.router, Permission.WORKER),  # remote workers: claim, inputs, results, heartbeats
     (metrics.router, Permission.METRICS),
 )
 """Each router and the permission every one of its routes requires (the docs: ``docs``)."""

@@ -75,7 +75,8 @@ def _routes() -> list[RouteInfo]:
 ROUTES = _routes()
 PROTECTED = [r for r in ROUTES if r.permission is not None]
 PARAMS = {"study": "1.2.3", "series": "1.2.3.4", "instance": "1.2.3.4.5", "frames": "1", "frame": "1",
-          "tag": "7FE00010", "study_id": "1", "job_id": "1", "delivery_id": "1", "name": "pacs"}
+          "tag": "7FE00010", "study_id": "1", "job_id": "1", "object_id": "1", "delivery_id": "1", "batch_id": "1",
+          "name": "pacs"}
 
 
 def _url(route: RouteInfo) -> str:
