@@ -134,7 +134,7 @@ class PriorExchange:
 
     operation: Literal["find", "move", "get"]
     source: str
-    """``priors.source``."""
+    """``priors.source`` (or a batch's source, :mod:`node.batch`)."""
     level: str = ""
     keys: tuple[str, ...] = ()
     study_uid: str | None = None
@@ -254,7 +254,8 @@ class DimsePriorSource:
             raise RetrieveError(f"{what}: failure status 0x{code:04X}")
         raise RetrieveError(f"{what}: no final response")
 
-    def _find(self, ident: Dataset, timeout: float) -> list[Dataset]:
+    def find_datasets(self, ident: Dataset, timeout: float) -> list[Dataset]:
+        """One Study Root C-FIND: the pending responses' identifiers; raise RetrieveError."""
         ae = AE(ae_title=self.calling)
         ae.add_requested_context(STUDY_ROOT_FIND)
         found: list[Dataset] = []
@@ -265,15 +266,17 @@ class DimsePriorSource:
     def find(self, query: PriorQuery, timeout: float) -> list[Candidate]:
         return [Candidate(_text(m, "StudyInstanceUID"), _text(m, "PatientID"), _text(m, "StudyDate"),
                           _text(m, "StudyTime"), _text(m, "IssuerOfPatientID"))
-                for m in self._find(find_identifier(query), timeout) if _text(m, "StudyInstanceUID")]
+                for m in self.find_datasets(find_identifier(query), timeout) if _text(m, "StudyInstanceUID")]
 
     def find_series(self, study_uid: str, modality: str, timeout: float) -> list[str]:
+        """Series Instance UIDs of ``modality`` (every series: "") in the study; raise RetrieveError."""
         ident = Dataset()
         ident.QueryRetrieveLevel = "SERIES"
         ident.StudyInstanceUID = study_uid
         ident.SeriesInstanceUID = ""
         ident.Modality = modality
-        found = [m for m in self._find(ident, timeout) if _text(m, "Modality") in ("", modality)]
+        found = [m for m in self.find_datasets(ident, timeout)
+                 if not modality or _text(m, "Modality") in ("", modality)]
         return list(dict.fromkeys(uid for m in found if (uid := _text(m, "SeriesInstanceUID"))))
 
     def retrieve(self, study_uid: str, series_uids: list[str], timeout: float) -> Retrieved:
@@ -311,6 +314,43 @@ class DimsePriorSource:
                           str(request.AffectedSOPInstanceUID), self.destination.ae_title)
 
 
+def reported(call: Callable[[], _T], on_exchange: Callable[[PriorExchange], None] | None,
+             operation: Literal["find", "move", "get"], source: str, *, level: str = "", keys: tuple[str, ...] = (),
+             study_uid: str | None = None) -> _T:
+    """``call()`` (one C-FIND, or the C-MOVE/C-GETs of a study) at ``source``, reported to ``on_exchange``
+    (the audit trail) whatever its outcome; a failing hook is logged, never raised."""
+    def report(event: PriorExchange) -> None:
+        if on_exchange is None:
+            return
+        try:
+            on_exchange(event)
+        except Exception:
+            log.exception("on_exchange hook failed")
+
+    try:
+        result = call()
+    except Exception as exc:
+        error = str(exc) if isinstance(exc, RetrieveError) else type(exc).__name__
+        report(PriorExchange(operation, source, level, keys, study_uid, error=error))
+        raise
+    if isinstance(result, Retrieved):
+        report(PriorExchange(operation, source, level, keys, study_uid, result.completed, result.failed))
+    else:
+        report(PriorExchange(operation, source, level, keys, study_uid, len(result) if isinstance(result, list) else 0))
+    return result
+
+
+def dimse_source(settings: Settings, name: str, method: Literal["move", "get"], store: StoreFn) -> DimsePriorSource:
+    """The ``destinations`` entry ``name`` as a C-FIND/C-MOVE/C-GET source for the node: C-MOVE to
+    ``node.ae_title``, C-GET storing through ``store`` (``Receiver.store``). KeyError for an unknown name,
+    ValueError for a destination that is not dimse."""
+    pacs = settings.destination(name)  # KeyError: not configured
+    if not isinstance(pacs, DimseDestination):
+        raise ValueError(f"{name!r} is not a dimse destination")
+    return DimsePriorSource(pacs, settings.node.ae_title, method, store, move_destination=settings.node.ae_title,
+                            acse_timeout=settings.node.acse_timeout_seconds)
+
+
 class PriorRetriever:
     """Holds back studies that need a prior from the PACS, and fetches it on its own thread."""
 
@@ -341,11 +381,7 @@ class PriorRetriever:
         receiving door (``Receiver.store``) that C-GET sub-operations go through."""
         if settings.priors is None:
             return None
-        pacs = settings.destination(settings.priors.source)
-        assert isinstance(pacs, DimseDestination)  # Settings validates that priors.source is dimse
-        source = DimsePriorSource(pacs, settings.node.ae_title,
-                                  settings.priors.method, store, move_destination=settings.node.ae_title,
-                                  acse_timeout=settings.node.acse_timeout_seconds)
+        source = dimse_source(settings, settings.priors.source, settings.priors.method, store)
         return cls(settings, catalog, spool, source, clock, on_exchange=on_exchange)
 
     def _enqueue(self, task: Callable[[], object]) -> None:
@@ -398,27 +434,8 @@ class PriorRetriever:
     def _exchange(self, call: Callable[[], _T], operation: Literal["find", "move", "get"], *, level: str = "",
                   keys: tuple[str, ...] = (), study_uid: str | None = None) -> _T:
         """``call()`` (one C-FIND, or the C-MOVE/C-GETs of a study), reported to ``on_exchange``."""
-        try:
-            result = call()
-        except Exception as exc:
-            error = str(exc) if isinstance(exc, RetrieveError) else type(exc).__name__
-            self._report(PriorExchange(operation, self.priors.source, level, keys, study_uid, error=error))
-            raise
-        if isinstance(result, Retrieved):
-            self._report(PriorExchange(operation, self.priors.source, level, keys, study_uid, result.completed,
-                                       result.failed))
-        else:
-            self._report(PriorExchange(operation, self.priors.source, level, keys, study_uid,
-                                       len(result) if isinstance(result, list) else 0))
-        return result
-
-    def _report(self, event: PriorExchange) -> None:
-        if self.on_exchange is None:
-            return
-        try:
-            self.on_exchange(event)
-        except Exception:
-            log.exception("on_exchange hook failed")
+        return reported(call, self.on_exchange, operation, self.priors.source, level=level, keys=keys,
+                        study_uid=study_uid)
 
     def fetch(self, study_id: int, generation: int, series_id: int, modality: str) -> PriorFetchState:
         """Find and retrieve the prior, then queue the jobs that awaited it; returns the fetch state."""

@@ -32,6 +32,18 @@ from node.schema import StudyState
 log = logging.getLogger("node.route")
 
 
+
+class Hold:
+    """What a :data:`FixedPlan` returns for a study that must not be routed yet (still being retrieved):
+    it stays ready and is planned again on the next pass."""
+
+
+HOLD = Hold()
+FixedPlan = Callable[[str, list[tuple[int, dict[str, Any]]]], list[JobSpec] | Hold | None]
+"""(study UID, series) -> the study's jobs when something other than the rules decides them (a
+retrospective batch's study, :meth:`node.batch.BatchRunner.plan_for`); None: the rules decide."""
+
+
 @functools.cache
 def is_pair_model(name: str) -> bool:
     """Whether model ``name`` needs a prior study (family ``registration``; read from its manifest,
@@ -98,12 +110,14 @@ class Router:
     """Turns ready studies into jobs in the catalog; returns the new job ids to enqueue."""
 
     def __init__(self, catalog: Catalog, rules: list[Rule], clock: Callable[[], float], *,
-                 priors_from_pacs: bool = False) -> None:
-        """``priors_from_pacs``: a ``priors:`` section is configured (jobs may await a prior)."""
+                 priors_from_pacs: bool = False, fixed_plan: FixedPlan | None = None) -> None:
+        """``priors_from_pacs``: a ``priors:`` section is configured (jobs may await a prior);
+        ``fixed_plan``: studies whose jobs are not the rules' (:data:`FixedPlan`)."""
         self.catalog = catalog
         self.rules = rules
         self.clock = clock
         self.priors_from_pacs = priors_from_pacs
+        self.fixed_plan = fixed_plan
 
     def _awaits_prior(self, study_id: int, spec: JobSpec) -> bool:
         return (self.priors_from_pacs and is_pair_model(spec.model)
@@ -120,7 +134,11 @@ class Router:
         for study in self.catalog.studies_in_state(StudyState.READY):
             series = [(s.id, s.routing_attributes) for s in self.catalog.series_of_study(study.id)
                       if s.instance_count]  # a series whose instances were purged (node.lifecycle) has none
-            specs = self.plan(study.id, series)
+            fixed = self.fixed_plan(study.study_uid, series) if self.fixed_plan is not None else None
+            if isinstance(fixed, Hold):
+                continue
+            specs = self.plan(study.id, series) if fixed is None else [
+                spec._replace(awaits_prior=self._awaits_prior(study.id, spec)) for spec in fixed]
             ids = self.catalog.create_jobs(study.id, study.generation, specs, self.clock())
             if specs:
                 log.info("study #%d routed: %d job(s) %s", study.id, len(ids),

@@ -66,6 +66,29 @@ class PriorFetchState(StrEnum):
     NO_QUERY = "no-query"
 
 
+class BatchState(StrEnum):
+    """A retrospective batch (:mod:`node.batch`): pending (its C-FIND not made yet) -> running (its
+    study list stored) -> done; or cancelled by an operator."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+class BatchStudyState(StrEnum):
+    """One study of a batch: pending -> retrieving -> retrieved -> queued -> done | failed; skipped
+    (already in the catalog, nothing the model takes, or the batch was cancelled)."""
+
+    PENDING = "pending"
+    RETRIEVING = "retrieving"
+    RETRIEVED = "retrieved"
+    QUEUED = "queued"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
 LABELMAP_VARIANT = "labelmap"
 """Result files only for a destination that accepts Label Map Segmentation Storage (with the SR citing it)."""
 BINARY_VARIANT = "binary"
@@ -360,3 +383,54 @@ class PurgeMark(Base):
     reason: Mapped[str] = mapped_column(String(32))
     files: Mapped[int] = mapped_column(Integer, default=0)
     bytes: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Batch(Base):
+    """A retrospective batch over an archive (``dicom-node batch``, :mod:`node.batch`): the studies a
+    STUDY-level C-FIND at ``source`` finds are retrieved at ``rate_per_hour`` and run by ``model`` only."""
+
+    __tablename__ = "batches"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    query: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    """The C-FIND matching keys (DICOM keyword -> value), as validated by :mod:`node.batch_query`."""
+    source: Mapped[str] = mapped_column(String(64))
+    """A dimse ``destinations`` entry: queried and retrieved from."""
+    model: Mapped[str] = mapped_column(String(128))
+    destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
+    rate_per_hour: Mapped[float] = mapped_column(Float)
+    anytime: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Retrieve outside ``queue.offpeak_window`` too."""
+    state: Mapped[BatchState] = mapped_column(_state(BatchState), default=BatchState.PENDING, index=True)
+    note: Mapped[str | None] = mapped_column(Text, default=None)
+    """The last C-FIND error, or why it was cancelled (no tag values)."""
+    created_at: Mapped[float] = mapped_column(Float)
+    found_at: Mapped[float | None] = mapped_column(Float, default=None)
+    """When the C-FIND's study list was stored."""
+    next_find_at: Mapped[float] = mapped_column(Float, default=0.0)
+    """A failed C-FIND is tried again from this time."""
+    started_at: Mapped[float | None] = mapped_column(Float, default=None)
+    """When its first retrieval started."""
+    last_retrieval_at: Mapped[float | None] = mapped_column(Float, default=None)
+    """When the last retrieval started (the throttle)."""
+    finished_at: Mapped[float | None] = mapped_column(Float, default=None)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class BatchStudy(Base):
+    """One study a batch's C-FIND found. Once a retrieval of it started (``attempts`` > 0), the study
+    is routed to the batch's model only (:meth:`node.batch.BatchRunner.plan_for`)."""
+
+    __tablename__ = "batch_studies"
+    __table_args__ = (UniqueConstraint("batch_id", "study_uid"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[BatchStudyState] = mapped_column(_state(BatchStudyState), default=BatchStudyState.PENDING,
+                                                   index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Retrievals started."""
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    """Instances the last retrieval brought (completed sub-operations)."""
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    """Why it failed or was skipped (no tag values)."""
+    updated_at: Mapped[float] = mapped_column(Float)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from node.assemble import Assembler
 from node.audit import AuditTrail
+from node.batch import BatchRunner
 from node.catalog import Catalog
 from node.config import Settings
 from node.enqueue import Dispatch, Enqueuer
@@ -63,7 +64,10 @@ class NodeService:
         self.node_lock = NodeLock(storage)  # tells the CLI the node runs (node.lifecycle.guard.node_running)
         self.retriever = PriorRetriever.from_settings(settings, self.catalog, self.spool, self.receiver.store, clock,
                                                       on_exchange=audit.prior_exchange if audit else None)
-        self.router = Router(self.catalog, settings.rules, clock, priors_from_pacs=settings.priors is not None)
+        self.batches = BatchRunner.from_settings(settings, self.catalog, self.receiver.store, clock,
+                                                 on_exchange=audit.prior_exchange if audit else None)
+        self.router = Router(self.catalog, settings.rules, clock, priors_from_pacs=settings.priors is not None,
+                             fixed_plan=self.batches.plan_for)  # a batch's studies run its model only
         self.celery = create_app(settings)
         self.enqueuer = Enqueuer(self.celery, self.catalog, clock,
                                  queue_of=lambda model: settings.model_settings(model).queue,
@@ -127,6 +131,7 @@ class NodeService:
             ("pipeline", self.pipeline_tick, self.settings.assembly.poll_seconds),
             ("send", self.deliverer.tick, self.settings.send.poll_seconds),
             ("lifecycle", self.storage.tick, self.settings.storage.check_seconds),
+            ("batch", self.batches.tick, self.settings.batch.poll_seconds),  # one study at a time
         ]
         if self.notifier is not None:  # own loops: a slow webhook or SMTP server never delays the pipeline
             poll = self.settings.notifications.poll_seconds

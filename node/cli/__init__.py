@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from models.errors import ConfigError, ManifestError
-from node.cli import audit, browse, models_cmd, purge, rules, run, status, tokens, transfer
+from node.cli import audit, batch, browse, models_cmd, purge, rules, run, status, tokens, transfer
 from node.version import software_version
 
 __all__ = ["app", "main"]
@@ -47,7 +47,7 @@ def _root(
     results (DICOM SEG, SR, ...) back to the PACS."""
 
 
-for module in (run, status, browse, transfer, rules, purge, tokens, audit, models_cmd):
+for module in (run, status, browse, transfer, rules, batch, purge, tokens, audit, models_cmd):
     module.register(app)
 
 

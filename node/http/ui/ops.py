@@ -1,5 +1,6 @@
 """Dashboard pages about the node: operations (``/ops``: queue depth, workers, disk by area, peers,
-turnaround and throughput plots of the last 24 h) and the rule dry run (``/rules``)."""
+retrospective batches (counts only), turnaround and throughput plots of the last 24 h) and the rule
+dry run (``/rules``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Annotated, cast
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
+from node.batch_store import BatchStore
 from node.http.api import Ctx
+from node.http.api_batch import batches_out
 from node.http.ui.render import is_fragment, page
 from node.http.ui.svg import Line, line_chart
 from node.lifecycle.usage import AREAS, DiskUsage, disk_usage
@@ -17,6 +20,8 @@ from node.overview_ops import hourly_stats, queue_depths, worker_facts
 
 router = APIRouter(include_in_schema=False)
 
+BATCHES_SHOWN = 10
+"""The newest retrospective batches on the page (the API pages through all)."""
 DISK_SECONDS = 30.0
 """Disk usage is measured at most this often for the page (it walks the small areas, sums the catalog)."""
 
@@ -48,10 +53,12 @@ def operations(ctx: Ctx, request: Request) -> HTMLResponse:
     usage = _disk(request, ctx)
     peers = ctx.metrics.peers() if ctx.metrics is not None else []
     refusing = ctx.storage.refusing if ctx.storage is not None else False
+    store = BatchStore(ctx.catalog)
+    batches = batches_out(store, store.page(BATCHES_SHOWN)[1], now, ctx.settings.queue.offpeak_window)
     return page(request, "_ops.html" if is_fragment(request) else "ops.html",
                 queues=queue_depths(ctx.catalog, ctx.settings), workers=worker_facts(ctx.catalog, now),
                 disk=usage, areas=AREAS, storage=ctx.settings.storage,
-                peers=peers, charts=charts, now=now, refusing=refusing, title="Operations")
+                peers=peers, charts=charts, now=now, refusing=refusing, batches=batches, title="Operations")
 
 
 @router.get("/rules", response_class=HTMLResponse)
