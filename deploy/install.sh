@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install everything the node and its test suite need on a fresh Debian 12 machine.
 #   system packages: Orthanc (+ DICOMweb plugin), dcmtk, redis-server, postgresql (the tests start their own
-#   throwaway server with initdb/pg_ctl: testkit/postgres.py), python3-venv, chromium
+#   throwaway server with initdb/pg_ctl: testkit/postgres.py), python3-venv, chromium, iproute2 (`ip netns` for
+#   the multi-host test: tests/multihost/)
 #   the OHIF viewer's built dist/ (npm pack, cached) for the viewer test (tests/viewer/)
 #   a virtual environment in ./.venv with the project, its extras and pinned torch (CPU wheel)
 # Idempotent: re-running it only installs what is missing. Needs root (or sudo) for apt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk redis-server postgresql python3-venv chromium)
+APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk redis-server postgresql python3-venv chromium iproute2)
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 

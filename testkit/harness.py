@@ -66,9 +66,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
@@ -101,6 +101,8 @@ class Orthanc:
     http_port: int = field(default_factory=free_port)
     users: dict[str, str] = field(default_factory=dict)
     """HTTP basic-auth users (RegisteredUsers); empty: authentication off."""
+    prefix: tuple[str, ...] = ()
+    """Runs ``Orthanc`` with this command prefix (e.g. a network namespace's, :mod:`testkit.netns`)."""
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Orthanc:
@@ -125,8 +127,8 @@ class Orthanc:
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config))
         with open(self.workdir / "orthanc.log", "wb") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                                         env=tool_env())
+            self.proc = subprocess.Popen([*self.prefix, "Orthanc", str(cfg)], stdout=log,
+                                         stderr=subprocess.STDOUT, env=tool_env())
         wait_for(lambda: self._alive(), 30, what="Orthanc REST API")
         return self
 
@@ -191,6 +193,10 @@ class Orthanc:
 class Redis:
     workdir: Path
     port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"
+    """The address it binds (and its :attr:`url`)."""
+    prefix: tuple[str, ...] = ()
+    """Runs ``redis-server`` with this command prefix (e.g. a network namespace's, :mod:`testkit.netns`)."""
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Redis:
@@ -198,16 +204,18 @@ class Redis:
         data.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / "redis.log", "wb") as log:
             self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(data),
-                 "--appendonly", "yes", "--save", ""],
+                [*self.prefix, "redis-server", "--port", str(self.port), "--bind", self.host,
+                 "--dir", str(data), "--appendonly", "yes", "--save", "",
+                 # a private test network (testkit.netns): clients on other hosts, no password
+                 *(() if self.host == "127.0.0.1" else ("--protected-mode", "no"))],
                 stdout=log, stderr=subprocess.STDOUT,
             )
-        wait_for(lambda: port_open(self.port), 20, what="redis-server")
+        wait_for(lambda: port_open(self.port, self.host), 20, what="redis-server")
         return self
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -259,28 +267,32 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def start_node_process(config: Path, command: str, log_name: str, port: int | None = None) -> subprocess.Popen[bytes]:
-    """Start ``dicom-node <command> --config <config>`` in its own process group (so a test can
-    SIGKILL the node with its embedded workers); waits for the DICOM port when given."""
+def start_node_process(config: Path, command: str, log_name: str, port: int | None = None,
+                       extra: tuple[str, ...] = (), *, prefix: tuple[str, ...] = (),
+                       host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
+    """Start ``dicom-node <command> --config <config> <extra...>`` in its own process group (so a test
+    can SIGKILL the node with its embedded workers); waits for the DICOM port on ``host`` when given.
+    ``prefix``: a command prefix (e.g. a network namespace's, :mod:`testkit.netns`)."""
     with open(config.parent / log_name, "ab") as log:
-        proc = subprocess.Popen([str(VENV_BIN / "dicom-node"), command, "--config", str(config)],
+        proc = subprocess.Popen([*prefix, str(VENV_BIN / "dicom-node"), command, "--config", str(config), *extra],
                                 stdout=log, stderr=subprocess.STDOUT, env=tool_env(), start_new_session=True)
     if port is not None:
         def up() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError((config.parent / log_name).read_text()[-3000:])
-            return port_open(port)
+            return port_open(port, host)
 
         wait_for(up, 60, what=f"dicom-node {command} port")
     return proc
 
 
-def storescu(port: int, files_or_dir: Path, *extra: str, aet: str = SCANNER_AE,
-             aec: str = NODE_AE) -> subprocess.CompletedProcess[str]:
-    args = ["storescu", "-aet", aet, "-aec", aec, *extra]
+def storescu(port: int, files_or_dir: Path, *extra: str, aet: str = SCANNER_AE, aec: str = NODE_AE,
+             host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """dcmtk's storescu to ``host``; ``prefix``: a command prefix (e.g. a network namespace's)."""
+    args = [*prefix, "storescu", "-aet", aet, "-aec", aec, *extra]
     if files_or_dir.is_dir():
         args += ["+sd", "+r"]
-    args += ["127.0.0.1", str(port), str(files_or_dir)]
+    args += [host, str(port), str(files_or_dir)]
     return subprocess.run(args, capture_output=True, text=True, env=tool_env(), timeout=300, check=False)
 
 

@@ -29,15 +29,20 @@ def postgres_bin() -> Path | None:
 class PostgresServer:
     """One running server; :meth:`create_database` gives each test an empty database."""
 
-    def __init__(self, bin_dir: Path, root: Path) -> None:
+    def __init__(self, bin_dir: Path, root: Path, *, listen: str = "127.0.0.1", allow_cidr: str | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
+        """``listen``: the address it binds and its URLs use; ``allow_cidr``: clients from this network
+        are trusted too (pg_hba); ``prefix``: a command prefix for its programs (e.g. a network namespace's)."""
         self.bin_dir, self.root, self.port = bin_dir, root, free_port()
         self.data, self.socket_dir = root / "data", root / "run"
+        self.listen, self.allow_cidr, self.prefix = listen, allow_cidr, prefix
         self._user = "postgres" if os.geteuid() == 0 else None
 
     def _run(self, *args: str) -> None:
         cmd = [str(self.bin_dir / args[0]), *args[1:]]
         if self._user is not None:
             cmd = ["runuser", "-u", self._user, "--", *cmd]
+        cmd = [*self.prefix, *cmd]
         subprocess.run(cmd, check=True, capture_output=True, timeout=60)
 
     def start(self) -> None:
@@ -48,7 +53,10 @@ class PostgresServer:
                 os.chown(path, user.pw_uid, user.pw_gid)
         self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "--no-sync",
                   "--encoding=UTF8", "--locale=C")
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.socket_dir} "
+        if self.allow_cidr is not None:
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {self.allow_cidr} trust\n")
+        options = (f"-c listen_addresses={self.listen} -p {self.port} -k {self.socket_dir} "
                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-o", options,
                   "-w", "-t", "30", "start")
@@ -58,29 +66,31 @@ class PostgresServer:
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def url(self, database: str = "postgres") -> str:
-        """SQLAlchemy URL of ``database`` (psycopg 3 over TCP on 127.0.0.1)."""
-        return f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+        """SQLAlchemy URL of ``database`` (psycopg 3 over TCP to :attr:`listen`)."""
+        return f"postgresql+psycopg://{SUPERUSER}@{self.listen}:{self.port}/{database}"
 
     def create_database(self, prefix: str = "catalog") -> str:
         """A new empty database; returns its URL."""
         import psycopg
 
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, dbname="postgres",
+        with psycopg.connect(host=self.listen, port=self.port, user=SUPERUSER, dbname="postgres",
                              autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[PostgresServer]:
-    """Start a server for the block; raises FileNotFoundError when PostgreSQL is not installed."""
+def postgres_server(*, listen: str = "127.0.0.1", allow_cidr: str | None = None,
+                    prefix: tuple[str, ...] = ()) -> Iterator[PostgresServer]:
+    """Start a server for the block (arguments: :class:`PostgresServer`'s); raises FileNotFoundError
+    when PostgreSQL is not installed."""
     bin_dir = postgres_bin()
     if bin_dir is None:
         raise FileNotFoundError("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
                                 "(apt-get install postgresql)")
     root = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
-    server = PostgresServer(bin_dir, root)
+    server = PostgresServer(bin_dir, root, listen=listen, allow_cidr=allow_cidr, prefix=prefix)
     try:
         server.start()
         yield server
