@@ -10,7 +10,7 @@ processes can share one SQLite file without "database is locked" reaching a C-ST
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,14 +242,18 @@ class Catalog(DeliveryAndOperatorQueries):
                     .with_for_update()  # PostgreSQL: a late instance's reopening waits, or is seen
                 )
             )
-            if ids:
-                priors = set(s.scalars(select(Study.id).where(
-                    Study.id.in_(ids), Study.study_uid.in_(select(PriorFetch.prior_study_uid)))))
-                ids = [i for i in ids if i not in priors]
-                s.execute(update(Study).where(Study.id.in_(ids)).values(state=StudyState.READY, ready_at=ready_at))
-                s.execute(update(Study).where(Study.id.in_(list(priors)))
-                          .values(state=StudyState.PRIOR, ready_at=ready_at))
-            return ids
+            return _mark_ready(s, ids, ready_at)
+
+    def mark_complete_studies_ready(self, instances: Mapping[str, int], now: float) -> dict[str, int]:
+        """Early completion (:mod:`node.completion`): each study of ``instances`` (Study Instance UID ->
+        instance count) still receiving and holding exactly that many instances becomes ready (or
+        ``prior``, not returned, like :meth:`mark_quiet_studies_ready`); returns the ready ones (UID -> id)."""
+        with self.session() as s:
+            rows = s.execute(select(Study.id, Study.study_uid, Study.instance_count).where(
+                Study.study_uid.in_(list(instances)), Study.state == StudyState.RECEIVING).with_for_update())
+            complete = {uid: i for i, uid, n in rows if instances[uid] == n}
+            ready = set(_mark_ready(s, list(complete.values()), now))
+            return {uid: i for uid, i in complete.items() if i in ready}
 
     def studies_in_state(self, state: StudyState) -> list[Study]:
         with self.session() as s:
@@ -583,6 +587,18 @@ class Catalog(DeliveryAndOperatorQueries):
                 .where(Series.origin == SeriesOrigin.RECEIVED)) or 0}
             out["results"] = {"total": s.scalar(select(func.count()).select_from(Result)) or 0}
         return out
+
+
+def _mark_ready(s: Session, ids: list[int], ready_at: float) -> list[int]:
+    """Studies ``ids`` become ready, those fetched as priors ``prior``; returns the ready ones."""
+    if not ids:
+        return ids
+    priors = set(s.scalars(select(Study.id).where(
+        Study.id.in_(ids), Study.study_uid.in_(select(PriorFetch.prior_study_uid)))))
+    ids = [i for i in ids if i not in priors]
+    s.execute(update(Study).where(Study.id.in_(ids)).values(state=StudyState.READY, ready_at=ready_at))
+    s.execute(update(Study).where(Study.id.in_(list(priors))).values(state=StudyState.PRIOR, ready_at=ready_at))
+    return ids
 
 
 def _serve_result(s: Session, study_id: int, item: ResultFile, now: float) -> None:

@@ -83,6 +83,9 @@ class Peer(_Frozen):
     (resolved at each association); None: any address."""
     allow: list[PeerService]
     """What it may do: ``echo`` (C-ECHO), ``store`` (C-STORE); ``find``, ``move``, ``get`` are reserved."""
+    whole_study_per_association: bool = False
+    """True: it sends each study whole in one association (a PACS or router), so a study it stored is
+    ready once its associations were released normally (:mod:`node.completion`), not after the quiet period."""
 
     @field_validator("host")
     @classmethod
@@ -249,6 +252,9 @@ class HttpSettings(_Frozen):
 class AssemblySettings(_Frozen):
     study_quiet_seconds: float = Field(30, ge=0)
     """A study is ready this long after its last instance arrived."""
+    early_settle_seconds: float = Field(2.0, ge=0)
+    """Early completion (:mod:`node.completion`): a study that announced its size, or came whole from a
+    ``whole_study_per_association`` peer, is ready this long after its last association was released."""
     poll_seconds: float = Field(1.0, gt=0)
 
 

@@ -121,7 +121,7 @@ class Study(Base):
     study_datetime: Mapped[str] = mapped_column(String(32), default="")
     """StudyDate + StudyTime as sent (orders a patient's studies)."""
     ready_at: Mapped[float | None] = mapped_column(Float, default=None)
-    """When the quiet period made it ready (assembler; the latest generation's)."""
+    """When the assembler made it ready: quiet period or early completion (the latest generation's)."""
     routed_at: Mapped[float | None] = mapped_column(Float, default=None)
     """When routing created its jobs (or found none: unrouted)."""
     patient_id: Mapped[str] = mapped_column(String(64), default="", server_default="", index=True)

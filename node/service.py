@@ -15,11 +15,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from node.assemble import Assembler
 from node.audit import AuditTrail
 from node.batch import BatchRunner
 from node.catalog import Catalog
+from node.completion import CompletionTracker
 from node.config import Settings
 from node.enqueue import Dispatch, Enqueuer
 from node.http.app import create_app as create_http_app
@@ -35,7 +37,7 @@ from node.queue import broker_reachable, create_app
 from node.receive.scp import Receiver
 from node.retrieve import PriorRetriever
 from node.route import Router
-from node.send.deliver import Deliverer, DeliveryBatch, SenderFactory
+from node.send.deliver import Deliverer, SenderFactory
 from node.spool import Spool
 
 log = logging.getLogger("node.service")
@@ -52,11 +54,14 @@ class NodeService:
         self.spool = Spool(storage)
         self.metrics = NodeMetrics(settings, self.catalog, self.spool)  # /metrics; hooked into the receiver
         audit = self.audit = AuditTrail.from_settings(settings, clock) if settings.audit.enabled else None
-        self.receiver = Receiver(settings, self.catalog, self.spool, clock, on_answered=self.metrics.answered,
+        self.completion = CompletionTracker.from_settings(settings, clock)  # early completion's facts, in memory
+        self.receiver = Receiver(settings, self.catalog, self.spool, clock, on_stored=self.completion.stored,
+                                 on_answered=self.metrics.answered,
                                  on_accepted=self.metrics.accepted,
                                  on_association=audit.association if audit else None,
-                                 on_received=audit.instances_received if audit else None)
-        self.assembler = Assembler(self.catalog, settings.assembly.study_quiet_seconds, clock)
+                                 on_received=_fan_out(audit.instances_received if audit else None,
+                                                      self.completion.ended))
+        self.assembler = Assembler(self.catalog, settings.assembly.study_quiet_seconds, clock, self.completion)
         self.study_guard = StudyGuard()  # a purge of a study holds its new instances back (node.lifecycle)
         self.storage = StorageKeeper(settings, self.catalog, self.spool, clock, self.study_guard,
                                      stopping=lambda: self._stop.is_set())
@@ -156,17 +161,20 @@ class NodeService:
         self.node_lock.release()
 
 
-def _fan_out(*hooks: Callable[[DeliveryBatch], None] | None) -> Callable[[DeliveryBatch], None] | None:
-    """One ``on_batch`` calling each of ``hooks`` that is set (None when none is)."""
+_Event = TypeVar("_Event")
+
+
+def _fan_out(*hooks: Callable[[_Event], None] | None) -> Callable[[_Event], None] | None:
+    """One hook (``on_batch``, ``on_received``) calling each of ``hooks`` that is set (None when none is)."""
     present = [h for h in hooks if h is not None]
     if len(present) <= 1:
         return present[0] if present else None
 
-    def call(batch: DeliveryBatch) -> None:
+    def call(event: _Event) -> None:
         for h in present:
             try:
-                h(batch)
-            except Exception:  # one subscriber's failure must not keep the batch from the others
-                log.exception("on_batch hook failed")
+                h(event)
+            except Exception:  # one subscriber's failure must not keep the event from the others
+                log.exception("hook failed")
 
     return call

@@ -278,7 +278,7 @@ async def _stow(request: Request, ctx: NodeContext, study: str) -> Response:
     outcomes = parts.outcomes
     stored = sum(o.stored for o in outcomes)
     with anyio.CancelScope(shield=True):  # reported also when the client went away
-        await run_in_threadpool(_report, request, ctx, outcomes)  # the audit trail may fsync
+        await run_in_threadpool(_report, request, ctx, outcomes, refusal is not None)  # the audit trail may fsync
     if refusal is not None:
         if refusal.code == "client-gone":
             log.info("STOW-RS client %s disconnected after %d part(s), %d stored, %.1f MB", client, len(outcomes),
@@ -298,8 +298,9 @@ async def _stow(request: Request, ctx: NodeContext, study: str) -> Response:
                     media_type=DICOM_JSON, headers=headers)
 
 
-def _report(request: Request, ctx: NodeContext, outcomes: list[StoreOutcome]) -> None:
-    """What the request stored, per study, to the receiver's ``on_received`` hook (the audit trail)."""
+def _report(request: Request, ctx: NodeContext, outcomes: list[StoreOutcome], cut_short: bool = False) -> None:
+    """What the request stored, per study, to the receiver's ``on_received`` hook (the audit trail, early
+    completion); ``cut_short``: the request ended in a refusal (like an aborted association)."""
     if not outcomes:
         return
     studies: dict[str, Counter[str]] = {}
@@ -309,7 +310,7 @@ def _report(request: Request, ctx: NodeContext, outcomes: list[StoreOutcome]) ->
     who = requestor_of(request.scope)
     ctx.receiver.report_received(InstancesReceived(
         "stow", who.name or SOURCE, who.address or "", {uid: dict(c) for uid, c in studies.items()},
-        sum(not o.stored for o in outcomes), who.kind))
+        sum(not o.stored for o in outcomes), who.kind, aborted=cut_short))
 
 
 async def _guarded(request: Request, ctx: NodeContext, study: str) -> Response:

@@ -41,6 +41,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.catalog import Catalog
+from node.completion import Announced, announced_by
 from node.config import Settings
 from node.conformance import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
 from node.dicomweb.attributes import indexed_attributes
@@ -98,6 +99,8 @@ class StoredInstance:
     series_uid: str
     sop_instance_uid: str
     new: bool
+    announced: Announced | None = None
+    """What it says about its series' size (early completion, :mod:`node.completion`)."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,8 @@ class InstancesReceived:
     """Instances answered with a failure status."""
     kind: str | None = None
     """How the STOW-RS sender was authenticated (``token``, ``oidc``); None for DIMSE."""
+    aborted: bool = False
+    """The association was aborted (A-ABORT, connection lost), or the STOW-RS request cut short."""
 
 
 def series_attributes(ds: Dataset, calling_ae: str) -> dict[str, Any]:
@@ -340,6 +345,7 @@ class Receiver:
             patient = patient_key(ds)
             study_datetime = f"{ds.get('StudyDate', '')}{ds.get('StudyTime', '')}"[:32]
             indexed = indexed_attributes(ds)  # what QIDO-RS matches and returns
+            announced = announced_by(ds)  # never raises
         except (Exception, RecursionError) as exc:  # anything the parser throws is the sender's fault
             log.warning("cannot parse instance: %s", type(exc).__name__)
             return Received(STATUS_CANNOT_PARSE, *(request or (None, None)))
@@ -382,7 +388,7 @@ class Receiver:
         elif recorded.study_event == "reopened":
             log.info("study #%d (%s): late instance, re-opened for a rerun", recorded.study_id, ref(study_uid))
         if self.on_stored is not None:
-            self.on_stored(StoredInstance(study_uid, series_uid, sop_uid, recorded.new))
+            self.on_stored(StoredInstance(study_uid, series_uid, sop_uid, recorded.new, announced))
         return uids
 
     # ---- pynetdicom glue --------------------------------------------------------------------
@@ -528,7 +534,7 @@ class Receiver:
             self.report_received(InstancesReceived(
                 "dimse", event.assoc.requestor.ae_title.strip(), event.assoc.requestor.address or "",
                 {uid: dict(by_class) for uid, by_class in studies.items()},
-                sum(n for k, n in stats.items() if k != "ok")))
+                sum(n for k, n in stats.items() if k != "ok"), aborted=event.event == evt.EVT_ABORTED))
 
     def report_received(self, event: InstancesReceived) -> None:
         """Hand ``event`` to the ``on_received`` hook (the SCP's associations, and the STOW-RS route for
