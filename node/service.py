@@ -41,6 +41,8 @@ from node.send.deliver import Deliverer, SenderFactory
 from node.spool import Spool
 
 log = logging.getLogger("node.service")
+LEASE_CHECK_SECONDS = 2.0
+"""How often the pipeline loop looks for jobs whose worker is lost (``queue.worker_lost_seconds`` is 10 s at least)."""
 
 
 class NodeService:
@@ -85,6 +87,7 @@ class NodeService:
         self.http = self._http_server() if settings.http.enabled else None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._leases_checked_at = float("-inf")
 
     def _http_server(self) -> HttpServer:
         ctx = NodeContext(self.settings, self.catalog, self.spool, self.receiver, self.clock,
@@ -106,13 +109,22 @@ class NodeService:
         self.router.route_ready()
         if self.retriever is not None:  # fetches the priors of jobs routing created awaiting-prior
             self.retriever.tick()
-        lost = self.catalog.requeue_abandoned(self.clock(), self.job_policy)
+        now = self.clock()
+        if not now - LEASE_CHECK_SECONDS < self._leases_checked_at <= now:
+            self._leases_checked_at = now
+            self._check_leases(now)
+        self.enqueuer.enqueue_pending()
+
+    def _check_leases(self, now: float) -> None:
+        """Running jobs whose worker is lost go back to the queue; queued jobs whose message is stale are
+        sent again (every :data:`LEASE_CHECK_SECONDS`, not every tick: a scan of running jobs with their
+        workers' heartbeats cost 6-8 % of the receive path's CPU during ingest when run every 0.2 s)."""
+        lost = self.catalog.requeue_abandoned(now, self.job_policy)
         for job_id in lost:
             log.warning("job #%d lost its worker; queued again (or failed if out of attempts)", job_id)
         if lost and self.notifier is not None:
             self.notifier.jobs_lost(lost)
-        self.catalog.resend_stale_queued(self.clock(), self.job_policy.lease_seconds)
-        self.enqueuer.enqueue_pending()
+        self.catalog.resend_stale_queued(now, self.job_policy.lease_seconds)
 
     def _loop(self, name: str, tick: Callable[[], object], interval: float) -> None:
         while not self._stop.is_set():

@@ -34,6 +34,10 @@ class IndexedAttributes(NamedTuple):
     instance: DicomJson
 
 
+JSON_BULK_DATA_THRESHOLD = 1024
+"""pydicom's default for ``Dataset.to_json_dict`` (no indexed attribute comes near it)."""
+
+
 def to_dicom_json(ds: Dataset, keywords: tuple[str, ...]) -> DicomJson:
     """The ``keywords`` present in ``ds`` as DICOM JSON; an element whose value cannot be
     converted (malformed IS/DS...) is left out rather than failing the instance."""
@@ -41,10 +45,9 @@ def to_dicom_json(ds: Dataset, keywords: tuple[str, ...]) -> DicomJson:
     for kw in keywords:
         if kw not in ds:
             continue
-        one = Dataset()
-        with contextlib.suppress(Exception):
-            one.add(ds[kw])
-            out.update(one.to_json_dict())
+        elem = ds[kw]
+        with contextlib.suppress(Exception):  # as Dataset.to_json_dict, without a Dataset per element
+            out[f"{elem.tag:08X}"] = elem.to_json_dict(None, JSON_BULK_DATA_THRESHOLD)
     return out
 
 
