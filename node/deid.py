@@ -29,7 +29,7 @@ import hmac
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydicom.dataelem import DataElement
@@ -270,15 +270,6 @@ def shift(value: str, vr: str, days: int) -> str:
     return (day + dt.timedelta(days=days)).strftime("%Y%m%d") + text[8:]
 
 
-def _walk(ds: Dataset) -> Iterator[DataElement]:
-    """Every element of ``ds`` and of its sequences' items, depth first."""
-    for elem in ds:
-        yield elem
-        if elem.VR == "SQ":
-            for item in elem.value:
-                yield from _walk(item)
-
-
 def _values(elem: DataElement) -> list[str]:
     if elem.value is None or elem.value == "":
         return []
@@ -304,7 +295,7 @@ def reidentify(result: Dataset, sources: Sequence[Dataset], p: Pseudonymizer) ->
         offset = p.date_offset_days(original_id)
         names[p.patient_id(original_id)] = original_id
         names[p.patient_name(original_id)] = str(s.get("PatientName", "") or "")
-        for elem in _walk(s):
+        for elem in s.iterall():
             if elem.VR == "UI":
                 uids.update((p.uid(v), v) for v in _values(elem))
             elif elem.VR in ("DA", "DT"):
@@ -312,7 +303,7 @@ def reidentify(result: Dataset, sources: Sequence[Dataset], p: Pseudonymizer) ->
                 dates.update((shift(v, vr, offset)[:8], shift(v, vr, 0)[:8]) for v in _values(elem))
     dates.pop("", None)
     out = copy.deepcopy(result)
-    for elem in _walk(out):
+    for elem in out.iterall():
         if elem.VR == "UI":
             _map_values(elem, lambda v: uids.get(v, v))
         elif elem.VR in ("DA", "DT"):

@@ -1,12 +1,15 @@
 """Fixtures shared by every test directory: a throwaway PostgreSQL server (started once per session,
-only when a test asks for it) and ``catalog_url``, which runs a catalog test on SQLite and on PostgreSQL."""
+only when a test asks for it), ``catalog_url``, which runs a catalog test on SQLite and on PostgreSQL, and
+``catalog``, a catalog on that URL."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from node.catalog import Catalog
 from testkit.postgres import PostgresServer, postgres_bin, postgres_server
 
 
@@ -28,3 +31,11 @@ def catalog_url(request: pytest.FixtureRequest) -> str | None:
         return None
     server: PostgresServer = request.getfixturevalue("pg")
     return server.create_database()
+
+
+@pytest.fixture
+def catalog(tmp_path: Path, catalog_url: str | None) -> Iterator[Catalog]:
+    """A catalog in ``tmp_path`` on SQLite and on PostgreSQL (``catalog_url``): SQL searches, row locks."""
+    c = Catalog.for_storage(tmp_path, catalog_url)
+    yield c
+    c.close()

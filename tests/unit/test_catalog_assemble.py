@@ -1,9 +1,6 @@
 """Catalog bookkeeping and quiet-period assembly, driven by a fake clock."""
 
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 
 from node.assemble import Assembler
 from node.catalog import Catalog, Recorded
@@ -19,13 +16,6 @@ class FakeClock:
     def __call__(self) -> float:
         return self.t
 
-
-@pytest.fixture
-def catalog(tmp_path: Path, catalog_url: str | None) -> Iterator[Catalog]:
-    """On SQLite and on PostgreSQL (``catalog_url``)."""
-    catalog = Catalog.for_storage(tmp_path, catalog_url)
-    yield catalog
-    catalog.close()
 
 
 def add(catalog: Catalog, sop: str, now: float, study: str = "1.2.1", series: str = "1.2.1.1") -> Recorded:

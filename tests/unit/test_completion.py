@@ -4,8 +4,6 @@ catalog (SQLite and PostgreSQL), driven by a fake clock."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pydicom.dataelem import RawDataElement
@@ -124,13 +122,6 @@ class FakeClock:
     def __call__(self) -> float:
         return self.t
 
-
-@pytest.fixture
-def catalog(tmp_path: Path, catalog_url: str | None) -> Iterator[Catalog]:
-    """On SQLite and on PostgreSQL (``catalog_url``: the row locks of the early marking)."""
-    catalog = Catalog.for_storage(tmp_path, catalog_url)
-    yield catalog
-    catalog.close()
 
 
 class Node:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -53,14 +52,6 @@ def p() -> Pseudonymizer:
     return Pseudonymizer(KEY)
 
 
-def walk(ds: Dataset) -> Iterator[DataElement]:
-    for elem in ds:
-        yield elem
-        if elem.VR == "SQ":
-            for item in elem.value:
-                yield from walk(item)
-
-
 def values(elem: DataElement) -> list[str]:
     v = elem.value
     if v is None or v == "":
@@ -78,7 +69,7 @@ def identifying_values(ds: Dataset) -> set[str]:
     """What must not reach a remote worker: identifying attributes anywhere (file meta included),
     every instance UID, every date, every private value of ``ds``."""
     found: set[str] = set()
-    for elem in [*walk(ds.file_meta), *walk(ds)]:
+    for elem in [*ds.file_meta.iterall(), *ds.iterall()]:
         if elem.keyword in IDENTIFYING or elem.keyword == "SourceApplicationEntityTitle":
             found.update(values(elem))
         elif elem.VR == "UI" and not elem.keyword.endswith("ClassUID"):
@@ -137,7 +128,7 @@ def test_synthetic_written_bytes_hold_no_identifying_value(p: Pseudonymizer) -> 
     data = written(out)
     assert {"Doe^Jane", "19700101", "20180704", "ACC998877", "St Elsewhere Hospital"} <= secrets
     assert [s for s in secrets if s.encode() in data] == []
-    assert not any(elem.tag.is_private for elem in walk(out))
+    assert not any(elem.tag.is_private for elem in out.iterall())
     offset = p.date_offset_days("PID-12345")
     nested = out.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
     assert nested.InstanceCreationDate == shift("20180704", "DA", offset) != ""
@@ -278,8 +269,8 @@ def test_reidentified_results_reference_the_originals(
 ) -> None:
     originals, sources, results = round_trip
     first = originals[0]
-    original_uids = {v for ds in originals for e in walk(ds) if e.VR == "UI" for v in values(e)}
-    pseudonyms = {v for ds in sources for e in walk(ds) if e.VR == "UI" for v in values(e)} - original_uids
+    original_uids = {v for ds in originals for e in ds.iterall() if e.VR == "UI" for v in values(e)}
+    pseudonyms = {v for ds in sources for e in ds.iterall() if e.VR == "UI" for v in values(e)} - original_uids
     original_sops = {str(ds.SOPInstanceUID) for ds in originals}
     assert {"SEG", "SR", "OT", "DOC"} <= {str(r.Modality) for r in results}  # SEG, TID 1500 SR, key images, PDF
     for i, result in enumerate(results):
@@ -291,12 +282,12 @@ def test_reidentified_results_reference_the_originals(
                         "AccessionNumber", "StudyID"):
             assert out[keyword].value == first[keyword].value, (kind, keyword)
         assert "PatientIdentityRemoved" not in out and "DeidentificationMethod" not in out
-        uids = {v for e in walk(out) if e.VR == "UI" for v in values(e)}
+        uids = {v for e in out.iterall() if e.VR == "UI" for v in values(e)}
         assert uids.isdisjoint(pseudonyms), kind
-        referenced = {v for e in walk(out) if e.keyword == "ReferencedSOPInstanceUID" for v in values(e)}
+        referenced = {v for e in out.iterall() if e.keyword == "ReferencedSOPInstanceUID" for v in values(e)}
         assert referenced & original_sops, kind
         assert referenced <= original_sops | {str(r.SOPInstanceUID) for r in results}
-        dates = {v for e in walk(out) if e.VR == "DA" for v in values(e)}
+        dates = {v for e in out.iterall() if e.VR == "DA" for v in values(e)}
         assert first.StudyDate in dates and not dates & {str(s.StudyDate) for s in sources}
         path = tmp_path / f"{i}-{kind}.dcm"
         out.save_as(path, enforce_file_format=True)

@@ -5,8 +5,6 @@ QIDO-RS search over it (SQL and Python matching, paging)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pydicom.dataelem import RawDataElement
@@ -23,13 +21,6 @@ from node.schema import Instance, Job, Series, SeriesOrigin, Study, StudyState
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 
-
-@pytest.fixture
-def catalog(tmp_path: Path, catalog_url: str | None) -> Iterator[Catalog]:
-    """On SQLite and on PostgreSQL (``catalog_url``): the QIDO-RS search is SQL."""
-    catalog = Catalog.for_storage(tmp_path, catalog_url)
-    yield catalog
-    catalog.close()
 
 
 def _ds(**values: object) -> Dataset:

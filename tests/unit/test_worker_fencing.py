@@ -4,7 +4,6 @@ back to the queue, on any host."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,6 @@ POLICY = JobPolicy(max_attempts=3, retry_initial_seconds=0, lease_seconds=3600, 
                    worker_lost_seconds=30)
 SEG = ResultFile("SEG", "1.2.3.4.9", "1.2.840.10008.5.1.4.1.1.66.4", "results/1.2/1.2.3.4.9.dcm")
 
-
-@pytest.fixture
-def catalog(tmp_path: Path, catalog_url: str | None) -> Iterator[Catalog]:
-    """The catalog on SQLite and on PostgreSQL (row locks there)."""
-    c = Catalog.for_storage(tmp_path, catalog_url)
-    yield c
-    c.close()
 
 
 def _job(catalog: Catalog) -> int:
