@@ -28,8 +28,6 @@ from node.schema import (
 )
 
 HOUR = 3600.0
-WORKER_ALIVE_SECONDS = 30.0
-"""A worker whose heartbeat is older than this is shown as lost (it beats every few seconds)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ class WorkerFacts:
     gpu: str | None
 
 
-def worker_facts(catalog: Catalog, now: float, alive_seconds: float = WORKER_ALIVE_SECONDS,
+def worker_facts(catalog: Catalog, now: float, alive_seconds: float,
                  window: float = 24 * HOUR) -> list[WorkerFacts]:
     """Worker processes seen in the last ``window`` seconds, most recent first; each one's current job
     (its heartbeat's, else a running job it claimed)."""

@@ -74,7 +74,7 @@ def list_queues(ctx: Ctx) -> list[QueueOut]:
 def list_workers(ctx: Ctx) -> list[WorkerOut]:
     return [WorkerOut(host=w.host, pid=w.pid, queues=w.queues, started_at=w.started_at, last_seen_at=w.last_seen_at,
                       alive=w.alive, job_id=w.job_id, job_model=w.job_model, job_study_id=w.job_study_id, gpu=w.gpu)
-            for w in worker_facts(ctx.catalog, ctx.clock())]
+            for w in worker_facts(ctx.catalog, ctx.clock(), ctx.settings.queue.worker_lost_seconds)]
 
 
 @router.get("/peers", summary="Senders since the node started (in memory): associations, instances, last seen")

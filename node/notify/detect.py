@@ -7,7 +7,7 @@ event                  found as                                         key
 job-failed             a job in state ``failed``                        ``job-failed:<job>:<finished_at>``
 worker-lost            a job whose error says "worker lost"             ``worker-lost:<job>:<attempt>``
 worker-lost            a worker's heartbeat silent for                  ``worker-lost:<host>:<pid>:<started>``
-                       ``overview_ops.WORKER_ALIVE_SECONDS``
+                       ``queue.worker_lost_seconds``
 results                a job ``done`` (of a model a target lists)       ``results:<job>:<started_at>``
 delivery-late          deliveries of a study to a destination still     ``delivery-late:<dest>:<study>:<first
                        pending ``delivery_late_minutes`` after their    delivery id>:<pending since>``
@@ -37,7 +37,6 @@ from node.catalog import Catalog
 from node.config import Settings
 from node.notify.events import Event, iso, study_ref
 from node.notify.outbox import Outbox
-from node.overview_ops import WORKER_ALIVE_SECONDS
 from node.schema import Delivery, DeliveryState, DestinationState, Job, JobState, Result, WorkerHeartbeat
 from node.send.deliver import DeliveryBatch
 
@@ -154,13 +153,14 @@ class Detector:
 
     def workers_silent(self, now: float, lo: float) -> list[Event]:
         """Worker processes whose heartbeat stopped (killed, host down) without removing its row."""
+        silent_since = now - self.settings.queue.worker_lost_seconds
         with self.catalog.reading() as s:
             return [Event(f"worker-lost:{h.host}:{h.pid}:{h.started_at:.0f}", "worker-lost",
                           {"worker": {"host": h.host, "pid": h.pid, "queues": h.queues, "job_id": h.job_id,
                                       "last_seen_at": iso(h.last_seen_at)},
                            "silent_seconds": round(now - h.last_seen_at)})
                     for h in s.scalars(select(WorkerHeartbeat)
-                                       .where(WorkerHeartbeat.last_seen_at < now - WORKER_ALIVE_SECONDS,
+                                       .where(WorkerHeartbeat.last_seen_at < silent_since,
                                               WorkerHeartbeat.last_seen_at >= lo)
                                        .order_by(WorkerHeartbeat.id))]
 

@@ -15,7 +15,6 @@ from models.errors import DestinationUnreachable
 from node.catalog import Catalog, JobSpec
 from node.config import Settings
 from node.notify import Notifier
-from node.overview_ops import WORKER_ALIVE_SECONDS
 from node.policy import JobPolicy
 from node.schema import JobState, StudyState, WorkerHeartbeat
 from node.send.base import SendReport
@@ -154,12 +153,13 @@ def test_worker_lost_when_its_heartbeat_stops(tmp_path: Path) -> None:
     clock = Clock()
     notifier, catalog, rec = setup(tmp_path, clock)
     notifier.detect_tick()
+    lost_after = notifier.detector.settings.queue.worker_lost_seconds
     with catalog.session() as s:  # what workers.heartbeat writes: one alive, one that stopped beating
         s.add(WorkerHeartbeat(host="gpu-1", pid=11, queues="gpu", started_at=clock.t - 100, last_seen_at=clock.t,
                               job_id=None))
         s.add(WorkerHeartbeat(host="gpu-2", pid=12, queues="gpu", started_at=clock.t - 100, last_seen_at=clock.t,
                               job_id=None))
-    clock.t += WORKER_ALIVE_SECONDS - 1
+    clock.t += lost_after - 1
     with catalog.session() as s:
         s.execute(update(WorkerHeartbeat).where(WorkerHeartbeat.host == "gpu-1").values(last_seen_at=clock.t))
     assert notifier.tick() == 0
@@ -168,7 +168,7 @@ def test_worker_lost_when_its_heartbeat_stops(tmp_path: Path) -> None:
     assert notifier.tick() == 0
     [(event, _, doc)] = rec.sent
     assert event == "worker-lost" and doc["worker"]["host"] == "gpu-2" and doc["worker"]["pid"] == 12
-    assert doc["summary"] == f"worker lost: gpu-2:12 (no heartbeat for {round(WORKER_ALIVE_SECONDS + 1)} s)"
+    assert doc["summary"] == f"worker lost: gpu-2:12 (no heartbeat for {round(lost_after + 1)} s)"
 
 
 def test_results_only_for_the_models_a_target_lists(tmp_path: Path) -> None:

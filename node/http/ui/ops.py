@@ -55,8 +55,9 @@ def operations(ctx: Ctx, request: Request) -> HTMLResponse:
     refusing = ctx.storage.refusing if ctx.storage is not None else False
     store = BatchStore(ctx.catalog)
     batches = batches_out(store, store.page(BATCHES_SHOWN)[1], now, ctx.settings.queue.offpeak_window)
+    workers = worker_facts(ctx.catalog, now, ctx.settings.queue.worker_lost_seconds)
     return page(request, "_ops.html" if is_fragment(request) else "ops.html",
-                queues=queue_depths(ctx.catalog, ctx.settings), workers=worker_facts(ctx.catalog, now),
+                queues=queue_depths(ctx.catalog, ctx.settings), workers=workers,
                 disk=usage, areas=AREAS, storage=ctx.settings.storage,
                 peers=peers, charts=charts, now=now, refusing=refusing, batches=batches, title="Operations")
 
