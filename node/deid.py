@@ -153,7 +153,7 @@ class Pseudonymizer:
 
 def deidentify(ds: Dataset, p: Pseudonymizer) -> Dataset:
     """A de-identified copy of ``ds`` (``ds`` itself is untouched). Raises BurnedInAnnotation."""
-    _refuse_burned_in(ds)
+    refuse_burned_in(ds)
     original_id = str(ds.get("PatientID", "") or "")
     out = copy.deepcopy(ds)
     _clean(out, p, p.date_offset_days(original_id))
@@ -175,7 +175,9 @@ def deidentify(ds: Dataset, p: Pseudonymizer) -> Dataset:
     return out
 
 
-def _refuse_burned_in(ds: Dataset) -> None:
+def refuse_burned_in(ds: Dataset) -> None:
+    """Raise BurnedInAnnotation for an image that may show identifying text in its pixels (a header is
+    enough: the check :func:`deidentify` makes first)."""
     stated = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
     if stated == "YES":
         raise BurnedInAnnotation("Burned In Annotation is YES")

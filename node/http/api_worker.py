@@ -30,7 +30,15 @@ from starlette.concurrency import run_in_threadpool
 
 from models.errors import InputError
 from node.catalog_ops import JobTimings
-from node.deid import LEFT_OUT_OBJECTS, BurnedInAnnotation, Pseudonymizer, deidentify, ensure_key, reidentify
+from node.deid import (
+    LEFT_OUT_OBJECTS,
+    BurnedInAnnotation,
+    Pseudonymizer,
+    deidentify,
+    ensure_key,
+    refuse_burned_in,
+    reidentify,
+)
 from node.http.api import PREFIX, Ctx
 from node.http.context import NodeContext
 from node.http.errors import Problem
@@ -139,11 +147,10 @@ def _servable(ctx: NodeContext, instances: list[Instance]) -> list[Instance]:
     """With de-identification: the instances that may leave (no burned-in annotation)."""
     if not ctx.settings.remote_workers.deidentify:
         return instances
-    p = _pseudonymizer(ctx)
     out = []
     for i in instances:
         try:
-            deidentify(pydicom.dcmread(ctx.spool.path(i.path), stop_before_pixels=True), p)
+            refuse_burned_in(pydicom.dcmread(ctx.spool.path(i.path), stop_before_pixels=True))
         except BurnedInAnnotation:
             continue
         out.append(i)
