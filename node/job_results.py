@@ -1,7 +1,7 @@
 """How a job's attempt ends in the catalog, whichever way its worker reached the node: results written
 into the spool and recorded (with their deliveries, the stage timings and the resending of replaced
 files), or a failed attempt skipped, failed or queued again. One place for both the direct path
-(:class:`workers.local_source.LocalSource`, a worker with the catalog and the spool) and the remote
+(:class:`workers.source.LocalSource`, a worker with the catalog and the spool) and the remote
 workers' API (:mod:`node.http.api_worker`).
 
 Fencing: with a :class:`node.policy.Holder` nothing changes unless that attempt still holds the job
@@ -24,7 +24,7 @@ from models.errors import InputError
 from node.catalog import Catalog, ResultFile
 from node.catalog_ops import JobTimings
 from node.dicomweb.attributes import indexed_attributes
-from node.policy import Holder, JobPolicy
+from node.policy import Holder, JobPolicy, holds
 from node.schema import Job, JobState
 from node.spool import Spool
 
@@ -51,11 +51,6 @@ def result_file(ds: Dataset, rel: str, data: bytes, variant: str = "") -> Result
     return ResultFile(str(ds.Modality), str(ds.SOPInstanceUID), str(ds.SOPClassUID), rel, variant,
                       series_uid=str(ds.SeriesInstanceUID), transfer_syntax_uid=str(meta.TransferSyntaxUID),
                       size=len(data), indexed=indexed_attributes(ds))
-
-
-def holds(job: Job | None, holder: Holder) -> bool:
-    """Whether ``holder`` holds ``job`` now (a read without a lock: the recording checks again)."""
-    return job is not None and job.state == JobState.RUNNING and (job.attempts, job.worker) == holder
 
 
 def record_job_results(catalog: Catalog, spool: Spool, job: Job, objects: Sequence[ResultObject],

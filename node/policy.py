@@ -93,11 +93,15 @@ class Holder(NamedTuple):
     worker: str
 
 
+def holds(job: Job | None, holder: Holder) -> bool:
+    """Whether ``holder`` holds ``job`` (running, same attempt and worker)."""
+    return job is not None and job.state == JobState.RUNNING and (job.attempts, job.worker) == holder
+
+
 def held_job(s: Session, job_id: int, holder: Holder) -> Job | None:
-    """The job, row-locked, if ``holder`` still holds it (running, same attempt and worker)."""
+    """The job, row-locked, if ``holder`` still holds it (:func:`holds`)."""
     job = s.get(Job, job_id, with_for_update=True)
-    ok = job is not None and job.state == JobState.RUNNING and (job.attempts, job.worker) == holder
-    return job if ok else None
+    return job if holds(job, holder) else None
 
 
 def last_seen(s: Session, worker: str | None) -> float | None:

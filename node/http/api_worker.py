@@ -42,8 +42,8 @@ from node.deid import (
 from node.http.api import PREFIX, Ctx
 from node.http.context import NodeContext
 from node.http.errors import Problem
-from node.job_results import Outcome, ResultObject, end_attempt, holds, record_job_results
-from node.policy import Holder, job_policy
+from node.job_results import Outcome, ResultObject, end_attempt, record_job_results
+from node.policy import Holder, holds, job_policy
 from node.receive.stow import MultipartError, parse_media_type, parse_multipart, valid_boundary
 from node.route import is_pair_model
 from node.schema import BINARY_VARIANT, Instance, Job, JobState
