@@ -10,9 +10,9 @@ processes can share one SQLite file without "database is locked" reaching a C-ST
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -26,8 +26,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.catalog_ops import NEW_RUN, DeliveryAndOperatorQueries
+from node.catalog_receive import NewInstance, Recorded, record
 from node.db import catalog_url, make_engine, upgrade
-from node.dicomweb.attributes import IndexedAttributes, study_columns
+from node.dicomweb.attributes import IndexedAttributes
+from node.group_commit import GroupCommit
 from node.policy import Holder, JobPolicy, held_job, last_seen
 from node.schema import (
     BINARY_VARIANT,
@@ -80,17 +82,6 @@ class ResultFile(NamedTuple):
     """Its series- and instance-level attributes (:func:`node.dicomweb.attributes.indexed_attributes`)."""
 
 
-@dataclass(frozen=True)
-class Recorded:
-    """What ``Catalog.record_instance`` did."""
-
-    new: bool
-    """False: this SOP Instance was already recorded (a duplicate)."""
-    study_id: int
-    study_event: str | None = None
-    """"new" for a study's first instance, "reopened" when a late instance re-opens a routed study."""
-
-
 _INCOMPLETE_PRIORS = (
     select(PriorFetch.prior_study_uid)
     .where(PriorFetch.prior_study_uid.is_not(None))
@@ -109,6 +100,12 @@ class Catalog(DeliveryAndOperatorQueries):
         upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(make_engine(url, read_only=True), expire_on_commit=False)
+        self._group_commit: GroupCommit[NewInstance, Recorded] = GroupCommit(self._record_batch)
+        self._write_gate: AbstractContextManager[object] = (
+            threading.RLock() if self.engine.dialect.name == "sqlite" else nullcontext())
+        """SQLite: this process's writers queue here for the database's one write lock, instead of in
+        SQLite's busy handler, which sleeps 1, 2, 5, 10... ms between tries (four associations storing
+        at once spent more time asleep than writing). Other processes still meet the busy handler."""
 
     @classmethod
     def for_storage(cls, storage_dir: Path, url: str | None = None) -> Catalog:
@@ -132,7 +129,7 @@ class Catalog(DeliveryAndOperatorQueries):
     @contextmanager
     def session(self) -> Iterator[Session]:
         """One short transaction: commit on success, roll back on error."""
-        with self._sessions() as s, s.begin():
+        with self._write_gate, self._sessions() as s, s.begin():
             yield s
 
     @contextmanager
@@ -161,73 +158,35 @@ class Catalog(DeliveryAndOperatorQueries):
         patient_key: str | None = None,
         study_datetime: str = "",
         indexed: IndexedAttributes | None = None,
-        _retry: bool = False,
     ) -> Recorded:
         """Record a spooled instance (idempotent: a known SOP Instance is reported, not added).
 
         A new instance for a study that was already routed re-opens it (late arrival -> rerun).
         ``indexed``: the attributes QIDO-RS matches and returns, kept from a study's and a series'
-        first instance that has them.
+        first instance that has them. Returns once the row is durable; concurrent callers (several
+        associations) share one transaction (:mod:`node.group_commit`).
         """
+        return self._group_commit.submit(NewInstance(
+            study_uid, series_uid, sop_instance_uid, sop_class_uid, transfer_syntax_uid, path, size,
+            series_attributes, now, patient_key, study_datetime, indexed))
+
+    def _record_batch(self, items: Sequence[NewInstance]) -> list[Recorded]:
+        """One transaction for ``items`` (the group commit's batch). When it fails on a constraint (a
+        duplicate, or another receiver inserting the same row first) each item gets its own, which looks
+        the instance up before adding it."""
         try:
             with self.session() as s:
-                known = s.execute(
-                    select(Series.study_id).join(Instance, Instance.series_id == Series.id)
-                    .where(Instance.sop_instance_uid == sop_instance_uid)
-                ).scalar()
-                if known is not None:
-                    return Recorded(new=False, study_id=known)
-                event: str | None = None
-                # Row locks (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers): the counts
-                # below are read-modify-write, and several receivers may share the catalog.
-                study = s.scalar(select(Study).where(Study.study_uid == study_uid).with_for_update())
-                if study is None:
-                    study = Study(study_uid=study_uid, first_received_at=now, last_received_at=now,
-                                  patient_key=patient_key, study_datetime=study_datetime)
-                    s.add(study)
-                    s.flush()
-                    event = "new"
-                elif study.state != StudyState.RECEIVING:
-                    study.state = StudyState.RECEIVING
-                    study.generation += 1
-                    event = "reopened"
-                study.last_received_at = now
-                study.instance_count += 1
-                if indexed is not None and study.dicom is None:
-                    study.dicom = indexed.study
-                    for column, value in study_columns(indexed.study).items():
-                        setattr(study, column, value)
-                series = s.scalar(select(Series).where(Series.series_uid == series_uid).with_for_update())
-                if series is None:
-                    series = Series(series_uid=series_uid, study_id=study.id, attributes=series_attributes)
-                    s.add(series)
-                    s.flush()
-                series.instance_count += 1
-                if indexed is not None and series.dicom is None:
-                    series.dicom = indexed.series
-                s.add(
-                    Instance(
-                        sop_instance_uid=sop_instance_uid,
-                        sop_class_uid=sop_class_uid,
-                        series_id=series.id,
-                        path=path,
-                        size=size,
-                        transfer_syntax_uid=transfer_syntax_uid,
-                        received_at=now,
-                        dicom=None if indexed is None else indexed.instance,
-                    )
-                )
-                return Recorded(new=True, study_id=study.id, study_event=event)
+                return [record(s, item, fast=True) for item in items]
         except IntegrityError:
-            if _retry:
-                raise
-            # A concurrent association inserted the same instance/series/study row first: look again.
-            return self.record_instance(
-                study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_instance_uid,
-                sop_class_uid=sop_class_uid, transfer_syntax_uid=transfer_syntax_uid, path=path, size=size,
-                series_attributes=series_attributes, now=now, patient_key=patient_key,
-                study_datetime=study_datetime, indexed=indexed, _retry=True,
-            )
+            recorded: list[Recorded] = []
+            for item in items:
+                try:
+                    with self.session() as s:
+                        recorded.append(record(s, item, fast=True))
+                except IntegrityError:
+                    with self.session() as s:  # look again: the row that won is there now
+                        recorded.append(record(s, item, fast=False))
+            return recorded
 
     # ---- assemble --------------------------------------------------------------------------
     def mark_quiet_studies_ready(self, quiet_before: float, now: float | None = None) -> list[int]:
@@ -571,7 +530,7 @@ class Catalog(DeliveryAndOperatorQueries):
     def writable(self) -> bool:
         """Whether a write transaction can start now (``/readyz``); a locked SQLite file waits for
         its busy timeout first."""
-        with self.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE takes the write lock
+        with self._write_gate, self.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE takes the write lock
             conn.exec_driver_sql("SELECT 1")
         return True
 
