@@ -47,8 +47,9 @@ from models.base import (
     Volume,
     check_input,
 )
-from models.ct_hu_segmentation.airways import AirwayParams, find_airways
-from models.ct_hu_segmentation.model import HuSegParams, segment_ct
+from models.ct_hu_segmentation.airways import AirwayParams
+from models.ct_hu_segmentation.airways import find_airways as find_airways  # re-exported by the package
+from models.ct_hu_segmentation.model import HuSegParams, chest_masks
 from models.errors import ManifestError
 from models.manifest import MANIFEST_FILENAME, load_manifest
 
@@ -100,13 +101,12 @@ class CtEmphysema:
         """LAA% and grade; :class:`UnsuitableInput` if the series has too little lung."""
         self.check(volume)
         p = self.params
-        masks, notes = segment_ct(volume, p.segmentation)
-        right, left = masks["Right Lung"], masks["Left Lung"]
-        airways, airway_note = find_airways(volume.voxels, right, left, volume, p.airways)
-        notes.append(airway_note)
+        chest = chest_masks(volume, p.segmentation, p.airways)
+        notes = [*chest.notes, chest.airway_note]
+        airways = chest.airways
+        right = chest.right & ~airways
+        left = chest.left & ~airways
         vml = volume.voxel_volume_ml
-        right &= ~airways
-        left &= ~airways
         lung_ml = float((right.sum() + left.sum()) * vml)
         if lung_ml < p.min_lung_ml:
             raise UnsuitableInput(

@@ -34,6 +34,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
 
+from models.ct_hu_segmentation.inplane import run_filter, thread_map
+
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float32]
 
@@ -66,9 +68,12 @@ def segment_bone(hu: FloatArray, body: BoolArray, spacing: tuple[float, float, f
     sub_hu, sub_body = hu[box], body[box]
     bone = np.empty(sub_body.shape, dtype=bool)
     marrowish = np.empty(sub_body.shape, dtype=bool)
-    for k0 in range(0, sub_body.shape[0], _CHUNK):
+
+    def chunk(k0: int) -> None:  # steps 1-4 are in-plane: chunks of slices are independent
         ks = slice(k0, k0 + _CHUNK)
         bone[ks], marrowish[ks] = _inplane(sub_hu[ks], sub_body[ks], spacing, p)
+
+    thread_map(chunk, range(0, sub_body.shape[0], _CHUNK))
     between = np.zeros_like(bone)
     between[1:-1] = bone[2:] & bone[:-2]
     bone |= between & marrowish & sub_body
@@ -105,7 +110,9 @@ def _inplane(
     dense = (hu > p.bone_hu) & body
     # 3x3 mean against noise, then 3x3 minimum: a voxel beside cortex is not marrow-dense just
     # because the cortex raises its mean (the rim of the spinal canal).
-    marrowish = ndi.minimum_filter(ndi.uniform_filter(hu, size=(1, 3, 3)), size=(1, 3, 3)) >= p.marrow_hu
+    mean = ndi.uniform_filter(hu, size=(1, 3, 3))
+    lowest = run_filter(run_filter(mean, 3, 1, np.minimum, np.inf), 3, 2, np.minimum, np.inf)
+    marrowish = lowest >= p.marrow_hu
     reach = (max(1, round(p.marrow_reach_mm / sj)), max(1, round(p.marrow_reach_mm / si)))
     marrow = marrowish & body & enclosed(dense, reach)
     if p.marrow_opening_mm > 0:
@@ -139,28 +146,28 @@ def _radius_px(radius_mm: float, step_j: float, step_i: float) -> int:
 def _dilate(mask: BoolArray, radius: int) -> BoolArray:
     """In-plane binary dilation by an octagon of ``radius`` pixels (3x3 squares and crosses, alternating).
 
-    Separable 1-D maximum filters: fast whatever the radius, unlike a disk structuring element.
+    Separable 3-pixel windows: fast whatever the radius, unlike a disk structuring element.
     """
-    out = mask.view(np.uint8)
+    out = mask
     for step in range(radius):
-        along_j = ndi.maximum_filter1d(out, 3, axis=1, mode="constant", cval=0)
+        along_j = run_filter(out, 3, 1, np.logical_or, False)
         if step % 2 == 0:  # 3x3 square
-            out = ndi.maximum_filter1d(along_j, 3, axis=2, mode="constant", cval=0)
+            out = run_filter(along_j, 3, 2, np.logical_or, False)
         else:  # 3x3 cross
-            out = along_j | ndi.maximum_filter1d(out, 3, axis=2, mode="constant", cval=0)
-    return out.view(bool)
+            out = along_j | run_filter(out, 3, 2, np.logical_or, False)
+    return out
 
 
 def _erode(mask: BoolArray, radius: int) -> BoolArray:
     """In-plane binary erosion by the octagon of :func:`_dilate`; outside the array counts as set."""
-    out = mask.view(np.uint8)
+    out = mask
     for step in range(radius):
-        along_j = ndi.minimum_filter1d(out, 3, axis=1, mode="nearest")
+        along_j = run_filter(out, 3, 1, np.logical_and, True)
         if step % 2 == 0:
-            out = ndi.minimum_filter1d(along_j, 3, axis=2, mode="nearest")
+            out = run_filter(along_j, 3, 2, np.logical_and, True)
         else:
-            out = along_j & ndi.minimum_filter1d(out, 3, axis=2, mode="nearest")
-    return out.view(bool)
+            out = along_j & run_filter(out, 3, 2, np.logical_and, True)
+    return out
 
 
 def _holes_to_fill(bone: BoolArray, hu: FloatArray, pixel_cm2: float, p: BoneParams) -> BoolArray:

@@ -39,6 +39,8 @@ from scipy import ndimage as ndi
 from models.base import Manifest, ModelResult, Segment, Volume, check_input
 from models.ct_hu_segmentation.airways import AirwayParams, find_airways
 from models.ct_hu_segmentation.bone import BoneParams, bbox, segment_bone
+from models.ct_hu_segmentation.inplane import both, diamond, dilate, erode
+from models.ct_hu_segmentation.volume_cache import VolumeCache
 from models.errors import ManifestError
 from models.manifest import MANIFEST_FILENAME, ManifestFile, load_manifest_file
 
@@ -95,13 +97,20 @@ class CtHuSegmentation:
     def run(self, volume: Volume) -> ModelResult:
         """Segment ``volume``; every declared segment is returned (empty ones are noted)."""
         self.check(volume)
-        masks, notes = segment_ct(volume, self.params)
-        masks["Bone"] = segment_bone(volume.voxels, masks["Body"], volume.spacing, self.params.bone)
-        airway, note = find_airways(volume.voxels, masks["Right Lung"], masks["Left Lung"], volume, self.airways)
-        notes.append(note)
-        masks["Airway"] = airway  # the trachea and main bronchi are not lung
-        masks["Right Lung"] = masks["Right Lung"] & ~airway
-        masks["Left Lung"] = masks["Left Lung"] & ~airway
+        body = body_mask(volume, self.params)
+        # Bone needs only the body: it runs beside the lungs and airways (on two threads when allowed).
+        bone, chest = both(
+            lambda: segment_bone(volume.voxels, body[0], volume.spacing, self.params.bone),
+            lambda: chest_masks(volume, self.params, self.airways, body),
+        )
+        notes = [*chest.notes, chest.airway_note]
+        masks = {
+            "Body": chest.body,
+            "Right Lung": chest.right & ~chest.airways,  # the trachea and main bronchi are not lung
+            "Left Lung": chest.left & ~chest.airways,
+            "Bone": bone,
+            "Airway": chest.airways,
+        }
         segments = []
         for name in SEGMENT_NAMES:
             label = self._labels[name]
@@ -117,23 +126,81 @@ class CtHuSegmentation:
         )
 
 
+@dataclass(frozen=True)
+class ChestMasks:
+    """What the chest models share (read-only arrays). ``right`` and ``left`` still hold the airways,
+    as :func:`segment_ct` returns them; ``notes`` are its notes, ``airway_note`` that of the airways."""
+
+    body: BoolArray
+    right: BoolArray
+    left: BoolArray
+    airways: BoolArray
+    notes: tuple[str, ...]
+    airway_note: str
+
+
+Body = tuple[BoolArray, npt.NDArray[np.float64] | None]
+"""The body mask and the (i, j, k) centre of the trunk (None: no body)."""
+
+_BODY: VolumeCache[Body] = VolumeCache()
+_CHEST: VolumeCache[ChestMasks] = VolumeCache()
+
+
+def body_mask(volume: Volume, params: HuSegParams) -> Body:
+    """The first step of :func:`segment_ct` (read-only mask), computed once per read-only volume."""
+
+    def compute() -> Body:
+        body, centre = _body(volume.voxels, volume, params)
+        body.setflags(write=False)
+        return body, centre
+
+    return _BODY.get(volume, params, compute)
+
+
+def chest_masks(
+    volume: Volume, params: HuSegParams, airway_params: AirwayParams, body: Body | None = None
+) -> ChestMasks:
+    """:func:`segment_ct` and :func:`find_airways` of ``volume``, computed once for the chest models
+    that run on the same read-only volume (see :mod:`models.ct_hu_segmentation.volume_cache`);
+    ``body``: :func:`body_mask` of this volume and ``params`` (called when None)."""
+
+    def compute() -> ChestMasks:
+        masks, notes = segment_ct(volume, params, body or body_mask(volume, params))
+        airways, note = find_airways(volume.voxels, masks["Right Lung"], masks["Left Lung"], volume, airway_params)
+        chest = ChestMasks(masks["Body"], masks["Right Lung"], masks["Left Lung"], airways, tuple(notes), note)
+        for mask in (chest.body, chest.right, chest.left, chest.airways):
+            mask.setflags(write=False)
+        return chest
+
+    return _CHEST.get(volume, (params, airway_params), compute)
+
+
+def forget_chest_masks() -> None:
+    """Drop the masks kept for the last volume now (their memory), not when it is collected."""
+    _BODY.clear()
+    _CHEST.clear()
+
+
 # --------------------------------------------------------------------------------------------
 # The pipeline (pure functions of the voxels and the affine).
 
 
-def segment_ct(volume: Volume, params: HuSegParams) -> tuple[dict[str, BoolArray], list[str]]:
-    """Masks by name ("Body", "Right Lung", "Left Lung") and human-readable notes (Bone: :func:`segment_bone`)."""
+def segment_ct(
+    volume: Volume, params: HuSegParams, body: Body | None = None
+) -> tuple[dict[str, BoolArray], list[str]]:
+    """Masks by name ("Body", "Right Lung", "Left Lung") and human-readable notes (Bone: :func:`segment_bone`);
+    ``body``: :func:`body_mask` of this volume and ``params`` when already computed."""
     hu = volume.voxels
     notes: list[str] = []
-    body, trunk_center_ijk = _body(hu, volume, params)
+    inside, trunk_center_ijk = body or _body(hu, volume, params)
     if trunk_center_ijk is None:
         empty = np.zeros(hu.shape, dtype=bool)
         return {"Body": empty, "Right Lung": empty.copy(), "Left Lung": empty.copy()}, [
             "no body found (nothing above the body threshold)"
         ]
     x_mid = float(volume.to_patient(trunk_center_ijk)[0])
-    right, left = _lungs(hu, body, volume, x_mid, params, notes)
-    return {"Body": body, "Right Lung": right, "Left Lung": left}, notes
+    right, left = _lungs(hu, inside, volume, x_mid, params, notes)
+    return {"Body": inside, "Right Lung": right, "Left Lung": left}, notes
 
 
 def _inplane_disk(radius_mm: float, step_j_mm: float, step_i_mm: float) -> BoolArray:
@@ -152,8 +219,8 @@ def _body(hu: FloatArray, volume: Volume, p: HuSegParams) -> tuple[BoolArray, np
     fi = max(1, round(p.work_mm / si))
     thr = hu > p.body_hu
     low = thr[:, ::fj, ::fi]
-    disk = _inplane_disk(p.table_opening_mm, sj * fj, si * fi)
-    opened = ndi.binary_opening(low, structure=disk)
+    disk = _inplane_disk(p.table_opening_mm, sj * fj, si * fi)[0]
+    opened = dilate(erode(low, disk), disk)  # an in-plane opening
     lab, n = ndi.label(opened)
     if n == 0:
         return np.zeros(hu.shape, dtype=bool), None
@@ -167,7 +234,7 @@ def _body(hu: FloatArray, volume: Volume, p: HuSegParams) -> tuple[BoolArray, np
     center_ijk = np.array([i_c * fi, j_c * fj, k_c], dtype=np.float64)
     # One grid step of margin restores the skin line at full resolution (via ``& thr``) without
     # reaching across the air gap to a table the opening cut off.
-    grown = ndi.binary_dilation(selected, structure=_CROSS_2D)
+    grown = dilate(selected, diamond(1))
     up = grown.repeat(fj, axis=1).repeat(fi, axis=2)[:, : hu.shape[1], : hu.shape[2]]
     body = up & thr
     return _fill_holes_per_slice(body), center_ijk
@@ -215,9 +282,13 @@ def _lungs(
     right = np.zeros(hu.shape, dtype=bool)
     left = np.zeros(hu.shape, dtype=bool)
     margin = max(1, round(p.lung_margin_mm / min(sj, si)))
-    inner = ndi.binary_erosion(body, structure=_CROSS_2D, iterations=margin)
-    cand = (hu < p.lung_hu) & inner
-    del inner
+    air = (hu < p.lung_hu) & body
+    # Everything below happens in the box of ``air`` (grown in-plane by the erosion's reach).
+    crop = bbox(air, pad=margin)
+    if crop is None:
+        return right, left
+    cand = air[crop] & erode(body[crop], diamond(margin))  # air inside the body less its rim
+    del air
     lab, n = ndi.label(cand)
     del cand
     if n == 0:
@@ -228,12 +299,13 @@ def _lungs(
     for label in np.nonzero(counts * vml >= p.min_lung_component_ml)[0]:
         if label == 0:
             continue
-        box = boxes[label - 1]
-        if box is None:
+        local = boxes[label - 1]
+        if local is None:
             continue
-        comp = lab[box] == label
+        comp = lab[local] == label
+        box = tuple(slice(b.start + c.start, b.stop + c.start) for b, c in zip(local, crop, strict=True))
         vol_ml = float(counts[label] * vml)
-        core = ndi.binary_erosion(comp, structure=_CROSS_2D, iterations=2)
+        core = erode(comp, diamond(2))
         core_median = float(np.median(hu[box][core if core.any() else comp]))
         if core_median < p.gas_core_hu and vol_ml < p.gas_max_ml:
             notes.append(f"rejected a {vol_ml:.0f} ml air pocket (core median {core_median:.0f} HU) as gas")

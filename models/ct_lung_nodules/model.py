@@ -5,7 +5,7 @@ Outline of :meth:`CtLungNodules.run` (all thresholds in :class:`NoduleParams`):
 Search region
     Right and left lung from :func:`models.ct_hu_segmentation.model.segment_ct` (nodules are
     holes or pleural notches in these air-density masks) less the trachea and bronchi tracked by
-    :func:`models.ct_emphysema.model.find_airways`. Each lung is closed with a ball of
+    :func:`models.ct_hu_segmentation.airways.find_airways`. Each lung is closed with a ball of
     ``closing_mm`` and its holes filled (on a ~2 mm grid), then grown by ``margin_mm``: the region
     holds intrapulmonary and juxtapleural nodules but little chest wall or mediastinum. Fewer
     than ``min_lung_ml`` of lung is :class:`UnsuitableInput`.
@@ -80,8 +80,9 @@ from models.base import (
     Volume,
     check_input,
 )
-from models.ct_emphysema.model import AirwayParams, find_airways
-from models.ct_hu_segmentation.model import HuSegParams, segment_ct
+from models.ct_hu_segmentation.airways import AirwayParams, find_airways
+from models.ct_hu_segmentation.inplane import thread_map
+from models.ct_hu_segmentation.model import HuSegParams, chest_masks
 from models.errors import ManifestError
 from models.manifest import MANIFEST_FILENAME, load_manifest, load_manifest_file
 
@@ -172,15 +173,16 @@ class CtLungNodules:
         """Nodule candidates, strongest first; :class:`UnsuitableInput` if there is too little lung."""
         self.check(volume)
         p = self.params
-        masks, notes = segment_ct(volume, p.segmentation)
-        lungs = masks["Right Lung"] | masks["Left Lung"]
+        chest = chest_masks(volume, p.segmentation, p.airways)
+        notes = list(chest.notes)
+        lungs = chest.right | chest.left
         lung_ml = float(lungs.sum() * volume.voxel_volume_ml)
         if lung_ml < p.min_lung_ml:
             raise UnsuitableInput(
                 f"{self.manifest.name}: only {lung_ml:.1f} ml of lung in the series "
                 f"(needs at least {p.min_lung_ml:.0f} ml): no lungs to search"
             )
-        candidates = detect_nodules(volume.voxels, masks["Right Lung"], masks["Left Lung"], volume, p)
+        candidates = detect_nodules(volume.voxels, chest.right, chest.left, volume, p, chest.airways)
         detections = []
         counts = {"Nodule": 0, "Mass": 0}
         for c in candidates:
@@ -246,10 +248,10 @@ class CtLungNodules:
         taken = np.zeros(shape, dtype=bool)
         for cand, det in zip(candidates, detections, strict=False):
             output = self._outputs[self.kind(cand)]
+            mine = tuple(cand.voxels_kji[~taken[tuple(cand.voxels_kji.T)]].T)
             mask = np.zeros(shape, dtype=bool)
-            mask[tuple(cand.voxels_kji.T)] = True
-            mask &= ~taken
-            taken |= mask
+            mask[mine] = True
+            taken[mine] = True
             out.append(Segment(det.label, output.category, output.type, mask))
         return tuple(out)
 
@@ -259,10 +261,12 @@ class CtLungNodules:
 
 
 def detect_nodules(
-    hu: FloatArray, right: BoolArray, left: BoolArray, volume: Volume, p: NoduleParams
+    hu: FloatArray, right: BoolArray, left: BoolArray, volume: Volume, p: NoduleParams, airways: BoolArray | None = None
 ) -> list[Candidate]:
-    """Measured nodule candidates, strongest (highest confidence) first."""
-    airways, _ = find_airways(hu, right, left, volume, p.airways)
+    """Measured nodule candidates, strongest first; the ``airways`` (:func:`find_airways`, computed when
+    None) are taken out of ``right`` and ``left``."""
+    if airways is None:
+        airways, _ = find_airways(hu, right, left, volume, p.airways)
     right = right & ~airways
     left = left & ~airways
     lungs = right | left
@@ -281,7 +285,7 @@ def detect_nodules(
     sub_lungs = lungs[box]
     lung_hu = float(np.median(sub_hu[sub_lungs])) if sub_lungs.any() else -850.0
     lo, hi = p.clip_hu
-    img = np.clip(sub_hu, lo, hi).astype(np.float32)
+    img = np.clip(sub_hu, lo, hi).astype(np.float32, copy=False)
     img[~sub_closed] = lung_hu
     raw = _blob_maxima(img, sub_region, spacing, sigmas, p)
     # Strongest first; drop weaker candidates whose centre lies inside a stronger one's sphere.
@@ -331,11 +335,13 @@ def search_region(
     closed_all = np.zeros(shape, dtype=bool)
     grown_all = np.zeros(shape, dtype=bool)
     reach = int(np.ceil((p.closing_mm + p.margin_mm) / coarse_spacing.min())) + 1
-    for lung in (right, left):
+    inner = (slice(reach, -reach),) * 3
+
+    def one(lung: BoolArray) -> tuple[Box, BoolArray, BoolArray] | None:  # the two lungs run on two threads
         coarse = _block_any(lung, f)
         box = _bbox(coarse, np.full(3, reach))
         if box is None:
-            continue
+            return None
         # Closing by distance transforms (a ball of closing_mm) on the lung's box, padded so that
         # the array border does not cut it.
         padded = np.pad(coarse[box], reach)
@@ -343,15 +349,21 @@ def search_region(
         closed = ndi.distance_transform_edt(dilated, sampling=coarse_spacing) > p.closing_mm
         closed = ndi.binary_fill_holes(closed | padded)
         grown = ndi.distance_transform_edt(~closed, sampling=coarse_spacing) <= p.margin_mm
-        inner = (slice(reach, -reach),) * 3
-        closed_all[box] |= closed[inner]
-        grown_all[box] |= grown[inner]
+        return box, closed[inner], grown[inner]
+
+    for done in thread_map(one, (right, left)):
+        if done is not None:
+            box, closed, grown = done
+            closed_all[box] |= closed
+            grown_all[box] |= grown
     return _upsample(closed_all, f, right.shape), _upsample(grown_all, f, right.shape)
 
 
 def _upsample(coarse: BoolArray, f: tuple[int, ...], shape: tuple[int, ...]) -> BoolArray:
-    up = coarse.repeat(f[0], axis=0).repeat(f[1], axis=1).repeat(f[2], axis=2)
-    return np.ascontiguousarray(up[: shape[0], : shape[1], : shape[2]])
+    """Each coarse voxel repeated over its ``f`` block, cut to ``shape`` (a view of whole blocks)."""
+    n = coarse.shape
+    blocks = np.broadcast_to(coarse[:, None, :, None, :, None], (n[0], f[0], n[1], f[1], n[2], f[2]))
+    return blocks.reshape(n[0] * f[0], n[1] * f[1], n[2] * f[2])[: shape[0], : shape[1], : shape[2]]
 
 
 def _sigmas(p: NoduleParams) -> npt.NDArray[np.float64]:
@@ -375,12 +387,17 @@ def _bbox(mask: BoolArray, pad: npt.NDArray[np.int_]) -> Box | None:
 
 
 def _block_any(mask: BoolArray, f: tuple[int, ...]) -> BoolArray:
-    """True where any voxel of an ``f`` block is set (the array is padded up to whole blocks)."""
-    shape = [int(np.ceil(n / fi)) * fi for n, fi in zip(mask.shape, f, strict=True)]
-    padded = np.zeros(shape, dtype=bool)
-    padded[: mask.shape[0], : mask.shape[1], : mask.shape[2]] = mask
-    blocks = padded.reshape(shape[0] // f[0], f[0], shape[1] // f[1], f[1], shape[2] // f[2], f[2])
-    return np.asarray(blocks.any(axis=(1, 3, 5)))
+    """True where any voxel of an ``f`` block (a partial last one too) is set; ``mask`` itself for blocks
+    of one voxel. One axis at a time, OR-ing strided views."""
+    out = mask
+    for axis, fi in enumerate(f):
+        if fi > 1:
+            acc = np.zeros((*out.shape[:axis], -(-out.shape[axis] // fi), *out.shape[axis + 1 :]), dtype=bool)
+            for offset in range(fi):
+                part = out[(slice(None),) * axis + (slice(offset, None, fi),)]
+                acc[(slice(None),) * axis + (slice(0, part.shape[axis]),)] |= part
+            out = acc
+    return out
 
 
 def _block_mean(img: FloatArray, f: tuple[int, ...]) -> FloatArray:
@@ -391,63 +408,108 @@ def _block_mean(img: FloatArray, f: tuple[int, ...]) -> FloatArray:
     return np.asarray(blocks.mean(axis=(1, 3, 5), dtype=np.float32))
 
 
+Peak = tuple[npt.NDArray[np.float64], float, float, float]  # position (k, j, i), sigma mm, strength, sphericity
+Level = tuple[FloatArray, BoolArray, npt.NDArray[np.int_]]  # block means, blocks in the region, first block
+
+
 def _blob_maxima(
     img: FloatArray,
     region: BoolArray,
     spacing: npt.NDArray[np.float64],
     sigmas: npt.NDArray[np.float64],
     p: NoduleParams,
-) -> list[tuple[npt.NDArray[np.float64], float, float, float]]:
-    """(position (k, j, i) in ``img`` voxels, sigma mm, strength, sphericity) of the spherical maxima."""
-    out: list[tuple[npt.NDArray[np.float64], float, float, float]] = []
-    levels: dict[tuple[int, ...], tuple[FloatArray, BoolArray]] = {}
+) -> list[Peak]:
+    """The spherical maxima of every scale, smallest sigma first. Each scale works on a box of its
+    grid: the blocks holding ``region`` and two more on each side.
+    ``img`` is constant outside the closed lungs (inside ``region``), so the Gaussian inside that
+    box equals the one over the whole image, and the Laplacian and the 26-neighbour test at region
+    voxels only read values inside it: the maxima are those of the whole image, for a fraction of
+    the work. Scales are independent and run on :func:`thread_map`'s threads.
+    """
+    box = _bbox(region, np.zeros(3, dtype=int))
+    if box is None:
+        return []
+    lo, hi = np.array([b.start for b in box]), np.array([b.stop for b in box])
+    factors = [tuple(max(1, int(sigma / (2.0 * s))) for s in spacing) for sigma in sigmas]
+    distinct = list(dict.fromkeys(factors))
+    levels = dict(zip(distinct, thread_map(lambda f: _level(img, region, f, lo, hi), distinct), strict=True))
+    per_scale = thread_map(
+        lambda i: _scale_maxima(levels[factors[i]], float(sigmas[i]), factors[i], spacing, p), range(len(sigmas))
+    )
+    return [peak for peaks in per_scale for peak in peaks]
+
+
+def _level(
+    img: FloatArray, region: BoolArray, f: tuple[int, ...], lo: npt.NDArray[np.int_], hi: npt.NDArray[np.int_]
+) -> Level:
+    """The grid of block size ``f`` over the blocks holding region voxels ``lo`` to ``hi`` (exclusive)
+    and two more on each side (whole blocks only, as :func:`_block_mean`)."""
+    fa = np.array(f)
+    start = np.maximum(lo // fa - 2, 0)
+    stop = np.minimum((hi - 1) // fa + 3, np.array(img.shape) // fa)
+    full = tuple(slice(int(a) * fi, int(b) * fi) for a, b, fi in zip(start, stop, f, strict=True))
+    level_img = _block_mean(img[full], f) if f != (1, 1, 1) else img[full]
+    return level_img, _block_any(region[full], f), start
+
+
+def _scale_maxima(
+    level: Level, sigma: float, f: tuple[int, ...], spacing: npt.NDArray[np.float64], p: NoduleParams
+) -> list[Peak]:
+    """The spherical maxima at ``sigma`` on its grid (block size ``f``), in image voxels."""
+    level_img, level_region, start = level
     norm = BALL_PEAK * p.reference_contrast_hu
     # A thick slice (s = its spacing >= thick_slice_mm) already averaged a box of s along z: variance s^2 / 12.
     slab_var = np.array([spacing[0] ** 2 / 12.0 if spacing[0] >= p.thick_slice_mm else 0.0, 0.0, 0.0])
-    for sigma in sigmas:
-        f = tuple(max(1, int(sigma / (2.0 * s))) for s in spacing)
-        if f not in levels:
-            level_img = _block_mean(img, f) if f != (1, 1, 1) else img
-            level_reg = _block_any(region, f)[tuple(slice(0, n) for n in level_img.shape)]
-            levels[f] = (level_img, level_reg)
-        level, level_region = levels[f]
-        h = spacing * np.array(f)
-        box_var = spacing**2 * (np.array(f) ** 2 - 1) / 12.0  # block averaging already smoothed this much
-        sig_vox = np.sqrt(np.maximum(sigma**2 - box_var - slab_var, 0.0)) / h
-        g = ndi.gaussian_filter(level, sig_vox, mode="nearest", truncate=3.0)
-        strength = (-(sigma**2) / norm) * _laplacian(g, h)
-        peaks = _local_maxima(strength, level_region, p.min_strength)
-        if peaks.shape[0] == 0:
-            continue
-        sph = _sphericity(g, h, peaks)
-        good = sph >= p.min_sphericity
-        pos = peaks[good] * np.array(f) + (np.array(f) - 1) / 2.0
-        for q, s_val, sp_val in zip(pos, strength[tuple(peaks[good].T)], sph[good], strict=True):
-            out.append((q.astype(np.float64), float(sigma), float(s_val), float(sp_val)))
-    return out
+    h = spacing * np.array(f)
+    box_var = spacing**2 * (np.array(f) ** 2 - 1) / 12.0  # block averaging already smoothed this much
+    sig_vox = np.sqrt(np.maximum(sigma**2 - box_var - slab_var, 0.0)) / h
+    g = ndi.gaussian_filter(level_img, sig_vox, mode="nearest", truncate=3.0)
+    lap = _laplacian(g, h)
+    scale = -(sigma**2) / norm  # strength = scale * lap, in float64 (negative: reference_contrast_hu > 0)
+    peaks = _local_maxima(lap, scale, level_region, p.min_strength)
+    if peaks.shape[0] == 0:
+        return []
+    sph = _sphericity(g, h, peaks)
+    good = sph >= p.min_sphericity
+    pos = (peaks[good] + start) * np.array(f) + (np.array(f) - 1) / 2.0
+    strength = scale * lap[tuple(peaks[good].T)].astype(np.float64)
+    return [
+        (q.astype(np.float64), sigma, float(s_val), float(sp_val))
+        for q, s_val, sp_val in zip(pos, strength, sph[good], strict=True)
+    ]
 
 
 def _laplacian(g: FloatArray, h: npt.NDArray[np.float64]) -> FloatArray:
     """Second differences summed over the axes (edges replicated), per mm^2."""
-    lap = np.zeros_like(g)
+    lap: FloatArray | None = None
+    term = np.empty_like(g)
     for axis in range(3):
         if g.shape[axis] >= 3:
             kernel = np.array([1.0, -2.0, 1.0]) / h[axis] ** 2
-            lap += ndi.correlate1d(g, kernel, axis=axis, mode="nearest")
-    return lap
+            ndi.correlate1d(g, kernel, axis=axis, mode="nearest", output=term)
+            if lap is None:
+                lap, term = term, np.empty_like(g)
+            else:
+                lap += term
+    return lap if lap is not None else np.zeros_like(g)
 
 
-def _local_maxima(resp: FloatArray, region: BoolArray, threshold: float) -> npt.NDArray[np.intp]:
-    """(n, 3) indices of voxels in ``region`` above ``threshold`` and above all 26 neighbours."""
-    inner = np.zeros(resp.shape, dtype=bool)
+def _local_maxima(lap: FloatArray, scale: float, region: BoolArray, threshold: float) -> npt.NDArray[np.intp]:
+    """(n, 3) indices of voxels of ``region`` (off the border) whose strength ``scale * lap`` (float64,
+    ``scale < 0``) exceeds ``threshold`` and is at least that of each of the 26 neighbours. Compared on
+    ``lap``: a float64 product of float32 values by one negative number reverses their order exactly
+    (ties stay ties); the threshold is applied loosely in float32, then exactly where that passes."""
+    inner = np.zeros(lap.shape, dtype=bool)
     inner[1:-1, 1:-1, 1:-1] = True
-    idx = np.argwhere((resp > threshold) & region & inner)
+    bound = np.float32(threshold / scale * (1.0 - 1e-4))  # a little above threshold / scale: lets all through
+    idx = np.argwhere((lap < bound) & region & inner)
+    idx = idx[scale * lap[tuple(idx.T)].astype(np.float64) > threshold]
     if idx.shape[0] == 0:
         return idx
-    values = resp[tuple(idx.T)]
+    values = lap[tuple(idx.T)]
     is_max = np.ones(idx.shape[0], dtype=bool)
     for off in _OFFSETS:
-        is_max &= values >= resp[tuple((idx + off).T)]
+        is_max &= values <= lap[tuple((idx + off).T)]
     return idx[is_max]
 
 
