@@ -12,11 +12,16 @@ are then ``[that instance]`` and ``Volume.source_frames[k]`` is the 1-based fram
 One CR/DX image is a projection radiograph: a one-slice volume, dense = bright, read by
 :mod:`workers.load_radiograph`. A series that mixes multi-frame and single-frame instances, or holds several multi-frame
 instances, is refused (the encoders reference either single-frame slices or one multi-frame image).
+
+Each file is read once; the pixels are decoded straight into the volume (no copy kept on the
+datasets). A worker process keeps the series it loaded last (:class:`SeriesCache`) for the next
+jobs on the same files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array
 
 from models.base import Volume
 from models.errors import UnreadableInput, UnsuitableInput
@@ -140,6 +146,24 @@ def _rescaled(ds: Dataset) -> npt.NDArray[np.float32]:
     return arr
 
 
+def _stacked(ordered: Sequence[Dataset], rows: int, cols: int) -> npt.NDArray[np.float32]:
+    """The slices' pixels, decoded straight into one float32 array (no per-slice copies, no stacking)
+    with each slice's rescale applied: the same values as ``_rescaled`` slice by slice."""
+    voxels = np.empty((len(ordered), rows, cols), dtype=np.float32)
+    for k, ds in enumerate(ordered):
+        pixels = _pixels(ds)
+        if pixels.shape != (rows, cols):
+            raise UnreadableInput(f"pixel data of shape {pixels.shape} for a {rows}x{cols} slice")
+        out = voxels[k]
+        out[...] = pixels
+        slope, intercept = _rescale(ds)
+        if slope != 1.0:
+            out *= slope
+        if intercept != 0.0:
+            out += intercept
+    return voxels
+
+
 def _rescale(item: Dataset | None, default: tuple[float, float] = (1.0, 0.0)) -> tuple[float, float]:
     """(slope, intercept) of ``item``; ``default`` where it has none."""
     if item is None or ("RescaleSlope" not in item and "RescaleIntercept" not in item):
@@ -160,17 +184,61 @@ def is_multiframe(ds: Dataset) -> bool:
 
 
 def _pixels(ds: Dataset) -> npt.NDArray[Any]:
-    """The decoded Pixel Data; UnreadableInput when it is truncated or cannot be decoded."""
+    """The decoded Pixel Data, not kept on ``ds`` (``ds.pixel_array`` would keep a copy there);
+    UnreadableInput when it is truncated or cannot be decoded."""
     try:
-        return ds.pixel_array
+        return pixel_array(ds)
     except (AttributeError, ValueError) as exc:  # no Pixel Data, truncated, or a malformed stream
         raise UnreadableInput(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
 
 
-def load_series(paths: Sequence[Path]) -> tuple[Volume, list[Dataset]]:
+Loaded = tuple[Volume, list[Dataset]]
+"""A series read: its volume and its source datasets in k order."""
+
+
+def load_series(paths: Sequence[Path]) -> Loaded:
     """Read the image files of one series into a Volume and its sources (see the module docstring)."""
     datasets = [pydicom.dcmread(p) for p in paths]
     return volume_from_datasets(datasets)
+
+
+class SeriesCache:
+    """The series a worker process loaded last, for its next jobs on the same files: the jobs of one
+    study that read one series (one job per model) load it once.
+
+    The key names the exact files (:meth:`workers.source.JobSource.series_key`: the instances' paths,
+    sizes and modification times, or the node's instance ids), so a series that changed (a late
+    instance, other files) is loaded again; a None key is never cached. Each volume served has
+    read-only arrays, cached or not: models share it, and one that wrote into its input would
+    corrupt the next job's. The source datasets are shared as they are (the encoders only read them).
+
+    Bounded: at most ``size`` series (two: the fair-share dispatch may alternate two studies), the
+    least recently used dropped before a load; an older series is kept beside the newest only while
+    their voxels take at most ``max_bytes`` (a 300 x 512 x 512 CT: 300 MB of voxels, and about 150 MB
+    of datasets). The newest is always kept.
+    """
+
+    def __init__(self, size: int = 2, max_bytes: int = 1 << 30,
+                 loader: Callable[[Sequence[Path]], Loaded] = load_series) -> None:
+        self.size, self.max_bytes, self.loader = size, max_bytes, loader
+        self._entries: OrderedDict[Hashable, Loaded] = OrderedDict()
+
+    def load(self, key: Hashable | None, paths: Callable[[], Sequence[Path]]) -> Loaded:
+        """The series of ``key``: from the cache, else read from ``paths()`` (and kept)."""
+        found = None if key is None else self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+            return found[0], list(found[1])
+        while self._entries and len(self._entries) >= self.size:
+            self._entries.popitem(last=False)
+        volume, sources = self.loader(paths())
+        volume.voxels.flags.writeable = False
+        volume.affine.flags.writeable = False
+        if key is not None and self.size > 0:
+            self._entries[key] = (volume, sources)
+            while len(self._entries) > 1 and sum(v.voxels.nbytes for v, _ in self._entries.values()) > self.max_bytes:
+                self._entries.popitem(last=False)
+        return volume, list(sources)
 
 
 def volume_from_datasets(datasets: Sequence[Dataset]) -> tuple[Volume, list[Dataset]]:
@@ -197,8 +265,10 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> tuple[Volume, list[Data
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
     if len(shapes) != 1:
         raise UnsuitableInput("slices of different sizes")
+    if any(int(ds.get("SamplesPerPixel") or 1) != 1 for ds in datasets):
+        raise UnsuitableInput("colour images are not supported")
     ordered, affine = sort_slices(datasets)
-    voxels = np.stack([_rescaled(ds) for ds in ordered]).astype(np.float32, copy=False)
+    voxels = _stacked(ordered, *shapes.pop())
     volume = Volume(
         voxels=voxels,
         affine=affine,

@@ -36,7 +36,7 @@ from node.queue import model_time_limit
 from node.schema import BINARY_VARIANT, JobState
 from node.spool import Spool
 from node.version import software_version
-from workers.load import load_series
+from workers.load import SeriesCache, load_series
 from workers.outputs import encode_results
 from workers.source import ClaimedJob, JobSource, LocalSource
 
@@ -50,7 +50,7 @@ attempt lost the job to another worker while it ran: its outcome was dropped).""
 @dataclass
 class WorkerContext:
     """What a worker process keeps between jobs: settings, where jobs come from (the catalog and spool,
-    or the node's worker API with ``remote:``) and warm models."""
+    or the node's worker API with ``remote:``), warm models and the series loaded last."""
 
     settings: Settings
     catalog: Catalog | None = None
@@ -59,6 +59,8 @@ class WorkerContext:
     models: dict[str, Model] = field(default_factory=dict)
     job_source: JobSource | None = None
     """Where jobs come from; None: :class:`LocalSource` of ``catalog`` and ``spool``."""
+    series: SeriesCache = field(default_factory=SeriesCache)
+    """The series loaded last: the next jobs on the same files (the other models of the study) reuse it."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
@@ -105,7 +107,7 @@ def _run(ctx: WorkerContext, source: JobSource, job: ClaimedJob) -> RunOutcome:
     loaded: tuple[Model, Volume, list[Dataset]] | None = None
     try:
         model = ctx.model(job.model)
-        volume, sources = load_series(source.inputs(job))
+        volume, sources = ctx.series.load(source.series_key(job), lambda: source.inputs(job))
         loaded = (model, volume, sources)
         model.check(volume)
         prior_sources: list[Dataset] = []

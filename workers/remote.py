@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict
 from io import BytesIO
 from pathlib import Path
@@ -158,6 +158,10 @@ class RemoteSource:
             self.client.download(job, "inputs", object_id, path)
             paths.append(path)
         return paths
+
+    def series_key(self, job: ClaimedJob) -> Hashable | None:
+        """The node and the ids of the series' instances it gives (a stored instance's file never changes)."""
+        return ("remote", str(self.client.http.base_url), tuple(str(i) for i in self._claims[job.id]["inputs"]))
 
     def inputs(self, job: ClaimedJob) -> list[Path]:
         return self._download(job, [str(i) for i in self._claims[job.id]["inputs"]], "series")

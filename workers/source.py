@@ -10,7 +10,7 @@ it was presumed lost gets ``False``/``None`` back and drops what it has.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -53,6 +53,11 @@ class JobSource(Protocol):
         """queued -> running for this worker; None when the job is not to be run here (finished,
         running elsewhere)."""
 
+    def series_key(self, job: ClaimedJob) -> Hashable | None:
+        """What names exactly the files :meth:`inputs` hands out for the job, known before they are
+        fetched: equal keys, equal files (the worker's :class:`workers.load.SeriesCache`); None when
+        it cannot tell (nothing is cached then)."""
+
     def inputs(self, job: ClaimedJob) -> list[Path]:
         """The files of the job's series."""
 
@@ -79,6 +84,8 @@ class LocalSource:
     def __init__(self, settings: Settings, catalog: Catalog, spool: Spool, clock: Callable[[], float]) -> None:
         self.settings, self.catalog, self.spool, self.clock = settings, catalog, spool, clock
         self._jobs: dict[int, tuple[Job, JobPolicy]] = {}
+        self._inputs: dict[int, list[Path]] = {}
+        """The files of each held job's series, as first listed during the attempt."""
 
     def claim(self, job_id: int) -> ClaimedJob | None:
         policy, worker = job_policy(self.settings), worker_identity()
@@ -91,8 +98,22 @@ class LocalSource:
     def _paths(self, series_id: int) -> list[Path]:
         return [self.spool.path(i.path) for i in self.catalog.instances_of_series(series_id)]
 
+    def series_key(self, job: ClaimedJob) -> Hashable | None:
+        """The series id and each file's path, size and modification time (listed once per attempt: the
+        files :meth:`inputs` then hands out are these, even if an instance arrived in between)."""
+        files = []
+        for path in self.inputs(job):
+            try:
+                st = path.stat()
+            except OSError:  # a file gone: not cached, the load reports it
+                return None
+            files.append((str(path), st.st_size, st.st_mtime_ns))
+        return ("local", self._jobs[job.id][0].series_id, tuple(files))
+
     def inputs(self, job: ClaimedJob) -> list[Path]:
-        return self._paths(self._jobs[job.id][0].series_id)
+        if job.id not in self._inputs:
+            self._inputs[job.id] = self._paths(self._jobs[job.id][0].series_id)
+        return self._inputs[job.id]
 
     def prior_inputs(self, job: ClaimedJob) -> list[Path] | None:
         prior = self.catalog.prior_series(self._jobs[job.id][0])
@@ -114,3 +135,4 @@ class LocalSource:
 
     def release(self, job: ClaimedJob) -> None:
         self._jobs.pop(job.id, None)
+        self._inputs.pop(job.id, None)

@@ -38,7 +38,7 @@ import numpy.typing as npt
 import torch
 
 from models.base import Detection, ModelResult, Volume, check_input
-from models.dl.runtime import Precision, autocast, pick_device
+from models.dl.runtime import Precision, autocast, pick_device, tensor
 from models.errors import BundleError, ModelOptionsError
 from models.site import SiteLabel, SiteModel
 
@@ -133,7 +133,7 @@ class BundleDetection:
 
         from models.dl.bundle_model import lps_to_ras
 
-        arr = torch.from_numpy(np.ascontiguousarray(volume.voxels.transpose(2, 1, 0), dtype=np.float32))
+        arr = tensor(volume.voxels.transpose(2, 1, 0))
         affine = torch.as_tensor(lps_to_ras(volume.affine), dtype=torch.float64)
         meta: dict[str, Any] = {"original_affine": affine.clone(), "spatial_shape": np.asarray(arr.shape),
                                 "space": "RAS", "original_channel_dim": "no_channel", "filename_or_obj": "dicom-series"}

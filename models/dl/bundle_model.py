@@ -32,7 +32,7 @@ import numpy.typing as npt
 import torch
 
 from models.base import ModelResult, Segment, Volume, check_input
-from models.dl.runtime import Precision, autocast, pick_device
+from models.dl.runtime import Precision, autocast, pick_device, tensor
 from models.errors import BundleError, ModelOptionsError
 from models.site import SiteModel
 
@@ -158,7 +158,7 @@ class BundleSegmentation:
     def _image(self, volume: Volume) -> Any:
         from monai.data import MetaTensor
 
-        arr = torch.from_numpy(np.ascontiguousarray(volume.voxels.transpose(2, 1, 0), dtype=np.float32))
+        arr = tensor(volume.voxels.transpose(2, 1, 0))
         affine = torch.as_tensor(lps_to_ras(volume.affine), dtype=torch.float64)
         meta: dict[str, Any] = {
             "original_affine": affine.clone(), "spatial_shape": np.asarray(arr.shape), "space": "RAS",
@@ -180,7 +180,7 @@ class BundleSegmentation:
         return self._labels(torch.as_tensor(data[self.output_key]))
 
     def _run_torchscript(self, volume: Volume) -> npt.NDArray[np.int64]:
-        x = torch.from_numpy(np.ascontiguousarray(volume.voxels.transpose(2, 1, 0), dtype=np.float32))
+        x = tensor(volume.voxels.transpose(2, 1, 0))
         with autocast(self.device, self.precision):
             out = self.network(x[None, None].to(self.device))
         if not isinstance(out, torch.Tensor) or out.ndim != 5:

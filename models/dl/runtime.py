@@ -126,6 +126,14 @@ class Orientation:
         return self.affine @ m
 
 
+def tensor(arr: npt.ArrayLike, dtype: npt.DTypeLike = np.float32) -> torch.Tensor:
+    """A CPU tensor of ``arr`` as ``dtype``, sharing its memory when it may: a read-only array (the
+    worker hands models read-only volumes, shared by a study's jobs) is copied, so no torch operation
+    can ever write into the input of the next job (and torch does not warn about it)."""
+    a = np.ascontiguousarray(arr, dtype=dtype)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def work_shape(shape: Sequence[int], spacing: Sequence[float], target_mm: Sequence[float]) -> tuple[int, int, int]:
     """Working-grid shape for a grid of ``shape``/``spacing`` resampled to ``target_mm``."""
     out = [max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target_mm, strict=True)]
@@ -160,7 +168,7 @@ def to_work_grid(
 ) -> torch.Tensor:
     """Canonical HU array -> (1, 1, *work_shape) float32 tensor in [0, 1] on the working grid (CPU)."""
     arr = np.asarray(canonical, dtype=np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+    t = tensor(arr)[None, None]
     t = hu_to_unit(t, window)
     return resample(t, work_shape(arr.shape, spacing, target_mm)).contiguous()
 

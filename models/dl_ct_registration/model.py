@@ -37,7 +37,7 @@ from scipy import ndimage as ndi
 from models.base import ModelResult, Registration, UnsuitableInput, Volume
 from models.dl.core import DlModel, Params
 from models.dl.items import GridPipeline, grid_pipeline, transforms_by_name
-from models.dl.runtime import hu_to_unit, resample
+from models.dl.runtime import hu_to_unit, resample, tensor
 from models.errors import BundleError
 
 FILL_HU = -1024.0
@@ -83,7 +83,7 @@ def downsample(volume: Volume, spacing_mm: float) -> tuple[torch.Tensor, npt.NDA
     norms = np.linalg.norm(b[:3, :3], axis=0)
     shape = volume.voxels.shape
     target = [max(1, min(n, round(n * s / spacing_mm))) for n, s in zip(shape, norms, strict=True)]
-    x = torch.from_numpy(np.ascontiguousarray(volume.voxels, dtype=np.float32))[None, None]
+    x = tensor(volume.voxels)[None, None]
     x = resample(x, target)
     f = np.asarray(shape, dtype=np.float64) / np.asarray(target, dtype=np.float64)
     d = np.eye(4)

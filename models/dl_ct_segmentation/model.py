@@ -32,6 +32,7 @@ from models.dl.runtime import (
     Orientation,
     argmax_channels,
     resample,
+    tensor,
     upsample_chunks,
     work_axis_to_canonical,
 )
@@ -112,7 +113,7 @@ class DlCtSegmentation(DlModel[SegParams]):
         pipe = self.pipeline
         orient = Orientation.of(volume.affine)
         canonical = np.asarray(orient.to_canonical(volume.voxels), dtype=np.float32)
-        x = pipe.to_input(torch.from_numpy(np.ascontiguousarray(canonical))[None, None])
+        x = pipe.to_input(tensor(canonical)[None, None])
         size = grid_shape(canonical.shape, orient.canonical_spacing(), pipe.spacing_mm)
         x = resample(x, size).contiguous().to(self.device)
         with torch.no_grad(), self.autocast():

@@ -32,7 +32,7 @@ from models.base import Classification, ModelResult, UnsuitableInput, Volume
 from models.ct_emphysema import GRADES
 from models.dl.core import DlModel, DlOptions, Params
 from models.dl.items import transforms_by_name
-from models.dl.runtime import Orientation, hu_to_unit, resample
+from models.dl.runtime import Orientation, hu_to_unit, resample, tensor
 from models.dl_ct_segmentation.model import OUT_LEFT, OUT_RIGHT, DlCtSegmentation
 from models.errors import BundleError, ManifestError
 
@@ -66,8 +66,8 @@ def classifier_input(
     for a in range(3):
         pad = int(np.ceil(params.margin_mm / spacing[a]))
         box.append(slice(max(0, int(idx[a][0]) - pad), min(lung.shape[a], int(idx[a][-1]) + 1 + pad)))
-    sub = torch.from_numpy(np.ascontiguousarray(hu[tuple(box)], dtype=np.float32))
-    mask = torch.from_numpy(np.ascontiguousarray(lung[tuple(box)])).float()
+    sub = tensor(hu[tuple(box)])
+    mask = tensor(lung[tuple(box)])
     unit = hu_to_unit(sub, params.hu_window) if scale is None else torch.as_tensor(scale(sub)).as_subclass(torch.Tensor)
     x = torch.stack([unit.float() * mask, mask])[None]
     return resample(x, params.in_shape[1:]).contiguous()

@@ -25,7 +25,7 @@ from pydantic import Field
 from models.base import Detection, ModelResult, Volume
 from models.dl.core import DlModel, Params
 from models.dl.items import GridPipeline, grid_pipeline
-from models.dl.runtime import Orientation, resample, work_to_canonical_index
+from models.dl.runtime import Orientation, resample, tensor, work_to_canonical_index
 from models.dl.runtime import work_shape as grid_shape
 from models.errors import ManifestError
 
@@ -106,7 +106,7 @@ class DlNoduleDetection(DlModel[DetParams]):
         p, pipe = self.params, self.pipeline
         orient = Orientation.of(volume.affine)
         canonical = np.asarray(orient.to_canonical(volume.voxels), dtype=np.float32)
-        x = pipe.to_input(torch.from_numpy(np.ascontiguousarray(canonical))[None, None])
+        x = pipe.to_input(tensor(canonical)[None, None])
         x = resample(x, grid_shape(canonical.shape, orient.canonical_spacing(), pipe.spacing_mm)).contiguous()
         with torch.no_grad(), self.autocast():
             out = pipe.inferer(x.to(self.device), self.network)
