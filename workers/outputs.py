@@ -31,7 +31,7 @@ from workers.encode.pdf import build_pdf_report
 from workers.encode.registered import build_registered_prior
 from workers.encode.render import has_content, render_key_images, source_slice_labels
 from workers.encode.sc import build_key_images
-from workers.encode.seg import EmptyResultError, build_seg, resolve_segmentation_type
+from workers.encode.seg import EmptyResultError, build_seg_with_fallback
 from workers.encode.sr import build_sr
 from workers.encode.sro import build_spatial_registration
 from workers.encode.view import with_view_position
@@ -77,11 +77,8 @@ def encode_results(
     seg: Dataset | None = None
     fallback: Dataset | None = None
     if "SEG" in objects and any(s.mask.any() for s in result.segments):
-        kind = resolve_segmentation_type(result)
-        seg = build_seg(sources, result, software_version=sw, segmentation_type=kind, source_frames=frames)
-        if kind == "LABELMAP":
-            fallback = build_seg(sources, result, software_version=sw, segmentation_type="BINARY",
-                                 source_frames=frames, fallback_for=str(seg.SOPInstanceUID))
+        seg, fallback = build_seg_with_fallback(sources, result, software_version=sw, source_frames=frames)
+        if fallback is not None:
             out += [Encoded(seg, LABELMAP_VARIANT), Encoded(fallback, BINARY_VARIANT)]
         else:
             out.append(Encoded(seg))

@@ -23,9 +23,12 @@ from tests.unit.encode_helpers import (
     synthetic_result,
     write_bytes,
 )
+from workers.encode.measure import voxels_per_slice
 from workers.encode.seg import (
     binary_fallback_uid,
     build_seg,
+    build_seg_with_fallback,
+    label_map,
     resolve_segmentation_type,
     segments_overlap,
 )
@@ -173,3 +176,68 @@ def test_sr_citing_a_labelmap_seg(sources: list[pydicom.Dataset], disjoint: Mode
              for study in sr_lm.CurrentRequestedProcedureEvidenceSequence
              for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
     assert str(labelmap.SOPInstanceUID) in cited
+
+
+def test_label_map_numbers_each_voxel_or_reports_overlap(sources: list[pydicom.Dataset], disjoint: ModelResult) -> None:
+    labels = label_map(disjoint.segments)
+    assert labels is not None and labels.dtype == np.uint8
+    expected = np.zeros(labels.shape, dtype=np.uint8)
+    for number, segment in enumerate(disjoint.segments, start=1):
+        expected[segment.mask] = number
+    np.testing.assert_array_equal(labels, expected)
+    overlapping = synthetic_result((len(sources), int(sources[0].Rows), int(sources[0].Columns)))
+    assert label_map(overlapping.segments) is None
+    assert not segments_overlap(overlapping.segments[:1])
+
+
+def test_voxels_per_slice_counts_each_slice(disjoint: ModelResult) -> None:
+    mask = disjoint.segments[0].mask
+    np.testing.assert_array_equal(voxels_per_slice(mask), mask.sum(axis=(1, 2)))
+    assert voxels_per_slice(disjoint.segments[2].mask).sum() == 0
+
+
+def _without_times(ds: pydicom.Dataset) -> bytes:
+    """``ds`` written, its creation timestamps and highdicom's random Dimension Organization UID blanked."""
+    volatile = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
+                "ContributionDateTime", "DimensionOrganizationUID")
+    copy = read_bytes(write_bytes(ds))
+    for item in [copy, *(i for e in copy.iterall() if e.VR == "SQ" for i in e.value)]:
+        for keyword in volatile:
+            if keyword in item:
+                setattr(item, keyword, None)
+    return write_bytes(copy)
+
+
+def test_seg_with_fallback_equals_the_two_build_seg_calls(
+    sources: list[pydicom.Dataset], disjoint: ModelResult
+) -> None:
+    """One label map for both objects: the same LABELMAP SEG and BINARY copy as build_seg gives,
+    and the BINARY copy (encoded from the label map) holds each segment's own mask."""
+    seg, fallback = build_seg_with_fallback(sources, disjoint, software_version=SW)
+    assert fallback is not None
+    labelmap = build_seg(sources, disjoint, software_version=SW, segmentation_type="LABELMAP")
+    binary = build_seg(sources, disjoint, software_version=SW, fallback_for=str(labelmap.SOPInstanceUID))
+    assert _without_times(seg) == _without_times(labelmap)
+    assert _without_times(fallback) == _without_times(binary)
+    read = hd.seg.Segmentation.from_dataset(read_bytes(write_bytes(fallback)))
+    uids = [str(s.SOPInstanceUID) for s in sources]
+    pixels = read.get_pixels_by_source_instance(uids, segment_numbers=[1, 2, 3], ignore_spatial_locations=True,
+                                                assert_missing_frames_are_empty=True)
+    for number, segment in enumerate(disjoint.segments, start=1):
+        np.testing.assert_array_equal(pixels[..., number - 1], segment.mask, err_msg=segment.name)
+    frames = sum(int(voxels_per_slice(s.mask).astype(bool).sum()) for s in disjoint.segments)
+    assert int(fallback.NumberOfFrames) == frames  # empty frames omitted
+
+
+def test_seg_with_fallback_of_overlapping_segments_is_binary_alone(sources: list[pydicom.Dataset]) -> None:
+    overlapping = synthetic_result((len(sources), int(sources[0].Rows), int(sources[0].Columns)))
+    seg, fallback = build_seg_with_fallback(sources, overlapping, software_version=SW)
+    assert fallback is None
+    assert _without_times(seg) == _without_times(build_seg(sources, overlapping, software_version=SW))
+    read = hd.seg.Segmentation.from_dataset(read_bytes(write_bytes(seg)))
+    numbers = [n for n, s in enumerate(overlapping.segments, start=1) if s.mask.any()]
+    pixels = read.get_pixels_by_source_instance([str(s.SOPInstanceUID) for s in sources], segment_numbers=numbers,
+                                                ignore_spatial_locations=True,
+                                                assert_missing_frames_are_empty=True)
+    for index, number in enumerate(numbers):
+        np.testing.assert_array_equal(pixels[..., index], overlapping.segments[number - 1].mask)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from models.base import Segment, Volume
 
@@ -52,7 +53,9 @@ def measure_segments(volume: Volume, segments: Sequence[Segment]) -> list[Segmen
             )
         if mask.dtype != np.bool_:
             raise ValueError(f"segment {segment.name!r}: mask must be boolean, got {mask.dtype}")
-        values = volume.voxels[mask].astype(np.float64)
+        slab = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))  # the slices it is on
+        lo, hi = (int(slab[0]), int(slab[-1]) + 1) if slab.size else (0, 0)
+        values = volume.voxels[lo:hi][mask[lo:hi]].astype(np.float64)  # the same values, in the same order
         count = int(values.size)
         mean = float(values.mean()) if count else None
         sd = float(values.std()) if count else None
@@ -68,3 +71,9 @@ def measure_segments(volume: Volume, segments: Sequence[Segment]) -> list[Segmen
             )
         )
     return out
+
+
+def voxels_per_slice(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.intp]:
+    """The number of voxels of a (slices, rows, columns) mask on each slice: ``count_nonzero`` slice
+    by slice is several times faster than a sum or count over two axes, which numpy does not vectorise."""
+    return np.fromiter((np.count_nonzero(plane) for plane in mask), dtype=np.intp, count=len(mask))

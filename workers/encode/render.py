@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
 from models.base import ModelResult, Volume, is_axial
+from workers.encode.measure import voxels_per_slice
 from workers.encode.seg import PALETTE_RGB
 
 View = Literal["overlay", "side-by-side", "checkerboard"]
@@ -126,7 +127,7 @@ def key_slices(volume: Volume, result: ModelResult, max_images: int = 4) -> list
                  (dets[i].bbox_ijk_min[2], dets[i].bbox_ijk_max[2]))
         for i in sorted(range(len(dets)), key=lambda i: -dets[i].confidence)
     ])
-    areas = [np.count_nonzero(s.mask.reshape(n, -1), axis=1) for s in result.segments]
+    areas = [voxels_per_slice(s.mask) for s in result.segments]
     seg_slices: list[KeySlice] = []
     if any(int(a.sum()) for a in areas):
         total = np.sum(areas, axis=0)

@@ -7,6 +7,7 @@ from typing import Literal
 
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
@@ -34,7 +35,7 @@ BINARY_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
 LABELMAP_TRANSFER_SYNTAXES: frozenset[str] = frozenset(BINARY_TRANSFER_SYNTAXES | {JPEGLSLossless, RLELossless})
 #: Default LABELMAP transfer syntax: JPEG-LS Lossless. On a 300 x 512 x 512 CT with three organ
 #: segments (bench/encode_objects.py, 2 cores) it gave 0.65 MB in 0.49 s, RLE Lossless 1.86 MB in
-#: 1.50 s, uncompressed 78.8 MB in 0.52 s (BINARY uncompressed: 25 MB in 3.6 s). pydicom (pyjpegls),
+#: 1.50 s, uncompressed 78.8 MB in 0.52 s (its BINARY copy: 26.6 MB in 1.8 s). pydicom (pyjpegls),
 #: dcmtk, Orthanc and OHIF all decode it.
 DEFAULT_LABELMAP_TRANSFER_SYNTAX = JPEGLSLossless
 MAX_LABELMAP_SEGMENTS = 255
@@ -111,16 +112,23 @@ def _check_segments(segments: Sequence[Segment], shape: tuple[int, int, int]) ->
         seen.add(segment.name)
 
 
+def label_map(segments: Sequence[Segment]) -> npt.NDArray[np.unsignedinteger] | None:
+    """The segment number of each voxel (0 = background; segment ``i`` is ``i + 1``), 8-bit when the
+    numbers fit, else 16-bit; ``None`` when a voxel belongs to more than one segment."""
+    if not segments:
+        raise ValueError("the result has no segments")
+    dtype = np.uint8 if len(segments) <= MAX_LABELMAP_SEGMENTS else np.uint16
+    labels = np.zeros(segments[0].mask.shape, dtype=dtype)
+    voxels = 0
+    for number, segment in enumerate(segments, start=1):
+        np.copyto(labels, dtype(number), where=segment.mask)
+        voxels += int(np.count_nonzero(segment.mask))
+    return labels if voxels == np.count_nonzero(labels) else None
+
+
 def segments_overlap(segments: Sequence[Segment]) -> bool:
     """True if any voxel belongs to more than one segment (then only BINARY can encode them)."""
-    if len(segments) < 2:
-        return False
-    count = np.zeros(segments[0].mask.shape, dtype=np.uint8)
-    for segment in segments:
-        count += segment.mask
-        if count.max() > 1:
-            return True
-    return False
+    return len(segments) > 1 and label_map(segments) is None
 
 
 def resolve_segmentation_type(
@@ -181,33 +189,137 @@ def build_seg(
             (frames, Rows, Columns) of the sources, duplicate/invalid names, or an unsupported
             transfer syntax.
     """
-    shape = expected_mask_shape(sources)
-    _check_segments(result.segments, shape)
-    kind = resolve_segmentation_type(result, segmentation_type)
-    if kind not in ("BINARY", "LABELMAP"):
+    if segmentation_type not in ("auto", "BINARY", "LABELMAP"):
         raise ValueError(f"segmentation_type must be BINARY, LABELMAP or auto, got {segmentation_type!r}")
-    allowed = LABELMAP_TRANSFER_SYNTAXES if kind == "LABELMAP" else BINARY_TRANSFER_SYNTAXES
-    if transfer_syntax_uid is None:
-        transfer_syntax_uid = DEFAULT_LABELMAP_TRANSFER_SYNTAX if kind == "LABELMAP" else ExplicitVRLittleEndian
-    if transfer_syntax_uid not in allowed:
-        raise ValueError(
-            f"transfer syntax {UID(transfer_syntax_uid).name} is not allowed for a {kind} SEG; "
-            f"use one of {sorted(UID(t).name for t in allowed)}"
-        )
-    if kind == "LABELMAP" and segments_overlap(result.segments):
+    order, labels = _checked(sources, result, source_frames)
+    if segmentation_type == "auto":
+        fits = len(result.segments) <= MAX_LABELMAP_SEGMENTS
+        kind: Literal["BINARY", "LABELMAP"] = "LABELMAP" if fits and labels is not None else "BINARY"
+    else:
+        kind = segmentation_type
+    if kind == "LABELMAP" and labels is None:
         raise ValueError("segments overlap: a LABELMAP SEG cannot encode them; use BINARY")
     if fallback_for is not None and kind != "BINARY":
         raise ValueError("a fallback for a LABELMAP SEG must be BINARY")
+    transfer_syntax_uid = _transfer_syntax(kind, transfer_syntax_uid)
+    return _encode(sources, result, kind, labels, order, transfer_syntax_uid, series_number=series_number,
+                   manufacturer=manufacturer, software_version=software_version, fallback_for=fallback_for,
+                   workers=workers)
+
+
+def build_seg_with_fallback(
+    sources: Sequence[pydicom.Dataset],
+    result: ModelResult,
+    *,
+    software_version: str,
+    source_frames: Sequence[int] | None = None,
+    manufacturer: str = DEFAULT_MANUFACTURER,
+) -> tuple[pydicom.Dataset, pydicom.Dataset | None]:
+    """The SEG of ``result`` as it is delivered: a LABELMAP SEG (default transfer syntax) and its
+    BINARY copy (:func:`build_seg` with ``fallback_for``) when the segments do not overlap, else a
+    BINARY SEG and ``None``. The same objects as those :func:`build_seg` calls give, with the label
+    map computed once for both.
+
+    Raises:
+        EmptyResultError, ValueError: as :func:`build_seg`.
+    """
+    order, labels = _checked(sources, result, source_frames)
+    number = series_number(SEG_KIND)
+    if labels is None or len(result.segments) > MAX_LABELMAP_SEGMENTS:
+        binary = _encode(sources, result, "BINARY", labels, order, _transfer_syntax("BINARY", None),
+                         series_number=number, manufacturer=manufacturer, software_version=software_version)
+        return binary, None
+    seg = _encode(sources, result, "LABELMAP", labels, order, _transfer_syntax("LABELMAP", None),
+                  series_number=number, manufacturer=manufacturer, software_version=software_version)
+    fallback = _encode(sources, result, "BINARY", labels, order, _transfer_syntax("BINARY", None),
+                       series_number=number, manufacturer=manufacturer, software_version=software_version,
+                       fallback_for=str(seg.SOPInstanceUID))
+    return seg, fallback
+
+
+def _checked(
+    sources: Sequence[pydicom.Dataset], result: ModelResult, source_frames: Sequence[int] | None
+) -> tuple[list[int] | None, npt.NDArray[np.unsignedinteger] | None]:
+    """Check the masks against the sources; (:func:`_frame_order`, :func:`label_map`) of them."""
+    shape = expected_mask_shape(sources)
+    _check_segments(result.segments, shape)
     if not any(segment.mask.any() for segment in result.segments):
         # highdicom would then encode every (empty) frame; there is nothing to send.
         raise EmptyResultError("every segment is empty: nothing to encode")
-    order = _frame_order(sources, shape[0], source_frames)
+    return _frame_order(sources, shape[0], source_frames), label_map(result.segments)
 
+
+def _transfer_syntax(kind: Literal["BINARY", "LABELMAP"], requested: str | None) -> str:
+    """``requested`` if allowed for ``kind`` (else ValueError); the kind's default when ``None``."""
+    allowed = LABELMAP_TRANSFER_SYNTAXES if kind == "LABELMAP" else BINARY_TRANSFER_SYNTAXES
+    if requested is None:
+        return DEFAULT_LABELMAP_TRANSFER_SYNTAX if kind == "LABELMAP" else ExplicitVRLittleEndian
+    if requested not in allowed:
+        raise ValueError(
+            f"transfer syntax {UID(requested).name} is not allowed for a {kind} SEG; "
+            f"use one of {sorted(UID(t).name for t in allowed)}"
+        )
+    return requested
+
+
+def _encode(
+    sources: Sequence[pydicom.Dataset],
+    result: ModelResult,
+    kind: Literal["BINARY", "LABELMAP"],
+    labels: npt.NDArray[np.unsignedinteger] | None,
+    order: list[int] | None,
+    transfer_syntax_uid: str,
+    *,
+    series_number: int,
+    manufacturer: str,
+    software_version: str,
+    fallback_for: str | None = None,
+    workers: int = 0,
+) -> pydicom.Dataset:
+    """The SEG of checked inputs; ``labels`` is :func:`label_map` of the segments."""
     source_series_uid = str(sources[0].SeriesInstanceUID)
     uids = result_uids(
         source_series_uid, result.model_name, result.model_version, SEG_KIND,
         input_fingerprint(str(ds.SOPInstanceUID) for ds in sources),
     )
+    pixel_array: npt.NDArray[np.bool_] | npt.NDArray[np.unsignedinteger]
+    if labels is not None:
+        # (frames, rows, columns) of segment numbers, 0 = background: a LABELMAP's pixels, and for
+        # BINARY (segments that do not overlap) highdicom makes one frame of each segment from it.
+        pixel_array = labels if order is None else labels[order]
+    else:
+        # (frames, rows, columns, segments), segment s+1 in [..., s]: a view of (segments, frames,
+        # rows, columns), so that each segment's frame and highdicom's overlap sum over the last
+        # axis read contiguous planes.
+        stacked = np.stack([segment.mask for segment in result.segments])
+        pixel_array = np.moveaxis(stacked if order is None else stacked[:, order], 0, -1)
+    sop_instance_uid = uids.sop_instance_uid if fallback_for is None else binary_fallback_uid(fallback_for)
+    seg = hd.seg.Segmentation(
+        source_images=list(sources),
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues(kind),
+        segment_descriptions=_descriptions(result, source_series_uid, manufacturer),
+        series_instance_uid=uids.series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name=result.model_name,
+        software_versions=software_version,
+        device_serial_number=device_uid(manufacturer, result.model_name, result.model_version),
+        content_description=f"{result.model_name} {result.model_version}"[:_LO_MAX],
+        series_description=series_description(SEG_KIND, result.model_name),
+        transfer_syntax_uid=transfer_syntax_uid,
+        omit_empty_frames=True,
+        workers=workers,
+    )
+    if "FrameOfReferenceUID" not in seg:
+        _without_frame_of_reference(seg, sources[0])
+    return seg
+
+
+def _descriptions(result: ModelResult, source_series_uid: str, manufacturer: str) -> list[hd.seg.SegmentDescription]:
+    """One Segment Description per segment (numbered from 1), laterality as a type modifier."""
     algorithm = hd.AlgorithmIdentificationSequence(
         name=result.model_name,
         family=codes.cid7162.ArtificialIntelligence,
@@ -235,42 +347,7 @@ def build_seg(
             type_item.SegmentedPropertyTypeModifierCodeSequence = [
                 hd.sr.CodedConcept.from_code(to_pydicom_code(segment.laterality))
             ]
-
-    pixel_array: np.ndarray
-    if kind == "LABELMAP":
-        # (frames, rows, columns) of segment numbers, 0 = background: 1 byte a voxel, not n bits.
-        dtype = np.uint8 if len(result.segments) <= MAX_LABELMAP_SEGMENTS else np.uint16
-        pixel_array = np.zeros(shape, dtype=dtype)
-        for number, segment in enumerate(result.segments, start=1):
-            pixel_array[segment.mask] = number
-    else:
-        # (frames, rows, columns, segments): segment s+1 in [..., s].
-        pixel_array = np.stack([segment.mask for segment in result.segments], axis=-1)
-    if order is not None:
-        pixel_array = pixel_array[order]
-    sop_instance_uid = uids.sop_instance_uid if fallback_for is None else binary_fallback_uid(fallback_for)
-    seg = hd.seg.Segmentation(
-        source_images=list(sources),
-        pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues(kind),
-        segment_descriptions=descriptions,
-        series_instance_uid=uids.series_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=manufacturer,
-        manufacturer_model_name=result.model_name,
-        software_versions=software_version,
-        device_serial_number=device_uid(manufacturer, result.model_name, result.model_version),
-        content_description=f"{result.model_name} {result.model_version}"[:_LO_MAX],
-        series_description=series_description(SEG_KIND, result.model_name),
-        transfer_syntax_uid=transfer_syntax_uid,
-        omit_empty_frames=True,
-        workers=workers,
-    )
-    if "FrameOfReferenceUID" not in seg:
-        _without_frame_of_reference(seg, sources[0])
-    return seg
+    return descriptions
 
 
 def _without_frame_of_reference(seg: pydicom.Dataset, source: pydicom.Dataset) -> None:

@@ -49,7 +49,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 
 from models.base import Classification, Code, Detection, ModelResult, Registration, Segment
-from workers.encode.measure import SegmentMeasurement
+from workers.encode.measure import SegmentMeasurement, voxels_per_slice
 from workers.encode.seg import to_pydicom_code
 from workers.encode.uids import derive_uid, segment_tracking_uid
 
@@ -324,7 +324,7 @@ def _segment_finding_sites(segment: Segment) -> list[hd.sr.FindingSite] | None:
 def segment_anchor(mask: npt.NDArray[np.bool_]) -> tuple[int, float, float]:
     """(k, column, row) of a point inside the segment: on its largest slice, the segment voxel
     nearest that slice's centroid (pixel centre, SCOORD convention: 0.5 = centre of the first)."""
-    k = int(np.argmax(mask.sum(axis=(1, 2))))
+    k = int(np.argmax(voxels_per_slice(mask)))
     rows, cols = np.nonzero(mask[k])
     if rows.size == 0:
         raise ValueError("empty segment has no anchor")
