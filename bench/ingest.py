@@ -17,7 +17,7 @@ issue's target ratio and whether it is met) and the node's peak RSS (VmHWM) per 
 ``--profile DIR`` the node's process is sampled by py-spy during its runs (collapsed stacks with
 thread names, ``DIR/node-<N>-<k>assoc.txt``, and a flame graph ``.svg``; only the thread holding the GIL,
 so CPU spent in Python, not waits) and summarised by function group. py-spy takes CPU from the node:
-time the runs without ``--profile``.
+time the runs without ``--profile``. :func:`rows` gives the same figures to ``bench.all``'s table.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.stow_ingest import MB, Node, copies
+from bench.report import Row
+from bench.stow_ingest import MB, Node, copies, spied
 from testkit.dicom import write_ct_series
 from testkit.harness import (
     NODE_AE,
@@ -125,24 +125,12 @@ def into_node(work: Path, files: list[Path], associations: int, pacs: Orthanc,
     """(seconds, VmHWM in kB) of a fresh node receiving ``files``; ``profile``: py-spy's collapsed stacks
     (and a flame graph next to it, ``.svg``)."""
     node = Node(work, pacs)
-    spies: list[subprocess.Popen[bytes]] = []
     try:
-        if profile is not None:  # --gil: only the thread holding the GIL (CPU in Python, not waits)
-            spies = [subprocess.Popen([str(VENV_BIN / "py-spy"), "record", "--pid", str(node.proc.pid), "--threads",
-                                       "--gil", "--rate", "100", "--nonblocking", "--format", fmt, "-o", str(out)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-                     for fmt, out in (("raw", profile), ("flamegraph", profile.with_suffix(".svg")))]
-            time.sleep(1)  # attached
-        took = push(node.dicom_port, NODE_AE, files, associations)
-        for spy in spies:
-            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            spy.wait(timeout=60)
+        with spied(node.proc.pid, profile):
+            took = push(node.dicom_port, NODE_AE, files, associations)
         assert node.stored() == len(files), f"node: {node.stored()} of {len(files)} stored"
         hwm = node.rss_kb("VmHWM")
     finally:
-        for spy in spies:
-            if spy.poll() is None:
-                spy.kill()
         node.stop()
         shutil.rmtree(work, ignore_errors=True)
     return took, hwm
@@ -174,12 +162,29 @@ def summarise_profile(raw: Path) -> list[tuple[str, float]]:
     return [(name, 100 * n / total) for name, n in counts.most_common()]
 
 
+@dataclass
+class Measured:
+    """The runs of one count N: seconds per target (0 / empty when skipped) and the node's VmHWM."""
+
+    count: int
+    mb: float
+    storescp_s: float = 0.0
+    orthanc_s: dict[int, float] = field(default_factory=dict)
+    """Associations -> seconds."""
+    node_s: dict[int, float] = field(default_factory=dict)
+    hwm_kb: dict[int, int] = field(default_factory=dict)
+    """Associations -> the node's VmHWM (kB) over that run (a fresh node each run)."""
+
+    def rate(self, seconds: float) -> float:
+        return self.count / seconds
+
+
 @dataclass(frozen=True)
-class Row:
+class Line:
+    """One line of the printed table of a count."""
+
     target: str
     seconds: float
-    n: int
-    mb: float
     goal: str = ""
     """The issue's target as text (``>= 1.5x Orthanc``)."""
     check: Callable[[float, float], bool] | None = None
@@ -187,20 +192,96 @@ class Row:
     orthanc_key: int = 1
 
 
-def print_table(rows: list[Row], storescp_s: float, orthanc_s: dict[int, float]) -> None:
+def print_table(m: Measured) -> None:
+    lines = [
+        Line("storescp (dcmtk, no fsync), 1 assoc", m.storescp_s),
+        Line("Orthanc, 1 assoc", m.orthanc_s[1]),
+        Line("node, 1 assoc", m.node_s[1], ">= 1.5x Orthanc, >= 0.8x scp",
+             lambda scp, orth: orth >= 1.5 and scp >= 0.8),
+        Line(f"Orthanc, {CONCURRENT} assoc", m.orthanc_s[CONCURRENT], orthanc_key=CONCURRENT),
+        Line(f"node, {CONCURRENT} assoc", m.node_s[CONCURRENT], ">= 2x Orthanc (4 assoc)",
+             lambda scp, orth: orth >= 2.0, orthanc_key=CONCURRENT),
+    ]
+    print(f"({DURABILITY}; x Orthanc: against the Orthanc run with the same number of associations)")
     print(f"{'target':<34} {'N':>5} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10} {'x Orthanc':>9} "
           f"{'target ratio':>28} {'met?':>5}")
-    for r in rows:
-        x_scp = storescp_s / r.seconds
-        x_orthanc = orthanc_s[r.orthanc_key] / r.seconds
+    for r in lines:
+        x_scp = m.storescp_s / r.seconds
+        x_orthanc = m.orthanc_s[r.orthanc_key] / r.seconds
         met = "" if r.check is None else ("yes" if r.check(x_scp, x_orthanc) else "NO")
-        print(f"{r.target:<34} {r.n:>5} {r.n / r.seconds:8.1f} {r.mb / r.seconds:7.1f} {x_scp:10.2f} "
+        print(f"{r.target:<34} {m.count:>5} {m.count / r.seconds:8.1f} {m.mb / r.seconds:7.1f} {x_scp:10.2f} "
               f"{x_orthanc:9.2f} {r.goal:>28} {met:>5}")
 
 
 def series_of(work: Path, count: int, base: list[Path]) -> list[Path]:
     """``count`` instances: the first of the phantom series, or copies of it with new UIDs."""
     return base[:count] if count <= len(base) else copies(base, count, work / f"copies-{count}")
+
+
+def measure(counts: list[int], size: int = 512, profile: Path | None = None, only_node: bool = False,
+            on_count: Callable[[Measured], None] | None = None) -> tuple[list[Measured], list[Path]]:
+    """Every run of every count (``on_count`` gets each count's figures as soon as they are in), and
+    the py-spy profiles written (``profile``: their directory, None for none)."""
+    measured: list[Measured] = []
+    profiles: list[Path] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        phantom = make_ct_phantom(n_slices=min(SERIES_SLICES, max(counts)), rows=size, cols=size, seed=7)
+        base = write_ct_series(phantom, work / "series", uid_seed="ingest-bench")
+        del phantom
+        pacs = Orthanc(work / "pacs", node_port=free_port())  # the node's configured PACS (unused)
+        (work / "pacs").mkdir()
+        pacs.start()
+        try:
+            for count in counts:
+                files = series_of(work, count, base)
+                m = Measured(count, sum(f.stat().st_size for f in files) / MB)
+                print(f"N={count}: {m.mb:.0f} MB ({m.mb / count:.2f} MB per instance)", flush=True)
+                if not only_node:
+                    m.storescp_s = into_storescp(work / f"scp-{count}", files)
+                    m.orthanc_s = {k: into_orthanc(work / f"orthanc-{count}-{k}", files, k) for k in (1, CONCURRENT)}
+                for k in (1, CONCURRENT):
+                    prof = None if profile is None else profile / f"node-{count}-{k}assoc.txt"
+                    m.node_s[k], m.hwm_kb[k] = into_node(work / f"node-{count}-{k}", files, k, pacs, prof)
+                    if prof is not None and prof.exists():
+                        profiles.append(prof)
+                measured.append(m)
+                if on_count is not None:
+                    on_count(m)
+                shutil.rmtree(work / f"copies-{count}", ignore_errors=True)
+        finally:
+            pacs.stop()
+            subprocess.run(["sync"], check=False)
+    return measured, profiles
+
+
+def rows(counts: tuple[int, ...] = (300, 3000)) -> list[Row]:
+    """The issue's C-STORE ingest rows per N: the node on one association against storescp (>= 0.8x) and
+    Orthanc (>= 1.5x), on four against Orthanc on four (>= 2x); and its peak RSS against the smallest N's
+    (<= 1.2x: independent of study size)."""
+    measured, _ = measure(sorted(counts))
+    out: list[Row] = []
+    first = True
+    for m in measured:
+        note = DURABILITY if first else ""
+        out += [
+            Row(f"C-STORE ingest, 1 assoc, N={m.count}", m.rate(m.node_s[1]), "inst/s", "storescp, 1 assoc",
+                   m.rate(m.storescp_s), 0.8, note=note),
+            Row(f"C-STORE ingest, 1 assoc, N={m.count}", m.rate(m.node_s[1]), "inst/s", "Orthanc, 1 assoc",
+                   m.rate(m.orthanc_s[1]), 1.5),
+            Row(f"C-STORE ingest, {CONCURRENT} assoc, N={m.count}", m.rate(m.node_s[CONCURRENT]), "inst/s",
+                   f"Orthanc, {CONCURRENT} assoc", m.rate(m.orthanc_s[CONCURRENT]), 2.0),
+        ]
+        first = False
+    smallest = measured[0]
+    for m in measured:
+        out.append(Row(f"C-STORE ingest, node peak RSS, N={m.count}", max(m.hwm_kb.values()) / 1024, "MB",
+                          f"peak RSS at N={smallest.count}", max(smallest.hwm_kb.values()) / 1024, 1.2,
+                          higher_is_better=False,
+                          note="" if m is not smallest else
+                          "peak RSS: VmHWM of a fresh node process over one run, the larger of the 1- and "
+                          f"{CONCURRENT}-association runs; ratio to the smallest N (study-size independence)"))
+    return out
 
 
 def main() -> None:
@@ -216,58 +297,24 @@ def main() -> None:
         args.profile.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        phantom = make_ct_phantom(n_slices=min(SERIES_SLICES, max(counts)), rows=args.size, cols=args.size, seed=7)
-        base = write_ct_series(phantom, work / "series", uid_seed="ingest-bench")
-        del phantom
-        pacs = Orthanc(work / "pacs", node_port=free_port())  # the node's configured PACS (unused)
-        (work / "pacs").mkdir()
-        pacs.start()
-        hwm: dict[tuple[int, int], int] = {}
-        profiles: list[Path] = []
-        try:
-            for count in counts:
-                files = series_of(work, count, base)
-                mb = sum(f.stat().st_size for f in files) / MB
-                print(f"N={count}: {mb:.0f} MB ({mb / count:.2f} MB per instance)", flush=True)
-                scp_s = 0.0 if args.only_node else into_storescp(work / f"scp-{count}", files)
-                orthanc_s = {} if args.only_node else {
-                    k: into_orthanc(work / f"orthanc-{count}-{k}", files, k) for k in (1, CONCURRENT)}
-                node_s: dict[int, float] = {}
-                for k in (1, CONCURRENT):
-                    prof = None if args.profile is None else args.profile / f"node-{count}-{k}assoc.txt"
-                    node_s[k], hwm[(count, k)] = into_node(work / f"node-{count}-{k}", files, k, pacs, prof)
-                    if prof is not None and prof.exists():
-                        profiles.append(prof)
-                if args.only_node:
-                    for k, s in node_s.items():
-                        print(f"node, {k} association(s), N={count}: {s:.2f} s, {count / s:.1f} inst/s, "
-                              f"{mb / s:.1f} MB/s", flush=True)
-                    continue
-                batch = [
-                    Row("storescp (dcmtk, no fsync), 1 assoc", scp_s, count, mb),
-                    Row("Orthanc, 1 assoc", orthanc_s[1], count, mb),
-                    Row("node, 1 assoc", node_s[1], count, mb, ">= 1.5x Orthanc, >= 0.8x scp",
-                        lambda scp, orth: orth >= 1.5 and scp >= 0.8),
-                    Row(f"Orthanc, {CONCURRENT} assoc", orthanc_s[CONCURRENT], count, mb, orthanc_key=CONCURRENT),
-                    Row(f"node, {CONCURRENT} assoc", node_s[CONCURRENT], count, mb, ">= 2x Orthanc (4 assoc)",
-                        lambda scp, orth: orth >= 2.0, orthanc_key=CONCURRENT),
-                ]
-                print(f"({DURABILITY}; x Orthanc: against the Orthanc run with the same number of associations)")
-                print_table(batch, scp_s, orthanc_s)
-                if count != counts[-1]:
-                    shutil.rmtree(work / f"copies-{count}", ignore_errors=True)
-        finally:
-            pacs.stop()
-            subprocess.run(["sync"], check=False)
-        print("node peak RSS (VmHWM of the node process, whole run):")
-        for (count, k), kb in sorted(hwm.items()):
-            print(f"  N={count:>5}, {k} association(s): {kb / 1024:.0f} MB")
-        for prof in profiles:
-            print(f"py-spy profile {prof} (share of GIL-holding samples, all threads):")
-            for name, pct in summarise_profile(prof):
-                print(f"  {pct:5.1f} %  {name}")
+
+    def report(m: Measured) -> None:
+        if not args.only_node:
+            print_table(m)
+            return
+        for k, s in m.node_s.items():
+            print(f"node, {k} association(s), N={m.count}: {s:.2f} s, {m.count / s:.1f} inst/s, "
+                  f"{m.mb / s:.1f} MB/s", flush=True)
+
+    measured, profiles = measure(counts, args.size, args.profile, args.only_node, report)
+    print("node peak RSS (VmHWM of the node process, whole run):")
+    for m in measured:
+        for k, kb in sorted(m.hwm_kb.items()):
+            print(f"  N={m.count:>5}, {k} association(s): {kb / 1024:.0f} MB")
+    for prof in profiles:
+        print(f"py-spy profile {prof} (share of GIL-holding samples, all threads):")
+        for name, pct in summarise_profile(prof):
+            print(f"  {pct:5.1f} %  {name}")
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

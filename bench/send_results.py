@@ -5,7 +5,8 @@ Run by hand from the repository root:  TCP_NODELAY=1 .venv/bin/python -m bench.s
 Writes a phantom CT series (the size of a registered prior, the largest result we send) and
 sends it to a fresh private Orthanc each time: by ``storescu`` (the reference, same run), by
 ``DimseSender`` and by ``StowSender`` (one or several requests, ``max_request_mb``). Prints the
-time of each, MB/s and the ratio to storescu, and checks Orthanc holds every instance.
+time of each, MB/s and the ratio to storescu, and checks Orthanc holds every instance. :func:`rows`
+gives the C-STORE and STOW-RS (64 MB requests) figures to ``bench.all``'s table.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.ingest import dcmtk
+from bench.report import Row
 from node.config import DicomwebDestination, DimseDestination
 from node.send.dimse import DimseSender
 from node.send.stow import StowSender
@@ -41,6 +44,61 @@ def run(name: str, work: Path, files: list[Path], send: Callable[[Orthanc], None
         orthanc.stop()
 
 
+STORESCU = "storescu (reference)"
+DIMSE = "DimseSender (C-STORE)"
+
+
+def stow_run(limit_mb: float) -> str:
+    return f"StowSender, {limit_mb:g} MB requests"
+
+
+def measure(work: Path, files: list[Path], stow_limits: tuple[float, ...] = (64, 8)) -> dict[str, float]:
+    """Seconds of each sender (:data:`STORESCU`, :data:`DIMSE`, :func:`stow_run` per limit), each into a fresh
+    Orthanc; storescu gets the same files by name, in the same order (``files`` share one directory)."""
+
+    def storescu(o: Orthanc) -> None:
+        subprocess.run([dcmtk("storescu"), "-aec", ORTHANC_AE, "127.0.0.1", str(o.dicom_port), *map(str, files)],
+                       check=True, capture_output=True, env=tool_env())
+
+    def dimse(o: Orthanc) -> None:
+        d = DimseDestination(name="pacs", type="dimse", ae_title=ORTHANC_AE, host="127.0.0.1", port=o.dicom_port)
+        report = DimseSender(d, "AI-NODE", 30).send(files)
+        assert not report.failed, report.failed
+
+    def stow(limit_mb: float) -> Callable[[Orthanc], None]:
+        def send(o: Orthanc) -> None:
+            d = DicomwebDestination(name="web", type="dicomweb", url=o.url("/dicom-web"), max_request_mb=limit_mb)
+            report = StowSender(d, 120).send(files)
+            assert not report.failed, report.failed
+        return send
+
+    runs: list[tuple[str, Callable[[Orthanc], None]]] = [(STORESCU, storescu), (DIMSE, dimse)]
+    runs += [(stow_run(limit), stow(limit)) for limit in stow_limits]
+    return dict(run(name, work, files, send) for name, send in runs)
+
+
+def series(work: Path, slices: int, size: int) -> list[Path]:
+    phantom = make_ct_phantom(n_slices=slices, rows=size, cols=size, seed=7)
+    return write_ct_series(phantom, work / "series", uid_seed="send-bench")
+
+
+def rows(slices: int = 300, size: int = 512) -> list[Row]:
+    """Sending a CT series of ``slices`` to Orthanc: DimseSender against storescu (time, <= 1.2x), and
+    StowSender (64 MB requests) against storescu (no target: another protocol)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        files = series(work, slices, size)
+        took = measure(work, files, (64,))
+    ref = took[STORESCU]
+    return [
+        Row(f"Send results, C-STORE, {len(files)} inst", took[DIMSE], "s", "storescu", ref, 1.2,
+            higher_is_better=False, note="Send: to a fresh Orthanc on loopback, one association; storescu gets "
+                                         "the same files on its command line"),
+        Row(f"Send results, STOW-RS 64 MB req, {len(files)} inst", took[stow_run(64)], "s", "storescu", ref,
+            higher_is_better=False),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
@@ -48,38 +106,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        phantom = make_ct_phantom(n_slices=args.slices, rows=args.size, cols=args.size, seed=7)
-        files = write_ct_series(phantom, work / "series", uid_seed="send-bench")
+        files = series(work, args.slices, args.size)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"{len(files)} instances, {mb:.1f} MB, each sent to a fresh Orthanc on loopback")
-
-        def storescu(o: Orthanc) -> None:
-            subprocess.run(["storescu", "-aec", ORTHANC_AE, "+sd", "+r", "127.0.0.1", str(o.dicom_port),
-                            str(work / "series")], check=True, capture_output=True, env=tool_env())
-
-        def dimse(o: Orthanc) -> None:
-            d = DimseDestination(name="pacs", type="dimse", ae_title=ORTHANC_AE, host="127.0.0.1", port=o.dicom_port)
-            report = DimseSender(d, "AI-NODE", 30).send(files)
-            assert not report.failed, report.failed
-
-        def stow(limit_mb: float) -> Callable[[Orthanc], None]:
-            def send(o: Orthanc) -> None:
-                d = DicomwebDestination(name="web", type="dicomweb", url=o.url("/dicom-web"),
-                                        max_request_mb=limit_mb)
-                report = StowSender(d, 120).send(files)
-                assert not report.failed, report.failed
-            return send
-
-        rows = [
-            run("storescu (reference)", work, files, storescu),
-            run("DimseSender (C-STORE)", work, files, dimse),
-            run("StowSender, 64 MB requests", work, files, stow(64)),
-            run("StowSender, 8 MB requests", work, files, stow(8)),
-        ]
-        ref = rows[0][1]
+        took = measure(work, files)
+        ref = took[STORESCU]
         print(f"{'sender':<30} {'seconds':>8} {'MB/s':>8} {'x storescu':>11}")
-        for name, took in rows:
-            print(f"{name:<30} {took:8.2f} {mb / took:8.1f} {took / ref:11.2f}")
+        for name, s in took.items():
+            print(f"{name:<30} {s:8.2f} {mb / s:8.1f} {s / ref:11.2f}")
 
 
 if __name__ == "__main__":

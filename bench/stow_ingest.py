@@ -1,6 +1,8 @@
 """Ingest by STOW-RS: the node's streaming STOW-RS route against C-STORE and Orthanc's STOW-RS.
 
-Run by hand from the repository root:  TCP_NODELAY=1 .venv/bin/python -m bench.stow_ingest [--count 300]
+Run by hand from the repository root:
+    TCP_NODELAY=1 .venv/bin/python -m bench.stow_ingest [--count 300] [--big 2000] [--profile DIR]
+(:func:`rows` gives the figures to ``bench.all``'s table, without the large request.)
 
 Writes a phantom CT series (``--count`` slices of 512x512) and pushes it, each time to a fresh
 ``dicom-node run`` (no rules, no workers) or a fresh private Orthanc on loopback:
@@ -13,14 +15,17 @@ Every STOW-RS body is streamed from the files on disk by a generator (Content-Le
 the client holds no request in memory. Prints instances/s, MB/s and ratios from the same run.
 Then it sends one large request (``--big`` instances, about 1 GB by default: copies of the series
 with new UIDs, written to a temp dir) to a fresh node and prints the node's peak RSS above idle
-(VmRSS sampled every 20 ms, and VmHWM). The target: under 150 MB above idle for 1 GB.
+(VmRSS sampled every 20 ms, and VmHWM). The target: under 150 MB above idle for 1 GB. With
+``--profile DIR`` the node is sampled by py-spy in each run (:func:`spied`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
+import signal
 import subprocess
 import tempfile
 import threading
@@ -34,8 +39,10 @@ from typing import Any
 import pydicom
 from pydicom.uid import UID
 
+from bench.report import Row
 from testkit.dicom import write_ct_series
 from testkit.harness import (
+    VENV_BIN,
     Orthanc,
     bearer,
     create_token,
@@ -119,6 +126,30 @@ class Node:
         stop_process(self.proc)
 
 
+@contextlib.contextmanager
+def spied(pid: int, out: Path | None) -> Iterator[None]:
+    """Sample process ``pid`` with py-spy while the block runs: collapsed stacks with thread names to
+    ``out`` and a flame graph next to it (``.svg``); only the thread holding the GIL, so CPU spent in
+    Python, not waits. ``out`` None: no profile. py-spy takes CPU from the process: time runs without it."""
+    if out is None:
+        yield
+        return
+    spies = [subprocess.Popen([str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--threads", "--gil",
+                               "--rate", "100", "--nonblocking", "--format", fmt, "-o", str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+             for fmt, path in (("raw", out), ("flamegraph", out.with_suffix(".svg")))]
+    try:
+        time.sleep(1)  # attached
+        yield
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            spy.wait(timeout=60)
+    finally:
+        for spy in spies:
+            if spy.poll() is None:
+                spy.kill()
+
+
 def timed(send: Callable[[], None]) -> float:
     t0 = time.monotonic()
     send()
@@ -168,13 +199,91 @@ def peak_rss(node: Node, files: list[Path]) -> tuple[float, float, float, float]
     return idle / 1024, (max(samples) - idle) / 1024, (node.rss_kb("VmHWM") - idle) / 1024, took
 
 
+CSTORE = "node C-STORE (storescu, 1 association)"
+STOW_ONE = "node STOW-RS, 1 request"
+ORTHANC_STOW = "Orthanc STOW-RS, 1 request"
+
+
+def stow_batches(batch: int) -> str:
+    return f"node STOW-RS, requests of {batch}"
+
+
+def measure(work: Path, files: list[Path], orthanc: Orthanc, batch: int = 50,
+            profile: Path | None = None) -> dict[str, float]:
+    """Seconds of each run (:data:`CSTORE`, :data:`STOW_ONE`, :func:`stow_batches`, :data:`ORTHANC_STOW`),
+    each into a fresh node or Orthanc; ``orthanc``: the nodes' configured PACS (unused); ``profile``: a
+    directory for py-spy's profiles of the node in each run (:func:`spied`)."""
+    n = len(files)
+    series = files[0].parent
+    took: dict[str, float] = {}
+
+    def into_node(name: str, push: Callable[[Node], None]) -> None:
+        node = Node(work / f"node-{len(took)}", orthanc)
+        try:
+            with spied(node.proc.pid, None if profile is None else profile / f"node-{len(took)}.txt"):
+                took[name] = timed(lambda: push(node))
+            assert node.stored() == n, f"{name}: {node.stored()} of {n} stored"
+        finally:
+            node.stop()
+
+    def cstore(node: Node) -> None:
+        out = storescu(node.dicom_port, series)
+        assert out.returncode == 0, out.stderr[-2000:]
+
+    def batches(node: Node) -> None:
+        for i in range(0, n, batch):
+            stow_ok(node.dicomweb, files[i:i + batch], node.auth)
+
+    into_node(CSTORE, cstore)
+    into_node(STOW_ONE, lambda node: stow_ok(node.dicomweb, files, node.auth))
+    into_node(stow_batches(batch), batches)
+    ref = Orthanc(work / "orthanc-stow", node_port=free_port()).start()
+    try:
+        took[ORTHANC_STOW] = timed(lambda: stow_ok(ref.url("/dicom-web/studies"), files))
+        assert int(ref.get("/statistics")["CountInstances"]) == n
+    finally:
+        ref.stop()
+    return took
+
+
+def rows(count: int = 300, size: int = 512, batch: int = 50) -> list[Row]:
+    """STOW-RS ingest, in one request and in requests of ``batch``, against the node's own C-STORE of the
+    same files in the same run (>= 0.8x); and the one request against Orthanc's STOW-RS (no target)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        phantom = make_ct_phantom(n_slices=count, rows=size, cols=size, seed=7)
+        files = write_ct_series(phantom, work / "series", uid_seed="stow-ingest-bench")
+        del phantom
+        orthanc = Orthanc(work / "orthanc", node_port=free_port()).start()
+        try:
+            took = measure(work, files, orthanc, batch)
+        finally:
+            orthanc.stop()
+            subprocess.run(["sync"], check=False)
+    rate = {name: count / s for name, s in took.items()}
+    return [
+        Row(f"STOW-RS ingest, 1 request, N={count}", rate[STOW_ONE], "inst/s", "node C-STORE, 1 assoc",
+            rate[CSTORE], 0.8, note="STOW-RS ingest: one HTTP connection, body streamed from disk by the client; "
+                                    "reference: storescu to the same node build, same files, same run"),
+        Row(f"STOW-RS ingest, requests of {batch}, N={count}", rate[stow_batches(batch)], "inst/s",
+            "node C-STORE, 1 assoc", rate[CSTORE], 0.8),
+        Row(f"STOW-RS ingest, 1 request, N={count}", rate[STOW_ONE], "inst/s", "Orthanc STOW-RS, 1 req",
+            rate[ORTHANC_STOW]),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=300, help="slices of the series (512x512)")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=50, help="instances per request in the batched run")
     parser.add_argument("--big", type=int, default=2000, help="instances in the one large request (0: skip)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="sample the node with py-spy during its runs (node-0: C-STORE, node-1: one "
+                             "request, node-2: batches); collapsed stacks and flame graphs go to this dir")
     args = parser.parse_args()
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         phantom = make_ct_phantom(n_slices=args.count, rows=args.size, cols=args.size, seed=7)
@@ -185,41 +294,11 @@ def main() -> None:
         print(f"{n} instances of {args.size}x{args.size}, {mb:.1f} MB; each run into a fresh node or Orthanc")
         orthanc = Orthanc(work / "orthanc", node_port=free_port()).start()  # the node's configured PACS (unused)
         try:
-            rows: list[tuple[str, float]] = []
-
-            def into_node(name: str, push: Callable[[Node], None]) -> None:
-                node = Node(work / f"node-{len(rows)}", orthanc)
-                try:
-                    took = timed(lambda: push(node))
-                    assert node.stored() == n, f"{name}: {node.stored()} of {n} stored"
-                finally:
-                    node.stop()
-                rows.append((name, took))
-
-            def cstore(node: Node) -> None:
-                out = storescu(node.dicom_port, work / "series")
-                assert out.returncode == 0, out.stderr[-2000:]
-
-            def batches(node: Node) -> None:
-                for i in range(0, n, args.batch):
-                    stow_ok(node.dicomweb, files[i:i + args.batch], node.auth)
-
-            into_node("node C-STORE (storescu, 1 association)", cstore)
-            into_node("node STOW-RS, 1 request", lambda node: stow_ok(node.dicomweb, files, node.auth))
-            into_node(f"node STOW-RS, requests of {args.batch}", batches)
-            ref = Orthanc(work / "orthanc-stow", node_port=free_port()).start()
-            try:
-                took = timed(lambda: stow_ok(ref.url("/dicom-web/studies"), files))
-                assert int(ref.get("/statistics")["CountInstances"]) == n
-            finally:
-                ref.stop()
-            rows.append(("Orthanc STOW-RS, 1 request", took))
-
-            cstore_s, orthanc_s = rows[0][1], rows[-1][1]
+            took = measure(work, files, orthanc, args.batch, args.profile)
+            cstore_s, orthanc_s = took[CSTORE], took[ORTHANC_STOW]
             print(f"{'run':<40} {'seconds':>8} {'inst/s':>8} {'MB/s':>8} {'x C-STORE':>10} {'x Orthanc':>10}")
-            for name, took in rows:
-                print(f"{name:<40} {took:8.2f} {n / took:8.1f} {mb / took:8.1f} {cstore_s / took:10.2f} "
-                      f"{orthanc_s / took:10.2f}")
+            for name, s in took.items():
+                print(f"{name:<40} {s:8.2f} {n / s:8.1f} {mb / s:8.1f} {cstore_s / s:10.2f} {orthanc_s / s:10.2f}")
             print("(x C-STORE, x Orthanc: throughput relative to that run; above 1 is faster)")
 
             if args.big:
@@ -227,13 +306,13 @@ def main() -> None:
                 big_mb = sum(f.stat().st_size for f in big) / MB
                 node = Node(work / "node-big", orthanc)
                 try:
-                    idle, above, hwm_above, took = peak_rss(node, big)
+                    idle, above, hwm_above, big_s = peak_rss(node, big)
                     assert node.stored() == len(big), f"{node.stored()} of {len(big)} stored"
                 finally:
                     node.stop()
                 verdict = "meets" if max(above, hwm_above) < RSS_TARGET_MB else "misses"
-                print(f"one STOW-RS request of {len(big)} instances, {big_mb:.0f} MB, in {took:.1f} s "
-                      f"({len(big) / took:.0f} inst/s, {big_mb / took:.0f} MB/s): node RSS idle {idle:.0f} MB, "
+                print(f"one STOW-RS request of {len(big)} instances, {big_mb:.0f} MB, in {big_s:.1f} s "
+                      f"({len(big) / big_s:.0f} inst/s, {big_mb / big_s:.0f} MB/s): node RSS idle {idle:.0f} MB, "
                       f"peak VmRSS {above:+.0f} MB, VmHWM {hwm_above:+.0f} MB above idle "
                       f"({verdict} the {RSS_TARGET_MB} MB target)")
         finally:
