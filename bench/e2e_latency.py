@@ -14,6 +14,9 @@ import argparse
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -34,6 +37,43 @@ from testkit.phantom import make_ct_phantom
 
 REAL_CT = Path(__file__).resolve().parent.parent / "tests" / "data" / "ct-real-20"
 QUIET = 2.0
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A running ``dicom-node run`` (embedded broker and worker), its PACS and a reference Orthanc."""
+
+    workdir: Path
+    node_port: int
+    http_port: int
+    config: Path
+    pacs: Orthanc
+    """The node's destination ``pacs`` (the rule ``ct`` sends every result there)."""
+    ref: Orthanc
+    """A second Orthanc: the same files pushed there are the reference of the push times."""
+
+
+@contextmanager
+def running_stack(workdir: Path, *, models: tuple[str, ...] = ("ct-hu-segmentation",),
+                  quiet: float = QUIET) -> Iterator[Stack]:
+    """Start the PACS, the reference Orthanc and the node (rule ``ct``: CT -> ``models`` -> pacs) on
+    loopback; stop them on exit. The node logs to ``workdir/node.log``."""
+    node_port, http_port = free_port(), free_port()
+    (workdir / "pacs").mkdir()
+    (workdir / "ref").mkdir()
+    pacs = Orthanc(workdir / "pacs", node_port=node_port).start()
+    ref = Orthanc(workdir / "ref", node_port=node_port).start()
+    node = None
+    try:
+        cfg = node_config(workdir, node_port=node_port, orthanc=pacs, quiet_seconds=quiet, models=models,
+                          http_port=http_port)
+        node = start_node_process(cfg, "run", "node.log", port=node_port)
+        yield Stack(workdir, node_port, http_port, cfg, pacs, ref)
+    finally:
+        if node is not None:
+            stop_process(node)
+        pacs.stop()
+        ref.stop()
 
 
 def push_to_orthanc(orthanc: Orthanc, series: Path, *args: str) -> float:
@@ -63,29 +103,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slices", type=int, default=300)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
-        node_port = free_port()
-        (tmp / "pacs").mkdir()
-        (tmp / "ref").mkdir()
-        pacs = Orthanc(tmp / "pacs", node_port=node_port).start()
-        ref = Orthanc(tmp / "ref", node_port=node_port).start()
-        cfg = node_config(tmp, node_port=node_port, orthanc=pacs, quiet_seconds=QUIET)
-        node = start_node_process(cfg, "run", "node.log", port=node_port)
-        try:
-            run_case("real CT (JPEG 2000)", REAL_CT, node_port, ref, pacs, "-xv")
-            phantom = make_ct_phantom(n_slices=args.slices, rows=512, cols=512, pixel_mm=0.8, slice_mm=1.0, seed=1)
-            series = tmp / "phantom"
-            write_ct_series(phantom, series)
-            run_case(f"phantom {args.slices}x512x512", series, node_port, ref, pacs)
-            print("node log, job lines:")
-            for line in (tmp / "node.log").read_text().splitlines():
-                if "job #" in line and "done" in line:
-                    print("  ", line.split(": ", 1)[-1])
-        finally:
-            stop_process(node)
-            pacs.stop()
-            ref.stop()
+    with tempfile.TemporaryDirectory() as tmp_s, running_stack(Path(tmp_s)) as stack:
+        tmp = stack.workdir
+        run_case("real CT (JPEG 2000)", REAL_CT, stack.node_port, stack.ref, stack.pacs, "-xv")
+        phantom = make_ct_phantom(n_slices=args.slices, rows=512, cols=512, pixel_mm=0.8, slice_mm=1.0, seed=1)
+        series = tmp / "phantom"
+        write_ct_series(phantom, series)
+        run_case(f"phantom {args.slices}x512x512", series, stack.node_port, stack.ref, stack.pacs)
+        print("node log, job lines:")
+        for line in (tmp / "node.log").read_text().splitlines():
+            if "job #" in line and "done" in line:
+                print("  ", line.split(": ", 1)[-1])
 
 
 if __name__ == "__main__":
