@@ -136,14 +136,18 @@ def sort_slices(datasets: Sequence[Dataset]) -> tuple[list[Dataset], npt.NDArray
     return [datasets[i] for i in order], affine
 
 
-def _rescaled(ds: Dataset) -> npt.NDArray[np.float32]:
-    arr = _pixels(ds).astype(np.float32)
+def _rescale_in_place(out: npt.NDArray[np.float32], ds: Dataset) -> npt.NDArray[np.float32]:
+    """``out`` (the slice's stored values) with the slice's Rescale Slope and Intercept applied."""
     slope, intercept = _rescale(ds)
     if slope != 1.0:
-        arr *= slope
+        out *= slope
     if intercept != 0.0:
-        arr += intercept
-    return arr
+        out += intercept
+    return out
+
+
+def _rescaled(ds: Dataset) -> npt.NDArray[np.float32]:
+    return _rescale_in_place(_pixels(ds).astype(np.float32), ds)
 
 
 def _stacked(ordered: Sequence[Dataset], rows: int, cols: int) -> npt.NDArray[np.float32]:
@@ -154,13 +158,8 @@ def _stacked(ordered: Sequence[Dataset], rows: int, cols: int) -> npt.NDArray[np
         pixels = _pixels(ds)
         if pixels.shape != (rows, cols):
             raise UnreadableInput(f"pixel data of shape {pixels.shape} for a {rows}x{cols} slice")
-        out = voxels[k]
-        out[...] = pixels
-        slope, intercept = _rescale(ds)
-        if slope != 1.0:
-            out *= slope
-        if intercept != 0.0:
-            out += intercept
+        voxels[k] = pixels
+        _rescale_in_place(voxels[k], ds)
     return voxels
 
 
