@@ -1,6 +1,9 @@
 """The dashboard stays usable with 10,000 studies: a catalog filled with bulk inserts (10,000 studies,
 each with a series, a job, two results and four deliveries), then each page query and the whole
-studies page over HTTP, timed and printed; every one must answer in under a second."""
+studies page over HTTP. Each must give the right answer with a number of SQL statements that does not
+grow with the catalog (no query per row: the N+1 pattern that makes a page slow at scale); the time of
+each is printed. Speed itself is not asserted here (a wall-clock limit fails on a busy CI machine, and
+speed targets live in bench/)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import insert
+from sqlalchemy import event, insert
 
 from node.catalog import Catalog
 from node.config import parse_settings
@@ -28,7 +31,8 @@ from tests.httpkit import bearer
 
 N = 10_000
 T0 = 1_700_000_000.0
-LIMIT_SECONDS = 1.0
+MAX_STATEMENTS = 40
+"""Per page or query, whatever the catalog holds (a query per study shown would be 50 or more)."""
 
 
 def _fill(catalog: Catalog) -> None:
@@ -64,12 +68,27 @@ def _fill(catalog: Catalog) -> None:
             s.execute(insert(table), rows)
 
 
-def _timed(what: str, call: Callable[[], Any]) -> Any:
+class Statements:
+    """Counts the SQL statements the catalog's engines (writer and reader) execute."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.count = 0
+        self.engines = [catalog.engine, catalog._read_sessions.kw["bind"]]
+        for engine in self.engines:
+            event.listen(engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, *_: Any) -> None:
+        self.count += 1
+
+
+def _timed(statements: Statements, what: str, call: Callable[[], Any]) -> Any:
+    before = statements.count
     t = time.perf_counter()
     out = call()
     seconds = time.perf_counter() - t
-    print(f"{what}: {seconds * 1000:.1f} ms")
-    assert seconds < LIMIT_SECONDS, f"{what} took {seconds:.2f} s"
+    n = statements.count - before
+    print(f"{what}: {seconds * 1000:.1f} ms, {n} SQL statements")
+    assert n <= MAX_STATEMENTS, f"{what} ran {n} SQL statements for one page"
     return out
 
 
@@ -82,25 +101,26 @@ def test_ten_thousand_studies_page_quickly(tmp_path: Path) -> None:
     t = time.perf_counter()
     _fill(catalog)
     print(f"\nfilled {N} studies in {time.perf_counter() - t:.1f} s")
-    total, rows = _timed("first page", lambda: study_page(catalog, state=None, limit=50, offset=0))
+    sql = Statements(catalog)
+    total, rows = _timed(sql, "first page", lambda: study_page(catalog, state=None, limit=50, offset=0))
     assert total == N and rows[0].study.id == N and rows[0].delivered_at is None  # its web deliveries pend
     assert rows[1].delivered_at is not None
-    total, rows = _timed("last page", lambda: study_page(catalog, state=None, limit=50, offset=N - 50))
+    total, rows = _timed(sql, "last page", lambda: study_page(catalog, state=None, limit=50, offset=N - 50))
     assert rows[-1].study.id == 1
-    total, rows = _timed("by model", lambda: study_page(catalog, state=None, model="ct-lung-nodules", limit=50,
+    total, rows = _timed(sql, "by model", lambda: study_page(catalog, state=None, model="ct-lung-nodules", limit=50,
                                                         offset=0))
     assert total == N // 2 and all(f.study.id % 2 == 0 for f in rows)
-    total, _ = _timed("by destination", lambda: study_page(catalog, state=None, destination="web", limit=50,
+    total, _ = _timed(sql, "by destination", lambda: study_page(catalog, state=None, destination="web", limit=50,
                                                            offset=0))
     assert total == N - N // 97
     day = T0 + 60.0 * 5000
-    total, _ = _timed("by date", lambda: study_page(catalog, state=StudyState.ROUTED, since=day, until=day + 3600,
+    total, _ = _timed(sql, "by date", lambda: study_page(catalog, state=StudyState.ROUTED, since=day, until=day + 3600,
                                                     limit=50, offset=0))
     assert total == 60
-    states = _timed("deliveries per destination of a page",
+    states = _timed(sql, "deliveries per destination of a page",
                     lambda: destination_states(catalog, [f.study.id for f in rows]))
     assert set(states[rows[0].study.id]) == {"pacs", "web"}
-    hours = _timed("24 h stats", lambda: hourly_stats(catalog, T0 + 60.0 * N + 200, 24))
+    hours = _timed(sql, "24 h stats", lambda: hourly_stats(catalog, T0 + 60.0 * N + 200, 24))
     assert sum(h.studies for h in hours) > 0
 
     ctx = NodeContext(settings, catalog, spool, Receiver(settings, catalog, spool, time.time), time.time,
@@ -112,7 +132,7 @@ def test_ten_thousand_studies_page_quickly(tmp_path: Path) -> None:
         with httpx.Client(base_url=server.url, headers=headers, timeout=30) as c:
             c.get("/?fragment=1")  # warm up (templates compiled on first use)
             for path in ("/", "/?model=ct-lung-nodules&page=50", "/failures", "/ops"):
-                r = _timed(f"GET {path}", functools.partial(c.get, path))
+                r = _timed(sql, f"GET {path}", functools.partial(c.get, path))
                 assert r.status_code == 200
     finally:
         server.stop()
