@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import event, insert
+from sqlalchemy import event
 
 from node.catalog import Catalog
 from node.config import parse_settings
@@ -25,47 +25,13 @@ from node.http.server import HttpServer
 from node.overview import study_page
 from node.overview_ops import destination_states, hourly_stats
 from node.receive.scp import Receiver
-from node.schema import Delivery, DeliveryState, Job, JobState, Result, Series, Study, StudyState
+from node.schema import StudyState
 from node.spool import Spool
+from testkit.busy_catalog import T0, N, fill
 from tests.httpkit import bearer
 
-N = 10_000
-T0 = 1_700_000_000.0
 MAX_STATEMENTS = 40
 """Per page or query, whatever the catalog holds (a query per study shown would be 50 or more)."""
-
-
-def _fill(catalog: Catalog) -> None:
-    studies, series, jobs, results, deliveries = [], [], [], [], []
-    for i in range(1, N + 1):
-        t = T0 + 60.0 * i
-        studies.append({"id": i, "study_uid": f"2.25.{i}", "state": StudyState.ROUTED, "generation": 1,
-                        "first_received_at": t, "last_received_at": t + 20, "instance_count": 100,
-                        "ready_at": t + 80, "routed_at": t + 81})
-        series.append({"id": i, "series_uid": f"2.25.{i}.1", "study_id": i, "attributes": {"Modality": "CT"},
-                       "instance_count": 100})
-        model = "ct-hu-segmentation" if i % 2 else "ct-lung-nodules"
-        failed = i % 97 == 0
-        jobs.append({"id": i, "study_id": i, "series_id": i, "generation": 1, "model": model, "rule": "ct",
-                     "destinations": ["pacs", "web"], "state": JobState.FAILED if failed else JobState.DONE,
-                     "attempts": 1, "created_at": t + 81, "updated_at": t + 95, "first_enqueued_at": t + 82,
-                     "started_at": t + 83, "finished_at": t + 95, "error": "ModelError: x" if failed else None})
-        if failed:
-            continue
-        for k, kind in enumerate(("SEG", "SR")):
-            rid = 2 * i + k
-            results.append({"id": rid, "job_id": i, "kind": kind, "sop_instance_uid": f"2.25.{i}.9.{k}",
-                            "sop_class_uid": "1.2", "path": f"results/{i}/{k}.dcm"})
-            for dest in ("pacs", "web"):
-                sent = dest == "pacs" or i % 5
-                deliveries.append({"result_id": rid, "destination": dest, "attempts": 1,
-                                   "state": DeliveryState.SENT if sent else DeliveryState.PENDING,
-                                   "sent_at": t + 100 if sent else None, "first_attempt_at": t + 96,
-                                   "last_error": None if sent else "connection refused"})
-    with catalog.session() as s:
-        for table, rows in ((Study, studies), (Series, series), (Job, jobs), (Result, results),
-                            (Delivery, deliveries)):
-            s.execute(insert(table), rows)
 
 
 class Statements:
@@ -99,7 +65,7 @@ def test_ten_thousand_studies_page_quickly(tmp_path: Path) -> None:
                                                 {"name": "web", "type": "dicomweb", "url": "http://127.0.0.1:9/dw"}]})
     catalog, spool = Catalog.for_storage(tmp_path), Spool(tmp_path)
     t = time.perf_counter()
-    _fill(catalog)
+    fill(catalog)
     print(f"\nfilled {N} studies in {time.perf_counter() - t:.1f} s")
     sql = Statements(catalog)
     total, rows = _timed(sql, "first page", lambda: study_page(catalog, state=None, limit=50, offset=0))
