@@ -106,15 +106,16 @@ def test_urgent_job_overtakes_queued_normal_ones_on_a_real_worker(tmp_path: Path
 
 def test_job_over_its_models_time_limit_ends_with_the_limit_error(tmp_path: Path, redis: Redis) -> None:
     """A 2 s limit, measured both ways without one: a small series runs in 1 s cold (and warms the worker
-    up); a 240 x 256 x 256 series takes 4.2 s warm (load 0.3, model 2.6, encode 1.4): it is stopped, retried
-    once (queue.job_max_attempts 2; a cold first run of the small one under load may use that retry too)
-    and then fails for good with the limit's error."""
+    up); a 300 x 384 x 384 series takes well over 2 s warm (a 240 x 256 x 256 one no longer did once
+    ct-hu-segmentation and the encoders got faster: 1.5-2.5 s): it is stopped, retried once
+    (queue.job_max_attempts 2; a cold first run of the small one under load may use that retry too) and then
+    fails for good with the limit's error."""
     stack = Stack(tmp_path, redis.url.replace("/0", "/2"), model={"time_limit_seconds": 2},
                   queue={"job_max_attempts": 2, "job_retry_initial_seconds": 0})
     try:
         stack.receive("small", slices=12, size=64)
         [small] = stack.tick_until_finished(60)
-        stack.receive("big", slices=240, size=256)
+        stack.receive("big", slices=300, size=384)
         jobs = stack.tick_until_finished(60)
     finally:
         stack.close()
